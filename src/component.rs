@@ -1,0 +1,201 @@
+//! Loading a component: the engine configuration derived from the knobs,
+//! the linker with the full WASIp2 and WASIp3 interfaces, world detection,
+//! and compilation through the compile cache.
+
+use crate::cache::{CacheOutcome, CompileCache};
+use crate::config::Knobs;
+use crate::error::LoadError;
+use crate::host::Host;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime_wasi_http::handler::ProxyPre;
+
+/// The `wasi:http` world a component implements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum World {
+    /// Exports `wasi:http/incoming-handler@0.2.x`; `export` is the exact name.
+    P2 { export: String },
+    /// Exports `wasi:http/handler@0.3.0`.
+    P3,
+}
+
+impl World {
+    pub fn is_p3(&self) -> bool {
+        matches!(self, World::P3)
+    }
+}
+
+impl fmt::Display for World {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            World::P2 { export } => write!(f, "WASIp2 ({export})"),
+            World::P3 => write!(f, "WASIp3 (wasi:http/handler@0.3.0)"),
+        }
+    }
+}
+
+/// Where a component comes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    File(PathBuf),
+    Bytes { name: String, bytes: Vec<u8> },
+}
+
+impl Source {
+    fn describe(&self) -> String {
+        match self {
+            Source::File(p) => p.display().to_string(),
+            Source::Bytes { name, .. } => name.clone(),
+        }
+    }
+}
+
+/// How often the epoch advances. A busy guest yields to the scheduler at
+/// each tick, which is what lets request timeouts fire while it spins.
+pub const EPOCH_TICK: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Instances the pooling allocator has room for, given the knobs: every
+/// admitted request may need one, and instances that are idle (kept for
+/// reuse), finishing a response body or being torn down after a timeout
+/// need room too.
+pub fn pool_slots(knobs: &Knobs) -> u32 {
+    knobs.max_concurrent_requests.saturating_mul(2).clamp(16, 100_000)
+}
+
+/// The engine for a set of knobs. Its configuration is part of the compile
+/// cache key, so everything here that affects code generation changes the key.
+pub fn engine(knobs: &Knobs) -> Result<Engine, LoadError> {
+    let slots = pool_slots(knobs);
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_component_instances(slots)
+        .total_core_instances(slots.saturating_mul(16))
+        .total_memories(slots.saturating_mul(2))
+        .total_tables(slots.saturating_mul(4))
+        .total_stacks(slots.saturating_add(knobs.max_concurrent_requests.saturating_mul(2)))
+        .max_memories_per_component(16)
+        .max_memory_size(knobs.max_memory_size as usize)
+        .max_unused_warm_slots(64);
+
+    let mut c = wasmtime::Config::new();
+    c.wasm_component_model(true)
+        .wasm_component_model_async(true)
+        .wasm_component_model_more_async_builtins(true)
+        .wasm_component_model_async_stackful(true)
+        .wasm_component_model_error_context(true)
+        .epoch_interruption(true)
+        // Linear memories never grow past `max-memory-size`, so reserving
+        // exactly that much (plus the guard) keeps the address space the
+        // pool needs proportional to the knobs instead of 4 GiB per slot.
+        .memory_reservation(knobs.max_memory_size)
+        .memory_reservation_for_growth(0)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    Engine::new(&c).map_err(|e| LoadError::Engine(format!("{e:#}")))
+}
+
+/// A linker with every WASIp2 and WASIp3 interface (so that components from
+/// componentize-py or componentize-js link without flags); the host state
+/// decides what those interfaces may actually do.
+pub fn linker(engine: &Engine) -> Result<Linker<Host>, LoadError> {
+    let mut l = Linker::new(engine);
+    let r: wasmtime::Result<()> = (|| {
+        wasmtime_wasi::p2::add_to_linker_async(&mut l)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut l)?;
+        wasmtime_wasi::p3::add_to_linker(&mut l)?;
+        wasmtime_wasi_http::p3::add_to_linker(&mut l)?;
+        Ok(())
+    })();
+    r.map_err(|e| LoadError::Engine(format!("linker: {e:#}")))?;
+    Ok(l)
+}
+
+/// Reads a component file.
+pub fn read(path: &Path) -> Result<Vec<u8>, LoadError> {
+    std::fs::read(path).map_err(|source| LoadError::Read { path: path.to_path_buf(), source })
+}
+
+/// Refuses what is plainly not a component before handing it to the
+/// compiler, so the message names the actual problem.
+fn sniff(what: &str, bytes: &[u8]) -> Result<(), LoadError> {
+    if bytes.starts_with(b"\0asm") {
+        // Layer 0 with version 1 is a core module; components use layer 1.
+        if bytes.len() >= 8 && bytes[4..8] == [1, 0, 0, 0] {
+            return Err(LoadError::CoreModule(what.to_string()));
+        }
+        return Ok(());
+    }
+    // Allow the text format (handy in tests and examples).
+    let text = std::str::from_utf8(&bytes[..bytes.len().min(4096)]).unwrap_or("");
+    if text.trim_start().starts_with('(') || text.trim_start().starts_with(";;") {
+        let trimmed = text.trim_start().trim_start_matches('(').trim_start();
+        if trimmed.starts_with("module") {
+            return Err(LoadError::CoreModule(what.to_string()));
+        }
+        return Ok(());
+    }
+    Err(LoadError::NotWasm(what.to_string()))
+}
+
+/// Which `wasi:http` world `component` implements.
+pub fn detect_world(engine: &Engine, what: &str, component: &Component) -> Result<World, LoadError> {
+    let ty = component.component_type();
+    let mut names = Vec::new();
+    for (name, _) in ty.exports(engine) {
+        if let Some(v) = name.strip_prefix("wasi:http/handler@") {
+            if v == "0.3.0" {
+                return Ok(World::P3);
+            }
+        } else if name.starts_with("wasi:http/incoming-handler@0.2.") {
+            return Ok(World::P2 { export: name.to_string() });
+        }
+        names.push(name.to_string());
+    }
+    Err(LoadError::WrongWorld {
+        what: what.to_string(),
+        exports: if names.is_empty() { "nothing".into() } else { names.join(", ") },
+    })
+}
+
+/// A compiled, linked component ready to be instantiated.
+pub struct Loaded {
+    pub component: Component,
+    pub world: World,
+    pub pre: ProxyPre<Host>,
+    pub cache: CacheOutcome,
+    pub name: String,
+}
+
+/// Compiles (or loads from the cache), detects the world and links.
+pub fn load(
+    engine: &Engine,
+    linker: &Linker<Host>,
+    knobs: &Knobs,
+    source: &Source,
+) -> Result<Loaded, LoadError> {
+    let name = source.describe();
+    let owned;
+    let bytes: &[u8] = match source {
+        Source::File(p) => {
+            owned = read(p)?;
+            &owned
+        }
+        Source::Bytes { bytes, .. } => bytes,
+    };
+    sniff(&name, bytes)?;
+    let compile = || Component::new(engine, bytes);
+    let cache_dir = if knobs.no_cache { None } else { knobs.cache_dir.clone().or_else(crate::cache::default_dir) };
+    let (component, cache) = match cache_dir {
+        Some(dir) => CompileCache::new(dir).load_or_compile(engine, bytes, compile),
+        None => compile().map(|c| (c, CacheOutcome::Compiled)),
+    }
+    .map_err(|e| LoadError::Compile { what: name.clone(), reason: format!("{e:#}") })?;
+    let world = detect_world(engine, &name, &component)?;
+    let link_err = |e: wasmtime::Error| LoadError::Link { what: name.clone(), reason: format!("{e:#}") };
+    let pre = linker.instantiate_pre(&component).map_err(link_err)?;
+    let pre = match world {
+        World::P3 => ProxyPre::P3(wasmtime_wasi_http::p3::bindings::ServicePre::new(pre).map_err(link_err)?),
+        World::P2 { .. } => ProxyPre::P2(wasmtime_wasi_http::p2::bindings::ProxyPre::new(pre).map_err(link_err)?),
+    };
+    Ok(Loaded { component, world, pre, cache, name })
+}

@@ -1,0 +1,535 @@
+//! The knobs: one definition serves as the command-line flags (clap) and as
+//! the keys of the TOML config file (serde), so the names can never drift
+//! apart. [`KnobArgs`] holds what a user set (every field optional);
+//! [`Knobs`] is the resolved, validated set with defaults filled in.
+
+use crate::error::ConfigError;
+use crate::units;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Defaults, named after `wasmtime serve`'s where it has the knob.
+pub mod defaults {
+    use std::time::Duration;
+    /// `max-instance-reuse-count` for WASIp2 components.
+    pub const P2_MAX_INSTANCE_REUSE_COUNT: u32 = 1;
+    /// `max-instance-reuse-count` for WASIp3 components.
+    pub const P3_MAX_INSTANCE_REUSE_COUNT: u32 = 128;
+    /// `max-instance-concurrent-reuse-count` for WASIp2 components (they
+    /// cannot run two requests at once in one instance).
+    pub const P2_MAX_INSTANCE_CONCURRENT_REUSE_COUNT: u32 = 1;
+    /// `max-instance-concurrent-reuse-count` for WASIp3 components.
+    pub const P3_MAX_INSTANCE_CONCURRENT_REUSE_COUNT: u32 = 16;
+    pub const IDLE_INSTANCE_TIMEOUT: Duration = Duration::from_secs(1);
+    pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const MAX_CONCURRENT_REQUESTS: u32 = 1000;
+    pub const MAX_CONCURRENT_CONNECTIONS: u32 = 1000;
+    pub const MAX_QUEUE_WAIT: Duration = Duration::from_secs(1);
+    pub const MAX_MEMORY_SIZE: u64 = 128 << 20;
+    pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const MAX_REQUEST_HEADERS: u32 = 100;
+    pub const MAX_REQUEST_HEADER_SIZE: u64 = 16 << 10;
+    pub const MAX_REQUEST_BODY_SIZE: u64 = 16 << 20;
+    /// Address served when neither `--listen` nor inherited sockets say otherwise.
+    pub const LISTEN: &str = "127.0.0.1:8080";
+}
+
+/// Smallest request-head buffer the HTTP/1 parser accepts.
+pub const MIN_REQUEST_HEADER_SIZE: u64 = 8 << 10;
+/// Largest linear memory a 32-bit wasm memory can have.
+pub const MAX_MAX_MEMORY_SIZE: u64 = 4 << 30;
+/// One wasm page: the smallest useful `max-memory-size`.
+pub const MIN_MAX_MEMORY_SIZE: u64 = 64 << 10;
+
+/// Knobs as given by a user: on the command line or in the config file.
+/// `None` (or an empty list) means "not set here".
+#[derive(Debug, Default, Clone, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct KnobArgs {
+    /// Requests one instance may serve in its lifetime before it is dropped
+    /// [default: 1 for WASIp2, 128 for WASIp3].
+    #[arg(long, value_name = "N", value_parser = units::parse_positive_count)]
+    #[serde(default, deserialize_with = "de::positive_count")]
+    pub max_instance_reuse_count: Option<u32>,
+
+    /// Requests one instance may serve at the same time
+    /// [default: 1 for WASIp2, 16 for WASIp3; WASIp2 instances always serve one at a time].
+    #[arg(long, value_name = "N", value_parser = units::parse_positive_count)]
+    #[serde(default, deserialize_with = "de::positive_count")]
+    pub max_instance_concurrent_reuse_count: Option<u32>,
+
+    /// How long an idle instance is kept for reuse before it is dropped [default: 1s].
+    #[arg(long, value_name = "DURATION", value_parser = units::parse_duration)]
+    #[serde(default, deserialize_with = "de::duration")]
+    pub idle_instance_timeout: Option<Duration>,
+
+    /// Longest time a request may take to produce a response head; past it the
+    /// client gets 504 and the instance is never reused [default: 30s].
+    #[arg(long, value_name = "DURATION", value_parser = units::parse_positive_duration)]
+    #[serde(default, deserialize_with = "de::positive_duration")]
+    pub request_timeout: Option<Duration>,
+
+    /// Requests handled at the same time; more wait in the queue [default: 1000].
+    #[arg(long, value_name = "N", value_parser = units::parse_positive_count)]
+    #[serde(default, deserialize_with = "de::positive_count")]
+    pub max_concurrent_requests: Option<u32>,
+
+    /// Connections open at the same time; more wait in the listen backlog [default: 1000].
+    #[arg(long, value_name = "N", value_parser = units::parse_positive_count)]
+    #[serde(default, deserialize_with = "de::positive_count")]
+    pub max_concurrent_connections: Option<u32>,
+
+    /// Requests that may wait for a free slot; when the queue is full the
+    /// answer is 503 at once [default: equal to --max-concurrent-requests].
+    #[arg(long, value_name = "N", value_parser = units::parse_count)]
+    #[serde(default, deserialize_with = "de::count")]
+    pub max_queued_requests: Option<u32>,
+
+    /// Longest a queued request waits for a slot before it gets 503 [default: 1s].
+    #[arg(long, value_name = "DURATION", value_parser = units::parse_duration)]
+    #[serde(default, deserialize_with = "de::duration")]
+    pub max_queue_wait: Option<Duration>,
+
+    /// Largest linear memory of one instance, in bytes or with a unit [default: 128MiB].
+    #[arg(long, value_name = "SIZE", value_parser = units::parse_positive_size)]
+    #[serde(default, deserialize_with = "de::positive_size")]
+    pub max_memory_size: Option<u64>,
+
+    /// Time a client has to send a complete request head [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = units::parse_positive_duration)]
+    #[serde(default, deserialize_with = "de::positive_duration")]
+    pub header_read_timeout: Option<Duration>,
+
+    /// Most header fields a request may carry; more gets 431 [default: 100].
+    #[arg(long, value_name = "N", value_parser = units::parse_positive_count)]
+    #[serde(default, deserialize_with = "de::positive_count")]
+    pub max_request_headers: Option<u32>,
+
+    /// Largest request head (request line and headers); larger gets 431
+    /// [default: 16KiB, at least 8KiB].
+    #[arg(long, value_name = "SIZE", value_parser = units::parse_positive_size)]
+    #[serde(default, deserialize_with = "de::positive_size")]
+    pub max_request_header_size: Option<u64>,
+
+    /// Largest request body; larger gets 413 [default: 16MiB].
+    #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
+    #[serde(default, deserialize_with = "de::size")]
+    pub max_request_body_size: Option<u64>,
+
+    /// Directory of the compile cache [default: $CACHE_DIRECTORY, else
+    /// $XDG_CACHE_HOME/wasmpool, else ~/.cache/wasmpool].
+    #[arg(long, value_name = "DIR")]
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Compile on every start; neither read nor write the compile cache.
+    #[arg(long)]
+    #[serde(default)]
+    pub no_cache: bool,
+
+    /// An environment variable for the guest (repeatable); the guest sees no
+    /// other variables.
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env_arg)]
+    #[serde(default)]
+    pub env: Vec<String>,
+
+    /// A host the guest may send HTTP requests to (repeatable); without a
+    /// port any port is allowed. Every other outgoing request is refused.
+    #[arg(long = "allow-outbound", value_name = "HOST[:PORT]", value_parser = parse_outbound_arg)]
+    #[serde(default)]
+    pub allow_outbound: Vec<String>,
+}
+
+fn parse_env_arg(s: &str) -> Result<String, String> {
+    parse_env(s).map(|_| s.to_string())
+}
+
+fn parse_outbound_arg(s: &str) -> Result<String, String> {
+    OutboundRule::parse(s).map(|_| s.to_string())
+}
+
+/// Splits `KEY=VALUE`.
+pub fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !k.contains('\0') && !v.contains('\0') => {
+            Ok((k.to_string(), v.to_string()))
+        }
+        _ => Err(format!("invalid environment entry `{s}`: expected KEY=VALUE")),
+    }
+}
+
+/// One `allow-outbound` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboundRule {
+    /// Lower-cased host name or IP address (IPv6 without brackets).
+    pub host: String,
+    /// `None` allows every port.
+    pub port: Option<u16>,
+}
+
+impl OutboundRule {
+    /// Parses `HOST`, `HOST:PORT`, `[V6]` or `[V6]:PORT`.
+    pub fn parse(s: &str) -> Result<OutboundRule, String> {
+        let bad = || format!("invalid outbound host `{s}`: expected HOST or HOST:PORT");
+        let t = s.trim();
+        let (host, port) = if let Some(rest) = t.strip_prefix('[') {
+            let (h, after) = rest.split_once(']').ok_or_else(bad)?;
+            match after {
+                "" => (h, None),
+                p => (h, Some(p.strip_prefix(':').ok_or_else(bad)?)),
+            }
+        } else {
+            match t.rsplit_once(':') {
+                Some((h, p)) if !h.contains(':') => (h, Some(p)),
+                Some(_) => (t, None), // bare IPv6 address
+                None => (t, None),
+            }
+        };
+        if host.is_empty() || host.contains('/') || host.contains(char::is_whitespace) {
+            return Err(bad());
+        }
+        let port = match port {
+            Some(p) => Some(p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad)?),
+            None => None,
+        };
+        Ok(OutboundRule { host: host.to_ascii_lowercase(), port })
+    }
+
+    /// Whether a request to `host:port` is allowed by this rule.
+    pub fn allows(&self, host: &str, port: u16) -> bool {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        self.host.eq_ignore_ascii_case(host) && self.port.is_none_or(|p| p == port)
+    }
+}
+
+impl KnobArgs {
+    /// Overlays `other` on `self`: scalars set in `other` win; lists are
+    /// appended (later `env` entries win over earlier ones with the same key).
+    pub fn overlay(mut self, other: KnobArgs) -> KnobArgs {
+        macro_rules! take {
+            ($($f:ident),*) => { $( if other.$f.is_some() { self.$f = other.$f; } )* };
+        }
+        take!(
+            max_instance_reuse_count,
+            max_instance_concurrent_reuse_count,
+            idle_instance_timeout,
+            request_timeout,
+            max_concurrent_requests,
+            max_concurrent_connections,
+            max_queued_requests,
+            max_queue_wait,
+            max_memory_size,
+            header_read_timeout,
+            max_request_headers,
+            max_request_header_size,
+            max_request_body_size,
+            cache_dir
+        );
+        self.no_cache |= other.no_cache;
+        self.env.extend(other.env);
+        self.allow_outbound.extend(other.allow_outbound);
+        self
+    }
+
+    /// Fills in defaults and checks values that depend on each other.
+    pub fn resolve(&self) -> Result<Knobs, ConfigError> {
+        let d = Knobs::default();
+        let k = Knobs {
+            max_instance_reuse_count: self.max_instance_reuse_count,
+            max_instance_concurrent_reuse_count: self.max_instance_concurrent_reuse_count,
+            idle_instance_timeout: self.idle_instance_timeout.unwrap_or(d.idle_instance_timeout),
+            request_timeout: self.request_timeout.unwrap_or(d.request_timeout),
+            max_concurrent_requests: self.max_concurrent_requests.unwrap_or(d.max_concurrent_requests),
+            max_concurrent_connections: self
+                .max_concurrent_connections
+                .unwrap_or(d.max_concurrent_connections),
+            max_queued_requests: self.max_queued_requests,
+            max_queue_wait: self.max_queue_wait.unwrap_or(d.max_queue_wait),
+            max_memory_size: self.max_memory_size.unwrap_or(d.max_memory_size),
+            header_read_timeout: self.header_read_timeout.unwrap_or(d.header_read_timeout),
+            max_request_headers: self.max_request_headers.unwrap_or(d.max_request_headers),
+            max_request_header_size: self
+                .max_request_header_size
+                .unwrap_or(d.max_request_header_size),
+            max_request_body_size: self.max_request_body_size.unwrap_or(d.max_request_body_size),
+            cache_dir: self.cache_dir.clone(),
+            no_cache: self.no_cache,
+            env: {
+                let mut env: Vec<(String, String)> = Vec::new();
+                for e in &self.env {
+                    let (k, v) = parse_env(e).map_err(ConfigError::invalid("env"))?;
+                    env.retain(|(old, _)| *old != k);
+                    env.push((k, v));
+                }
+                env
+            },
+            allow_outbound: self
+                .allow_outbound
+                .iter()
+                .map(|s| OutboundRule::parse(s))
+                .collect::<Result<_, _>>()
+                .map_err(ConfigError::invalid("allow-outbound"))?,
+        };
+        k.validate()?;
+        Ok(k)
+    }
+}
+
+/// The resolved knobs of one pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Knobs {
+    /// `None`: the default for the component's world.
+    pub max_instance_reuse_count: Option<u32>,
+    /// `None`: the default for the component's world.
+    pub max_instance_concurrent_reuse_count: Option<u32>,
+    pub idle_instance_timeout: Duration,
+    pub request_timeout: Duration,
+    pub max_concurrent_requests: u32,
+    pub max_concurrent_connections: u32,
+    /// `None`: equal to `max_concurrent_requests`.
+    pub max_queued_requests: Option<u32>,
+    pub max_queue_wait: Duration,
+    pub max_memory_size: u64,
+    pub header_read_timeout: Duration,
+    pub max_request_headers: u32,
+    pub max_request_header_size: u64,
+    pub max_request_body_size: u64,
+    pub cache_dir: Option<PathBuf>,
+    pub no_cache: bool,
+    pub env: Vec<(String, String)>,
+    pub allow_outbound: Vec<OutboundRule>,
+}
+
+impl Default for Knobs {
+    fn default() -> Self {
+        Knobs {
+            max_instance_reuse_count: None,
+            max_instance_concurrent_reuse_count: None,
+            idle_instance_timeout: defaults::IDLE_INSTANCE_TIMEOUT,
+            request_timeout: defaults::REQUEST_TIMEOUT,
+            max_concurrent_requests: defaults::MAX_CONCURRENT_REQUESTS,
+            max_concurrent_connections: defaults::MAX_CONCURRENT_CONNECTIONS,
+            max_queued_requests: None,
+            max_queue_wait: defaults::MAX_QUEUE_WAIT,
+            max_memory_size: defaults::MAX_MEMORY_SIZE,
+            header_read_timeout: defaults::HEADER_READ_TIMEOUT,
+            max_request_headers: defaults::MAX_REQUEST_HEADERS,
+            max_request_header_size: defaults::MAX_REQUEST_HEADER_SIZE,
+            max_request_body_size: defaults::MAX_REQUEST_BODY_SIZE,
+            cache_dir: None,
+            no_cache: false,
+            env: Vec::new(),
+            allow_outbound: Vec::new(),
+        }
+    }
+}
+
+impl Knobs {
+    /// Checks every value; the setters of the C API and the file loader
+    /// both end here, so an invalid value is an error, never a clamp.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn nonzero(name: &'static str, ok: bool) -> Result<(), ConfigError> {
+            if ok { Ok(()) } else { Err(ConfigError::Invalid { key: name, reason: "must be greater than zero".into() }) }
+        }
+        nonzero("max-instance-reuse-count", self.max_instance_reuse_count != Some(0))?;
+        nonzero(
+            "max-instance-concurrent-reuse-count",
+            self.max_instance_concurrent_reuse_count != Some(0),
+        )?;
+        nonzero("request-timeout", !self.request_timeout.is_zero())?;
+        nonzero("max-concurrent-requests", self.max_concurrent_requests > 0)?;
+        nonzero("max-concurrent-connections", self.max_concurrent_connections > 0)?;
+        nonzero("header-read-timeout", !self.header_read_timeout.is_zero())?;
+        nonzero("max-request-headers", self.max_request_headers > 0)?;
+        if !(MIN_MAX_MEMORY_SIZE..=MAX_MAX_MEMORY_SIZE).contains(&self.max_memory_size) {
+            return Err(ConfigError::Invalid {
+                key: "max-memory-size",
+                reason: format!(
+                    "{} bytes is outside 64KiB..=4GiB (a 32-bit linear memory)",
+                    self.max_memory_size
+                ),
+            });
+        }
+        if self.max_request_header_size < MIN_REQUEST_HEADER_SIZE {
+            return Err(ConfigError::Invalid {
+                key: "max-request-header-size",
+                reason: format!(
+                    "{} bytes is below the HTTP/1 minimum of 8KiB",
+                    self.max_request_header_size
+                ),
+            });
+        }
+        // Timeouts far beyond any sensible value would overflow deadline
+        // arithmetic; a year is plenty.
+        const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+        for (key, d) in [
+            ("idle-instance-timeout", self.idle_instance_timeout),
+            ("request-timeout", self.request_timeout),
+            ("max-queue-wait", self.max_queue_wait),
+            ("header-read-timeout", self.header_read_timeout),
+        ] {
+            if d > YEAR {
+                return Err(ConfigError::Invalid { key, reason: "longer than a year".into() });
+            }
+        }
+        Ok(())
+    }
+
+    /// Effective queue bound.
+    pub fn queue_limit(&self) -> u32 {
+        self.max_queued_requests.unwrap_or(self.max_concurrent_requests)
+    }
+}
+
+/// A config file: the component, the listen addresses and the knobs.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    /// Path of the component; relative paths are relative to the file.
+    #[serde(default)]
+    pub component: Option<PathBuf>,
+    /// Addresses to listen on (`HOST:PORT`, `[V6]:PORT` or `unix:/path`).
+    #[serde(default)]
+    pub listen: Vec<String>,
+    #[serde(flatten)]
+    pub knobs: KnobArgs,
+}
+
+impl FileConfig {
+    /// Reads and parses a TOML config file.
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut cfg = FileConfig::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse { path: Some(path.to_path_buf()), message },
+            other => other,
+        })?;
+        if let Some(c) = &cfg.component
+            && c.is_relative()
+            && let Some(dir) = path.parent()
+        {
+            cfg.component = Some(dir.join(c));
+        }
+        Ok(cfg)
+    }
+
+    /// Parses TOML text.
+    pub fn parse(text: &str) -> Result<FileConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: None,
+            message: e.message().to_string(),
+        })
+    }
+}
+
+/// serde helpers that route through the same parsers as the flags.
+mod de {
+    use crate::units;
+    use serde::{Deserialize, Deserializer, de::Error};
+    use std::time::Duration;
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum NumOrStr {
+        Num(i64),
+        Str(String),
+    }
+
+    fn text<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        Ok(match NumOrStr::deserialize(d)? {
+            NumOrStr::Num(n) => n.to_string(),
+            NumOrStr::Str(s) => s,
+        })
+    }
+
+    macro_rules! via {
+        ($name:ident, $ty:ty, $parser:path) => {
+            pub fn $name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<$ty>, D::Error> {
+                $parser(&text(d)?).map(Some).map_err(D::Error::custom)
+            }
+        };
+    }
+
+    via!(duration, Duration, units::parse_duration);
+    via!(positive_duration, Duration, units::parse_positive_duration);
+    via!(size, u64, units::parse_size);
+    via!(positive_size, u64, units::parse_positive_size);
+    via!(count, u32, units::parse_count);
+    via!(positive_count, u32, units::parse_positive_count);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_keys_match_flags() {
+        let f = FileConfig::parse(
+            r#"
+            component = "app.wasm"
+            listen = ["127.0.0.1:9000"]
+            max-instance-reuse-count = 8
+            request-timeout = "5s"
+            max-memory-size = "64MiB"
+            max-request-body-size = 1024
+            env = ["A=1", "A=2", "B=x=y"]
+            allow-outbound = ["example.com:443"]
+            "#,
+        )
+        .unwrap();
+        let k = f.knobs.resolve().unwrap();
+        assert_eq!(k.max_instance_reuse_count, Some(8));
+        assert_eq!(k.request_timeout, Duration::from_secs(5));
+        assert_eq!(k.max_memory_size, 64 << 20);
+        assert_eq!(k.max_request_body_size, 1024);
+        assert_eq!(k.env, vec![("A".into(), "2".into()), ("B".into(), "x=y".into())]);
+        assert_eq!(k.allow_outbound[0], OutboundRule { host: "example.com".into(), port: Some(443) });
+    }
+
+    #[test]
+    fn bad_files_are_refused() {
+        for (text, needle) in [
+            ("no-such-knob = 1", "unknown field"),
+            ("max-instance-reuse-count = 0", "at least 1"),
+            ("max-instance-reuse-count = -2", "negative"),
+            ("request-timeout = \"5\"", "needs a unit"),
+            ("request-timeout = \"0s\"", "greater than zero"),
+            ("max-memory-size = \"lots\"", "invalid size"),
+            ("max-concurrent-requests = \"x\"", "invalid number"),
+        ] {
+            let err = FileConfig::parse(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+        let k = KnobArgs { max_memory_size: Some(8 << 30), ..Default::default() };
+        assert!(k.resolve().unwrap_err().to_string().contains("max-memory-size"));
+        let k = KnobArgs { max_request_header_size: Some(1000), ..Default::default() };
+        assert!(k.resolve().unwrap_err().to_string().contains("8KiB"));
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let file = KnobArgs { max_concurrent_requests: Some(5), request_timeout: Some(Duration::from_secs(9)), ..Default::default() };
+        let cli = KnobArgs { max_concurrent_requests: Some(7), ..Default::default() };
+        let k = file.overlay(cli).resolve().unwrap();
+        assert_eq!(k.max_concurrent_requests, 7);
+        assert_eq!(k.request_timeout, Duration::from_secs(9));
+        assert_eq!(k.queue_limit(), 7);
+    }
+
+    #[test]
+    fn outbound_rules() {
+        let r = OutboundRule::parse("Example.com").unwrap();
+        assert!(r.allows("example.COM", 80) && r.allows("example.com", 8443));
+        let r = OutboundRule::parse("127.0.0.1:8081").unwrap();
+        assert!(r.allows("127.0.0.1", 8081) && !r.allows("127.0.0.1", 8082));
+        let r = OutboundRule::parse("[::1]:80").unwrap();
+        assert!(r.allows("[::1]", 80));
+        assert!(OutboundRule::parse("host:0").is_err());
+        assert!(OutboundRule::parse("host:http").is_err());
+        assert!(OutboundRule::parse("").is_err());
+        assert!(OutboundRule::parse("a/b").is_err());
+    }
+}

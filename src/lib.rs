@@ -1,0 +1,20 @@
+//! wasmpool: serve `wasi:http` WebAssembly components (WASIp2 and WASIp3)
+//! from a pool of reused instances, with backpressure, hard timeouts,
+//! limits and a compile cache.
+
+pub mod admission;
+pub mod cache;
+pub mod component;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod host;
+pub mod pool;
+pub mod stats;
+pub mod server;
+pub mod units;
+
+pub use component::{Source, World};
+pub use config::{KnobArgs, Knobs};
+pub use error::{ConfigError, LoadError};
+pub use pool::{Pool, RequestError, ResponseBody};

@@ -1,0 +1,487 @@
+//! The pool: a loaded component served through wasmtime's
+//! [`ProxyHandler`], which owns the workers, reuse and idle expiry. This
+//! module supplies the policy it asks of an embedder (when an instance takes
+//! a request, when it expires, how one is made) and what it leaves out:
+//! admission control, a hard request timeout, and classification of
+//! failures.
+
+use crate::admission::{Admission, Permit, Rejection};
+use crate::component::{self, EPOCH_TICK, Loaded, Source, World};
+use crate::config::{Knobs, OutboundRule, defaults};
+use crate::error::LoadError;
+use crate::host::Host;
+use crate::stats::{Snapshot, Stats};
+use bytes::Bytes;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+use wasmtime::component::GuestTaskId;
+use wasmtime::{Engine, Store, StoreContextMut};
+use wasmtime_wasi_http::WasiBody;
+use wasmtime_wasi_http::handler::{
+    ExpirationError, HandlerState, Instance, InstantiationError, ProxyHandler, ProxyPre, ShouldAccept,
+    TrapOrPanicError, WorkerExpiration, WorkerState, WorkerStatus,
+};
+
+/// After the client got its 504, the worker gives the guest this much
+/// longer before it tears the instance down. Keeping the worker's own
+/// deadline behind the client-facing one makes the client's answer
+/// deterministic (always 504, never a 500 from the teardown racing it).
+const TEARDOWN_GRACE: Duration = Duration::from_millis(100);
+
+/// Why a request got no response from the guest.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error(transparent)]
+    Rejected(#[from] Rejection),
+    #[error("the guest did not respond within the request timeout")]
+    Timeout,
+    #[error("no instance could be created: {0}")]
+    Instantiate(String),
+    #[error("the guest trapped: {0}")]
+    Trap(String),
+    #[error("the guest failed to respond: {0}")]
+    Guest(String),
+}
+
+impl RequestError {
+    /// The HTTP status a client should see.
+    pub fn status(&self) -> http::StatusCode {
+        use http::StatusCode as S;
+        match self {
+            RequestError::Rejected(_) | RequestError::Instantiate(_) => S::SERVICE_UNAVAILABLE,
+            RequestError::Timeout => S::GATEWAY_TIMEOUT,
+            RequestError::Trap(_) | RequestError::Guest(_) => S::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+/// Per-request state shared between the caller and the worker that takes
+/// the request. When the caller gives up (timeout), it marks the ticket: the
+/// worker's expiration future fires and the instance is retired.
+#[derive(Default)]
+pub struct Ticket {
+    expired: AtomicBool,
+    notify: Notify,
+    worker: OnceLock<Arc<AtomicBool>>,
+}
+
+impl Ticket {
+    fn expire(&self) {
+        self.expired.store(true, Relaxed);
+        if let Some(poisoned) = self.worker.get() {
+            poisoned.store(true, Relaxed);
+        }
+        self.notify.notify_waiters();
+    }
+}
+
+/// Response body; holds the admission slot until the body is finished or
+/// dropped, so a streaming response counts as in flight.
+pub struct ResponseBody {
+    inner: WasiBody,
+    _permit: Option<Permit>,
+}
+
+impl ResponseBody {
+    pub fn new(inner: WasiBody) -> ResponseBody {
+        ResponseBody { inner, _permit: None }
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = wasmtime_wasi_http::Error;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A component being served.
+pub struct Pool {
+    handler: ProxyHandler<PoolState>,
+    admission: Admission,
+    knobs: Arc<Knobs>,
+    world: World,
+    stats: Arc<Stats>,
+    name: String,
+    cache: crate::cache::CacheOutcome,
+    _epoch: EpochTicker,
+}
+
+impl Pool {
+    /// Compiles (or loads from the cache) and links `source`. Does not
+    /// create an instance; see [`Pool::probe`].
+    ///
+    /// This does CPU-heavy work; from async code call it in
+    /// `spawn_blocking`.
+    pub fn load(knobs: Knobs, source: &Source) -> Result<Pool, LoadError> {
+        knobs.validate()?;
+        let engine = component::engine(&knobs)?;
+        let linker = component::linker(&engine)?;
+        let loaded = component::load(&engine, &linker, &knobs, source)?;
+        Ok(Pool::from_loaded(engine, knobs, loaded))
+    }
+
+    fn from_loaded(engine: Engine, knobs: Knobs, loaded: Loaded) -> Pool {
+        let p3 = loaded.world.is_p3();
+        let reuse = knobs.max_instance_reuse_count.unwrap_or(if p3 {
+            defaults::P3_MAX_INSTANCE_REUSE_COUNT
+        } else {
+            defaults::P2_MAX_INSTANCE_REUSE_COUNT
+        });
+        let concurrent = match (p3, knobs.max_instance_concurrent_reuse_count) {
+            (true, n) => n.unwrap_or(defaults::P3_MAX_INSTANCE_CONCURRENT_REUSE_COUNT),
+            (false, Some(n)) if n > 1 => {
+                tracing::warn!(
+                    "max-instance-concurrent-reuse-count {n} ignored: WASIp2 instances serve one request at a time"
+                );
+                1
+            }
+            (false, _) => defaults::P2_MAX_INSTANCE_CONCURRENT_REUSE_COUNT,
+        };
+        let stats = Arc::new(Stats::default());
+        let knobs = Arc::new(knobs);
+        let state = PoolState {
+            engine: engine.clone(),
+            pre: loaded.pre,
+            knobs: knobs.clone(),
+            rules: knobs.allow_outbound.clone().into(),
+            reuse: reuse as usize,
+            concurrent: concurrent as usize,
+            next_instance: AtomicU64::new(1),
+            stats: stats.clone(),
+        };
+        Pool {
+            handler: ProxyHandler::new(state),
+            admission: Admission::new(
+                knobs.max_concurrent_requests,
+                knobs.queue_limit(),
+                knobs.max_queue_wait,
+                stats.clone(),
+            ),
+            world: loaded.world,
+            stats,
+            name: loaded.name,
+            cache: loaded.cache,
+            _epoch: EpochTicker::spawn(engine),
+            knobs,
+        }
+    }
+
+    /// Creates one instance and drops it: proves that the component links
+    /// and that its start-up code runs. Needs a tokio runtime.
+    pub async fn probe(&self) -> Result<(), LoadError> {
+        let state = self.handler.state();
+        let mut store = state.new_store(0);
+        let r = tokio::time::timeout(self.knobs.request_timeout, state.pre.instantiate_async(&mut store)).await;
+        let reason = match r {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) => format!("{e:#}"),
+            Err(_) => "timed out".to_string(),
+        };
+        Err(LoadError::Instantiate { what: self.name.clone(), reason })
+    }
+
+    pub fn world(&self) -> &World {
+        &self.world
+    }
+
+    pub fn knobs(&self) -> &Knobs {
+        &self.knobs
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// How the component was obtained (cache hit, compiled ...).
+    pub fn cache_outcome(&self) -> crate::cache::CacheOutcome {
+        self.cache
+    }
+
+    /// Effective reuse limits: (total per instance, concurrent per instance).
+    pub fn reuse_limits(&self) -> (usize, usize) {
+        let s = self.handler.state();
+        (s.reuse, s.concurrent)
+    }
+
+    pub fn stats(&self) -> Snapshot {
+        self.stats.snapshot()
+    }
+
+    pub fn stats_handle(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    /// Refuses every later request with [`Rejection::Closed`].
+    pub fn close(&self) {
+        self.admission.close();
+    }
+
+    /// Serves one request: waits for admission, dispatches it to an
+    /// instance and waits (at most `request-timeout`) for the response head.
+    /// Needs a tokio runtime.
+    pub async fn handle(
+        &self,
+        request: http::Request<WasiBody>,
+    ) -> Result<http::Response<ResponseBody>, RequestError> {
+        self.stats.requests.fetch_add(1, Relaxed);
+        let result = self.dispatch(request).await;
+        match &result {
+            Ok(_) => self.stats.responses.fetch_add(1, Relaxed),
+            Err(RequestError::Rejected(_)) => {
+                self.stats.rejected.fetch_add(1, Relaxed);
+                self.stats.failed.fetch_add(1, Relaxed)
+            }
+            Err(RequestError::Timeout) => {
+                self.stats.timeouts.fetch_add(1, Relaxed);
+                self.stats.failed.fetch_add(1, Relaxed)
+            }
+            Err(_) => self.stats.failed.fetch_add(1, Relaxed),
+        };
+        result
+    }
+
+    async fn dispatch(
+        &self,
+        request: http::Request<WasiBody>,
+    ) -> Result<http::Response<ResponseBody>, RequestError> {
+        let permit = self.admission.admit().await?;
+        let ticket = Arc::new(Ticket::default());
+        let call = self.handler.handle(ticket.clone(), request);
+        match tokio::time::timeout(self.knobs.request_timeout, call).await {
+            Ok(Ok(response)) => Ok(response.map(|inner| ResponseBody { inner, _permit: Some(permit) })),
+            Ok(Err(e)) => Err(classify(e)),
+            Err(_elapsed) => {
+                ticket.expire();
+                Err(RequestError::Timeout)
+            }
+        }
+    }
+}
+
+fn classify(e: wasmtime::Error) -> RequestError {
+    if e.downcast_ref::<ExpirationError>().is_some() {
+        RequestError::Timeout
+    } else if let Some(ie) = e.downcast_ref::<InstantiationError<Arc<Ticket>>>() {
+        RequestError::Instantiate(format!("{:#}", ie.error))
+    } else if e.downcast_ref::<TrapOrPanicError>().is_some() || e.downcast_ref::<wasmtime::Trap>().is_some() {
+        RequestError::Trap(format!("{e:#}"))
+    } else {
+        RequestError::Guest(format!("{e:#}"))
+    }
+}
+
+/// The [`HandlerState`]: how instances are made, and the policy each worker
+/// follows.
+struct PoolState {
+    engine: Engine,
+    pre: ProxyPre<Host>,
+    knobs: Arc<Knobs>,
+    rules: Arc<[OutboundRule]>,
+    reuse: usize,
+    concurrent: usize,
+    next_instance: AtomicU64,
+    stats: Arc<Stats>,
+}
+
+impl PoolState {
+    fn new_store(&self, instance_id: u64) -> Store<Host> {
+        let mut store = Store::new(&self.engine, Host::new(&self.knobs, self.rules.clone(), instance_id));
+        store.limiter(|h| &mut h.limits);
+        // Each epoch tick makes running guest code yield to the executor, so
+        // a busy loop cannot keep its thread: timers (request timeout,
+        // expiration) still fire and other tasks still run.
+        store.epoch_deadline_async_yield_and_update(1);
+        store.set_epoch_deadline(1);
+        store
+    }
+}
+
+impl HandlerState for PoolState {
+    type StoreData = Host;
+    type WorkerExpiration = Expiration;
+    type WorkerState = WorkerPolicy;
+
+    async fn instantiate(&self) -> wasmtime::Result<Instance<Host, Expiration, WorkerPolicy>> {
+        let id = self.next_instance.fetch_add(1, Relaxed);
+        let mut store = self.new_store(id);
+        // The embedder bounds instantiation time (see `HandlerState`).
+        let proxy = match tokio::time::timeout(self.knobs.request_timeout, self.pre.instantiate_async(&mut store)).await {
+            Ok(Ok(proxy)) => proxy,
+            Ok(Err(e)) => {
+                self.stats.instantiation_failures.fetch_add(1, Relaxed);
+                tracing::warn!(instance = id, "instantiation failed: {e:#}");
+                return Err(e);
+            }
+            Err(_) => {
+                self.stats.instantiation_failures.fetch_add(1, Relaxed);
+                tracing::warn!(instance = id, "instantiation timed out");
+                return Err(wasmtime::format_err!("instantiation timed out"));
+            }
+        };
+        self.stats.instance_started();
+        tracing::debug!(instance = id, "instance created");
+        let worker_deadline = self.knobs.request_timeout + TEARDOWN_GRACE;
+        Ok(Instance {
+            store,
+            proxy,
+            view: <Host as wasmtime_wasi_http::WasiHttpView>::http,
+            expiration: Expiration {
+                idle_timeout: self.knobs.idle_instance_timeout,
+                busy_timeout: worker_deadline,
+                sleep: Box::pin(tokio::time::sleep(Duration::MAX / 4)),
+            },
+            state: WorkerPolicy {
+                id,
+                reuse: self.reuse,
+                concurrent: self.concurrent,
+                deadline: worker_deadline,
+                poisoned: Arc::new(AtomicBool::new(false)),
+                served: AtomicU64::new(0),
+                stats: self.stats.clone(),
+            },
+        })
+    }
+}
+
+/// Policy of one worker (one instance).
+struct WorkerPolicy {
+    id: u64,
+    reuse: usize,
+    concurrent: usize,
+    deadline: Duration,
+    /// Set when a request on this instance timed out: it takes no more.
+    poisoned: Arc<AtomicBool>,
+    served: AtomicU64,
+    stats: Arc<Stats>,
+}
+
+impl WorkerState for WorkerPolicy {
+    type StoreData = Host;
+    type RequestData = Arc<Ticket>;
+
+    fn should_accept_request(&self, concurrent: usize, total: usize) -> ShouldAccept {
+        if self.poisoned.load(Relaxed) || total >= self.reuse {
+            ShouldAccept::Never
+        } else if concurrent >= self.concurrent {
+            ShouldAccept::No
+        } else {
+            ShouldAccept::Yes
+        }
+    }
+
+    fn on_request_start(
+        &self,
+        _store: StoreContextMut<'_, Host>,
+        ticket: Arc<Ticket>,
+        _task: GuestTaskId,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + Sync + 'static>> {
+        if self.served.fetch_add(1, Relaxed) > 0 {
+            self.stats.instances_reused.fetch_add(1, Relaxed);
+        }
+        let _ = ticket.worker.set(self.poisoned.clone());
+        if ticket.expired.load(Relaxed) {
+            self.poisoned.store(true, Relaxed);
+        }
+        let deadline = self.deadline;
+        Box::pin(async move {
+            let notified = ticket.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if ticket.expired.load(Relaxed) {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(deadline) => {}
+                _ = notified => {}
+            }
+        })
+    }
+
+    fn drop(&self, store: Store<Host>, result: wasmtime::Result<()>) {
+        self.stats.instances_live.fetch_sub(1, Relaxed);
+        if let Err(e) = result {
+            let msg = format!("{e:#}");
+            if msg.contains("timed out") {
+                tracing::warn!(instance = self.id, "instance discarded after a request timeout");
+            } else {
+                self.stats.traps.fetch_add(1, Relaxed);
+                tracing::warn!(instance = self.id, "instance discarded after a trap: {msg}");
+            }
+        } else {
+            tracing::debug!(instance = self.id, served = self.served.load(Relaxed), "instance retired");
+        }
+        drop(store);
+    }
+}
+
+/// Decides, from outside the instance's event loop, when a worker expires:
+/// after `idle-instance-timeout` without work, or when its most recent
+/// request outlives the request deadline (this is the defence that works
+/// even while a guest monopolises its store).
+struct Expiration {
+    idle_timeout: Duration,
+    busy_timeout: Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl WorkerExpiration for Expiration {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>, status: WorkerStatus, start: Instant) -> Poll<()> {
+        let timeout = match status {
+            WorkerStatus::Idle => self.idle_timeout,
+            WorkerStatus::Requests | WorkerStatus::PostReturn => self.busy_timeout,
+        };
+        let Some(deadline) = start.checked_add(timeout) else { return Poll::Pending };
+        let deadline = tokio::time::Instant::from_std(deadline);
+        if self.sleep.deadline() != deadline {
+            self.sleep.as_mut().reset(deadline);
+        }
+        self.sleep.as_mut().poll(cx)
+    }
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] until dropped.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    fn spawn(engine: Engine) -> EpochTicker {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("wasmpool-epoch".into())
+            .spawn(move || {
+                while !flag.load(Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .ok();
+        EpochTicker { stop, thread }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! The HTTP front: listeners, connection limits, request-head limits and
+//! timeouts, the body size limit, and the mapping of pool failures to
+//! status codes. The pool behind it can be swapped while serving.
+
+use crate::config::Knobs;
+use crate::pool::{Pool, RequestError, ResponseBody};
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Response, StatusCode, header};
+use http_body_util::{BodyExt, Either, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Semaphore;
+
+/// What the server answers with.
+pub type Body = Either<ResponseBody, Full<Bytes>>;
+
+/// A listen address: `HOST:PORT`, `[V6]:PORT` or `unix:/path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err("`unix:` needs a path, e.g. unix:/run/wasmpool.sock".into());
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(p)));
+        }
+        s.parse::<SocketAddr>().map(ListenAddr::Tcp).map_err(|_| {
+            format!("invalid listen address `{s}`: expected HOST:PORT (e.g. 127.0.0.1:8080, [::1]:8080) or unix:/path")
+        })
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "http://{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// A bound listening socket.
+pub enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+impl Listener {
+    /// Binds `addr`. A stale unix socket file at the path is replaced.
+    pub async fn bind(addr: &ListenAddr) -> std::io::Result<Listener> {
+        match addr {
+            ListenAddr::Tcp(a) => {
+                let sock = if a.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+                sock.set_reuseaddr(true)?;
+                sock.bind(*a)?;
+                Ok(Listener::Tcp(sock.listen(1024)?))
+            }
+            ListenAddr::Unix(p) => {
+                use std::os::unix::fs::FileTypeExt;
+                if let Ok(m) = std::fs::symlink_metadata(p)
+                    && m.file_type().is_socket()
+                {
+                    std::fs::remove_file(p)?;
+                }
+                Ok(Listener::Unix(tokio::net::UnixListener::bind(p)?))
+            }
+        }
+    }
+
+    /// The address actually bound (with the real port when 0 was asked).
+    pub fn local_addr(&self) -> std::io::Result<ListenAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map(ListenAddr::Tcp),
+            Listener::Unix(l) => {
+                let a = l.local_addr()?;
+                Ok(ListenAddr::Unix(a.as_pathname().map(PathBuf::from).unwrap_or_default()))
+            }
+        }
+    }
+}
+
+/// Serves requests with whatever pool is current.
+pub struct Front {
+    pool: ArcSwap<Pool>,
+}
+
+impl Front {
+    pub fn new(pool: Arc<Pool>) -> Arc<Front> {
+        Arc::new(Front { pool: ArcSwap::new(pool) })
+    }
+
+    /// The pool new requests go to.
+    pub fn pool(&self) -> Arc<Pool> {
+        self.pool.load_full()
+    }
+
+    /// Makes `pool` serve new requests; requests already running finish on
+    /// the pool they started on. Returns the previous pool.
+    pub fn swap(&self, pool: Arc<Pool>) -> Arc<Pool> {
+        self.pool.swap(pool)
+    }
+
+    /// Handles one request (everything but the connection handling).
+    pub async fn handle(&self, req: http::Request<Incoming>) -> Response<Body> {
+        let pool = self.pool();
+        let knobs = pool.knobs();
+        let limit = knobs.max_request_body_size;
+        if let Some(len) = declared_length(&req) {
+            if len > limit {
+                tracing::debug!(len, limit, "request body too large (content-length)");
+                let mut r = error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+                // The body is not read: the connection cannot be reused.
+                r.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+                return r;
+            }
+        }
+        let exceeded = Arc::new(AtomicBool::new(false));
+        let req = req.map(|b| LimitedBody { inner: b, remaining: limit, limit, exceeded: exceeded.clone() }.boxed_unsync());
+        let method = req.method().clone();
+        let uri = req.uri().clone();
+        let result = pool.handle(req).await;
+        if exceeded.load(Relaxed) {
+            let mut r = error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+            r.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+            return r;
+        }
+        match result {
+            Ok(resp) => resp.map(Either::Left),
+            Err(e) => {
+                match &e {
+                    RequestError::Rejected(_) => tracing::debug!(%method, %uri, "{e}"),
+                    _ => tracing::warn!(%method, %uri, "{e}"),
+                }
+                let mut r = error_response(e.status(), &e.to_string());
+                if e.status() == StatusCode::SERVICE_UNAVAILABLE {
+                    r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+                }
+                r
+            }
+        }
+    }
+}
+
+fn declared_length(req: &http::Request<Incoming>) -> Option<u64> {
+    req.headers().get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// A plain-text error response.
+pub fn error_response(status: StatusCode, message: &str) -> Response<Body> {
+    let text = format!("{} {}: {message}\n", status.as_u16(), status.canonical_reason().unwrap_or(""));
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Either::Right(Full::new(Bytes::from(text))))
+        .expect("static response parts are valid")
+}
+
+/// A request body that fails once more than `limit` bytes arrive.
+struct LimitedBody {
+    inner: Incoming,
+    remaining: u64,
+    limit: u64,
+    exceeded: Arc<AtomicBool>,
+}
+
+impl http_body::Body for LimitedBody {
+    type Data = Bytes;
+    type Error = wasmtime_wasi_http::Error;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let n = data.len() as u64;
+                    if n > self.remaining {
+                        self.exceeded.store(true, Relaxed);
+                        self.remaining = 0;
+                        return Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpRequestBodySize(Some(self.limit)))));
+                    }
+                    self.remaining -= n;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            other => other.map(|o| o.map(|r| r.map_err(Into::into))),
+        }
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Accepts connections on every listener until `shutdown` resolves, then
+/// stops accepting, lets running requests finish (at most `drain_timeout`;
+/// idle keep-alive connections are closed at once) and returns.
+pub async fn serve(
+    front: Arc<Front>,
+    listeners: Vec<Listener>,
+    shutdown: impl Future<Output = ()>,
+    drain_timeout: Duration,
+) {
+    let knobs = front.pool().knobs().clone();
+    let conns = Arc::new(Semaphore::new(knobs.max_concurrent_connections as usize));
+    let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    for l in listeners {
+        let front = front.clone();
+        let conns = conns.clone();
+        let mut stop = stop_rx.clone();
+        let graceful = graceful.clone();
+        let knobs = knobs.clone();
+        tasks.spawn(async move {
+            loop {
+                let permit = tokio::select! {
+                    _ = stop.changed() => break,
+                    p = conns.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                };
+                let accepted = tokio::select! {
+                    _ = stop.changed() => break,
+                    a = accept(&l) => a,
+                };
+                let io = match accepted {
+                    Ok(io) => io,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let front = front.clone();
+                let conn = http1_builder(&knobs).serve_connection(
+                    TokioIo::new(io),
+                    hyper::service::service_fn(move |req| {
+                        let front = front.clone();
+                        async move { Ok::<_, Infallible>(front.handle(req).await) }
+                    }),
+                );
+                let fut = graceful.watcher().watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = fut.await {
+                        tracing::debug!("connection ended with an error: {e}");
+                    }
+                    drop(permit);
+                });
+            }
+        });
+    }
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    while tasks.join_next().await.is_some() {}
+    tracing::info!("stopped accepting; draining running requests");
+    // Every listener task has ended, so this is the last reference.
+    let Ok(graceful) = Arc::try_unwrap(graceful) else { return };
+    if tokio::time::timeout(drain_timeout, graceful.shutdown()).await.is_err() {
+        tracing::warn!("drain timeout reached; closing remaining connections");
+    }
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+async fn accept(l: &Listener) -> std::io::Result<Box<dyn Io>> {
+    Ok(match l {
+        Listener::Tcp(l) => {
+            let (s, _) = l.accept().await?;
+            // Small guest writes should not wait for Nagle.
+            let _ = s.set_nodelay(true);
+            Box::new(s)
+        }
+        Listener::Unix(l) => Box::new(l.accept().await?.0),
+    })
+}
+
+fn http1_builder(knobs: &Knobs) -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .keep_alive(true)
+        .header_read_timeout(knobs.header_read_timeout)
+        .max_headers(knobs.max_request_headers as usize)
+        .max_buf_size(knobs.max_request_header_size.max(crate::config::MIN_REQUEST_HEADER_SIZE) as usize);
+    b
+}

@@ -1,0 +1,162 @@
+//! Shared test support: guests built from WAT at test time, an in-process
+//! server, and a small HTTP client.
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use wasmpool::server::{Front, ListenAddr, Listener};
+use wasmpool::{KnobArgs, Pool, Source};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Builds a component from a WAT core module and a world in one of the
+/// WIT directories under tests/guests/wit (or any other directory).
+pub fn build_component(wat: &Path, wit_dir: &Path, world: &str) -> Vec<u8> {
+    let mut module = wat::parse_file(wat).unwrap_or_else(|e| panic!("{}: {e}", wat.display()));
+    let mut resolve = wit_parser::Resolve::default();
+    let (pkg, _) = resolve.push_dir(wit_dir).unwrap_or_else(|e| panic!("{}: {e:?}", wit_dir.display()));
+    let world = resolve.select_world(&[pkg], Some(world)).expect("world");
+    wit_component::embed_component_metadata(&mut module, &resolve, world, wit_component::StringEncoding::UTF8)
+        .expect("embed metadata");
+    wit_component::ComponentEncoder::default()
+        .module(&module)
+        .expect("encoder accepts module")
+        .validate(true)
+        .encode()
+        .unwrap_or_else(|e| panic!("{}: {e:?}", wat.display()))
+}
+
+/// The WASIp2 suite guest (see tests/guests/p2_suite.wat).
+pub fn p2_suite() -> Vec<u8> {
+    static CACHE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    CACHE
+        .get_or_init(|| build_component(&root().join("tests/guests/p2_suite.wat"), &root().join("tests/guests/wit/p2"), "p2"))
+        .clone()
+}
+
+/// The WASIp3 suite guest (see tests/guests/p3_suite.wat).
+pub fn p3_suite() -> Vec<u8> {
+    static CACHE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    CACHE
+        .get_or_init(|| build_component(&root().join("tests/guests/p3_suite.wat"), &root().join("tests/guests/wit/p3"), "p3"))
+        .clone()
+}
+
+/// Knobs for tests: a private cache directory unless the test sets one.
+pub fn knobs(args: KnobArgs) -> wasmpool::Knobs {
+    let mut k = args.resolve().expect("valid knobs");
+    if k.cache_dir.is_none() {
+        k.no_cache = true;
+    }
+    k
+}
+
+/// A server running in this process on an ephemeral port.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub front: Arc<Front>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub async fn start(bytes: Vec<u8>, args: KnobArgs) -> TestServer {
+        let k = knobs(args);
+        let pool = tokio::task::spawn_blocking(move || Pool::load(k, &Source::Bytes { name: "guest".into(), bytes }))
+            .await
+            .unwrap()
+            .expect("component loads");
+        pool.probe().await.expect("component instantiates");
+        let listener = Listener::bind(&ListenAddr::Tcp("127.0.0.1:0".parse().unwrap())).await.unwrap();
+        let ListenAddr::Tcp(addr) = listener.local_addr().unwrap() else { unreachable!() };
+        let front = Front::new(Arc::new(pool));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(wasmpool::server::serve(
+            front.clone(),
+            vec![listener],
+            async move {
+                let _ = rx.await;
+            },
+            Duration::from_secs(10),
+        ));
+        TestServer { addr, front, stop: Some(tx), task: Some(task) }
+    }
+
+    pub fn stats(&self) -> wasmpool::stats::Snapshot {
+        self.front.pool().stats()
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        send(self.addr, "GET", path, &[], Bytes::new()).await
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One request on a fresh connection.
+pub async fn send(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: Bytes) -> Reply {
+    try_send(addr, method, path, headers, body).await.expect("request succeeds at the HTTP level")
+}
+
+pub async fn try_send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Result<Reply, String> {
+    let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut req = http::Request::builder().method(method).uri(path).header("host", addr.to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(body)).map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(Reply { status: parts.status.as_u16(), headers: parts.headers, body })
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < end {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f()
+}
