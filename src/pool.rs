@@ -84,11 +84,19 @@ impl Ticket {
 pub struct ResponseBody {
     inner: WasiBody,
     _permit: Option<Permit>,
+    abort: Option<Arc<AtomicBool>>,
 }
 
 impl ResponseBody {
     pub fn new(inner: WasiBody) -> ResponseBody {
-        ResponseBody { inner, _permit: None }
+        ResponseBody { inner, _permit: None, abort: None }
+    }
+
+    /// Makes the body fail (so the connection is cut rather than a
+    /// truncated response looking complete) once `flag` is set.
+    pub fn abort_when(mut self, flag: Arc<AtomicBool>) -> ResponseBody {
+        self.abort = Some(flag);
+        self
     }
 }
 
@@ -99,6 +107,11 @@ impl http_body::Body for ResponseBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if self.abort.as_ref().is_some_and(|f| f.load(Relaxed)) {
+            return Poll::Ready(Some(Err(wasmtime_wasi_http::Error::InternalError(Some(
+                "response aborted".into(),
+            )))));
+        }
         Pin::new(&mut self.inner).poll_frame(cx)
     }
     fn is_end_stream(&self) -> bool {
@@ -263,7 +276,7 @@ impl Pool {
         let ticket = Arc::new(Ticket::default());
         let call = self.handler.handle(ticket.clone(), request);
         match tokio::time::timeout(self.knobs.request_timeout, call).await {
-            Ok(Ok(response)) => Ok(response.map(|inner| ResponseBody { inner, _permit: Some(permit) })),
+            Ok(Ok(response)) => Ok(response.map(|inner| ResponseBody { inner, _permit: Some(permit), abort: None })),
             Ok(Err(e)) => Err(classify(e)),
             Err(_elapsed) => {
                 ticket.expire();

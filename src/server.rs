@@ -142,7 +142,10 @@ impl Front {
             return r;
         }
         match result {
-            Ok(resp) => resp.map(Either::Left),
+            // The head went out before the body crossed the limit: if it
+            // crosses it later, the response is cut off instead of ending
+            // as if complete.
+            Ok(resp) => resp.map(|b| Either::Left(b.abort_when(exceeded))),
             Err(e) => {
                 match &e {
                     RequestError::Rejected(_) => tracing::debug!(%method, %uri, "{e}"),

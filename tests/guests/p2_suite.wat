@@ -8,6 +8,8 @@
 ;;   /bomb      grows memory until refused, then traps
 ;;   /log       writes a line to stdout, then answers
 ;;   /silent    returns without answering
+;;   /grow/N    grows memory by N pages (64 KiB each); traps if refused
+;;   /env       the environment, one KEY=VALUE per line
 ;;   anything else: "hello from p2"
 ;; Memory: 0..1024 return areas, 1024..4096 constant data, heap from 64 KiB
 ;; (a bump allocator reset at each request: WASIp2 instances run one request
@@ -39,6 +41,7 @@
   (import "wasi:io/poll@0.2.12" "[resource-drop]pollable" (func $drop_pollable (param i32)))
   (import "wasi:clocks/monotonic-clock@0.2.12" "subscribe-duration" (func $subscribe (param i64) (result i32)))
   (import "wasi:cli/stdout@0.2.12" "get-stdout" (func $get_stdout (result i32)))
+  (import "wasi:cli/environment@0.2.12" "get-environment" (func $get_env (param i32)))
 
   (memory (export "memory") 2)
   (global $heap (mut i32) (i32.const 65536))
@@ -61,7 +64,10 @@
   (data (i32.const 1320) "slept\n")
   (data (i32.const 1330) "about to trap\n")
   (data (i32.const 1350) "guest log line from p2\n")
-  (data (i32.const 1380) ": \n ")
+  (data (i32.const 1380) ": \n =")
+  (data (i32.const 1390) "/grow")
+  (data (i32.const 1400) "/env")
+  (data (i32.const 1410) "grown\n")
 
   (func $cabi_realloc (export "cabi_realloc") (param $old i32) (param $old_size i32) (param $align i32) (param $size i32) (result i32)
     (local $ptr i32) (local $end i32)
@@ -252,6 +258,30 @@
           (call $respond (local.get $out) (i32.const 200) (i32.const 1300) (i32.const 14)) (br $routed)))
       (if (call $starts_with (local.get $p) (local.get $n) (i32.const 1290) (i32.const 7))
         (then (call $drop_outparam (local.get $out)) (br $routed)))
+      (if (call $starts_with (local.get $p) (local.get $n) (i32.const 1390) (i32.const 5))
+        (then
+          (if (i32.eq (memory.grow (call $digits (local.get $p) (local.get $n))) (i32.const -1)) (then unreachable))
+          (call $respond (local.get $out) (i32.const 200) (i32.const 1410) (i32.const 6)) (br $routed)))
+      (if (call $starts_with (local.get $p) (local.get $n) (i32.const 1400) (i32.const 4))
+        (then (call $env (local.get $out)) (br $routed)))
       (call $respond (local.get $out) (i32.const 200) (i32.const 1300) (i32.const 14)))
     (call $drop_req (local.get $req)))
+
+  (func $env (param $out i32)
+    (local $s i32) (local $list i32) (local $n i32)
+    (local.set $s (call $begin (local.get $out) (i32.const 200)))
+    (call $get_env (i32.const 96))
+    (local.set $list (i32.load (i32.const 96)))
+    (local.set $n (i32.load (i32.const 100)))
+    (block $done
+      (loop $l
+        (br_if $done (i32.eqz (local.get $n)))
+        (call $write_all (local.get $s) (i32.load (local.get $list)) (i32.load offset=4 (local.get $list)))
+        (call $write_all (local.get $s) (i32.const 1384) (i32.const 1))
+        (call $write_all (local.get $s) (i32.load offset=8 (local.get $list)) (i32.load offset=12 (local.get $list)))
+        (call $write_all (local.get $s) (i32.const 1382) (i32.const 1))
+        (local.set $list (i32.add (local.get $list) (i32.const 16)))
+        (local.set $n (i32.sub (local.get $n) (i32.const 1)))
+        (br $l)))
+    (call $end (local.get $s)))
 )

@@ -1,6 +1,6 @@
 ;; WASIp3 test guest: one behaviour per path (see p2_suite.wat), written
 ;; against the async canonical ABI with a callback-style export.
-;;   /echo /counter /sleep/N /busy /trap /trap-after /bomb ; else "hello from p3"
+;;   /echo /counter /sleep/N /busy /trap /trap-after /bomb /grow/N ; else "hello from p3"
 ;; Several requests run concurrently in one instance, so per-request state
 ;; lives in a frame whose address is kept in context slot 0.
 ;; Frame: +0 waitable set, +4 phase, +8 request, +12 out ptr, +16 out len,
@@ -58,6 +58,8 @@
   (data (i32.const 1320) "slept\n")
   (data (i32.const 1330) "about to trap\n")
   (data (i32.const 1380) ": \n ")
+  (data (i32.const 1390) "/grow")
+  (data (i32.const 1470) "grown\n")
   ;; 1400..1464: zeroes, the value `ok(none)` / `ok(())` for futures
 
   (func $cabi_realloc (export "cabi_realloc") (param $old i32) (param $old_size i32) (param $align i32) (param $size i32) (result i32)
@@ -287,6 +289,11 @@
       (then unreachable))
     (if (call $starts_with (local.get $p) (local.get $n) (i32.const 1270) (i32.const 5))
       (then (loop $grow (br_if $grow (i32.ne (memory.grow (i32.const 16)) (i32.const -1)))) unreachable))
+    (if (call $starts_with (local.get $p) (local.get $n) (i32.const 1390) (i32.const 5))
+      (then
+        (if (i32.eq (memory.grow (call $digits (local.get $p) (local.get $n))) (i32.const -1)) (then unreachable))
+        (call $append (local.get $f) (i32.const 1470) (i32.const 6))
+        (return (call $send (local.get $f)))))
     (call $append (local.get $f) (i32.const 1300) (i32.const 14))
     (call $send (local.get $f)))
 

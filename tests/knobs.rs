@@ -1,0 +1,353 @@
+//! Every knob, with a test that fails if the knob is ignored.
+mod common;
+use bytes::Bytes;
+use common::*;
+use std::time::{Duration, Instant};
+use wasmpool::KnobArgs;
+
+async fn counters(s: &TestServer, n: usize) -> Vec<String> {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        let r = s.get("/counter").await;
+        assert_eq!(r.status, 200);
+        v.push(r.text());
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reuse_count_p2() {
+    // Default for p2: a fresh instance per request.
+    let s = TestServer::start(p2_suite(), KnobArgs::default()).await;
+    assert_eq!(counters(&s, 4).await, ["1", "1", "1", "1"]);
+    assert_eq!(s.stats().instances_reused, 0);
+    s.stop().await;
+    let s = TestServer::start(p2_suite(), KnobArgs { max_instance_reuse_count: Some(128), ..Default::default() }).await;
+    assert_eq!(counters(&s, 4).await, ["1", "2", "3", "4"]);
+    assert_eq!(s.stats().instances_reused, 3);
+    s.stop().await;
+    // A limit of 3: the fourth request gets a fresh instance.
+    let s = TestServer::start(p2_suite(), KnobArgs { max_instance_reuse_count: Some(3), ..Default::default() }).await;
+    assert_eq!(counters(&s, 5).await, ["1", "2", "3", "1", "2"]);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reuse_count_p3() {
+    // Default for p3: reuse up to 128.
+    let s = TestServer::start(p3_suite(), KnobArgs::default()).await;
+    assert_eq!(counters(&s, 4).await, ["1", "2", "3", "4"]);
+    s.stop().await;
+    let s = TestServer::start(p3_suite(), KnobArgs { max_instance_reuse_count: Some(1), ..Default::default() }).await;
+    assert_eq!(counters(&s, 3).await, ["1", "1", "1"]);
+    s.stop().await;
+}
+
+async fn peak_for_concurrent_sleeps(concurrent: u32) -> u64 {
+    let s = TestServer::start(
+        p3_suite(),
+        KnobArgs { max_instance_concurrent_reuse_count: Some(concurrent), ..Default::default() },
+    )
+    .await;
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let addr = s.addr;
+        tasks.push(tokio::spawn(async move { send(addr, "GET", "/sleep/400", &[], Bytes::new()).await }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().status, 200);
+    }
+    let peak = s.stats().instances_peak;
+    s.stop().await;
+    peak
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reuse_count_changes_live_instances() {
+    let one = peak_for_concurrent_sleeps(1).await;
+    let sixteen = peak_for_concurrent_sleeps(16).await;
+    assert!(one >= 12, "one request per instance should need ~16 instances, saw {one}");
+    assert!(sixteen * 2 <= one, "16 per instance should need far fewer instances: {sixteen} vs {one}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_instance_timeout() {
+    let s = TestServer::start(
+        p3_suite(),
+        KnobArgs { idle_instance_timeout: Some(Duration::from_millis(200)), ..Default::default() },
+    )
+    .await;
+    assert_eq!(s.get("/").await.status, 200);
+    assert!(eventually(Duration::from_secs(3), || s.stats().instances_live == 0).await, "idle instance not dropped");
+    s.stop().await;
+    let s = TestServer::start(
+        p3_suite(),
+        KnobArgs { idle_instance_timeout: Some(Duration::from_secs(30)), ..Default::default() },
+    )
+    .await;
+    assert_eq!(s.get("/").await.status, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(s.stats().instances_live, 1, "idle instance dropped before its timeout");
+    assert_eq!(s.get("/counter").await.text(), "2", "the idle instance was not reused");
+    s.stop().await;
+}
+
+async fn check_timeout(guest: Vec<u8>) {
+    let s = TestServer::start(
+        guest,
+        KnobArgs {
+            request_timeout: Some(Duration::from_millis(500)),
+            max_instance_reuse_count: Some(100),
+            max_instance_concurrent_reuse_count: Some(1),
+            ..Default::default()
+        },
+    )
+    .await;
+    // A busy loop is cut off: 504, in time.
+    let t = Instant::now();
+    let r = s.get("/busy").await;
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(t.elapsed() < Duration::from_millis(1500), "took {:?}", t.elapsed());
+    // Other requests keep working while and after it spins.
+    assert_eq!(s.get("/").await.status, 200);
+    // A slow guest too; the timed-out instance is not reused afterwards.
+    assert_eq!(s.get("/counter").await.status, 200);
+    let r = s.get("/sleep/3000").await;
+    assert_eq!(r.status, 504);
+    // Had the sleeping instance been reused, its counter would be past 1.
+    let r = s.get("/counter").await;
+    assert_eq!(r.text(), "1", "an instance whose request timed out was reused");
+    assert!(s.stats().timeouts >= 2);
+    assert!(eventually(Duration::from_secs(5), || s.stats().instances_live <= 2).await);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_timeout_p2() {
+    check_timeout(p2_suite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_timeout_p3() {
+    check_timeout(p3_suite()).await;
+}
+
+async fn check_trap(guest: Vec<u8>) {
+    let s = TestServer::start(
+        guest,
+        KnobArgs { max_instance_reuse_count: Some(100), max_instance_concurrent_reuse_count: Some(1), ..Default::default() },
+    )
+    .await;
+    // The trap ends its instance: the next request gets a fresh one.
+    assert_eq!(s.get("/counter").await.text(), "1");
+    assert_eq!(s.get("/trap").await.status, 500);
+    assert_eq!(s.get("/counter").await.text(), "1", "a trapped instance was reused");
+    // A request in flight on another instance is not affected by a trap.
+    let addr = s.addr;
+    let slow = tokio::spawn(async move { send(addr, "GET", "/sleep/500", &[], Bytes::new()).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(s.get("/trap").await.status, 500);
+    let r = slow.await.unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "slept\n"));
+    assert_eq!(s.stats().traps, 2);
+    // Memory bomb: an error for that request, the process lives on.
+    assert_eq!(s.get("/bomb").await.status, 500);
+    assert_eq!(s.get("/").await.status, 200);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trap_p2() {
+    check_trap(p2_suite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trap_p3() {
+    check_trap(p3_suite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_memory_size() {
+    for guest in [p2_suite(), p3_suite()] {
+        // 4 MiB: growing by 2 MiB fits, by 6 MiB does not.
+        let s = TestServer::start(guest.clone(), KnobArgs { max_memory_size: Some(4 << 20), ..Default::default() }).await;
+        assert_eq!(s.get("/grow/32").await.status, 200);
+        assert_eq!(s.get("/grow/96").await.status, 500);
+        s.stop().await;
+        let s = TestServer::start(guest, KnobArgs::default()).await;
+        assert_eq!(s.get("/grow/96").await.status, 200);
+        s.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backpressure_full_queue_answers_503_at_once() {
+    let s = TestServer::start(
+        p3_suite(),
+        KnobArgs { max_concurrent_requests: Some(2), max_queued_requests: Some(0), ..Default::default() },
+    )
+    .await;
+    let addr = s.addr;
+    let slow: Vec<_> = (0..2).map(|_| tokio::spawn(async move { send(addr, "GET", "/sleep/1000", &[], Bytes::new()).await })).collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = Instant::now();
+    let r = s.get("/").await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.headers.get("retry-after").unwrap(), "1");
+    assert!(t.elapsed() < Duration::from_millis(500));
+    for t in slow {
+        assert_eq!(t.await.unwrap().status, 200);
+    }
+    assert_eq!(s.get("/").await.status, 200);
+    assert_eq!(s.stats().rejected, 1);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backpressure_queue_wait() {
+    // Queue of 1 with a short wait: the queued request gives up with 503.
+    let s = TestServer::start(
+        p3_suite(),
+        KnobArgs {
+            max_concurrent_requests: Some(1),
+            max_queued_requests: Some(1),
+            max_queue_wait: Some(Duration::from_millis(200)),
+            ..Default::default()
+        },
+    )
+    .await;
+    let addr = s.addr;
+    let slow = tokio::spawn(async move { send(addr, "GET", "/sleep/1000", &[], Bytes::new()).await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let t = Instant::now();
+    let r = s.get("/").await;
+    assert_eq!(r.status, 503);
+    let waited = t.elapsed();
+    assert!(waited >= Duration::from_millis(180) && waited < Duration::from_millis(800), "{waited:?}");
+    assert_eq!(slow.await.unwrap().status, 200);
+    s.stop().await;
+    // A long enough wait: the queued request is served once the slot frees.
+    let s = TestServer::start(
+        p3_suite(),
+        KnobArgs {
+            max_concurrent_requests: Some(1),
+            max_queue_wait: Some(Duration::from_secs(5)),
+            ..Default::default()
+        },
+    )
+    .await;
+    let addr = s.addr;
+    let slow = tokio::spawn(async move { send(addr, "GET", "/sleep/500", &[], Bytes::new()).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = s.get("/").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(slow.await.unwrap().status, 200);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_concurrent_connections() {
+    use tokio::io::AsyncWriteExt;
+    let s = TestServer::start(p2_suite(), KnobArgs { max_concurrent_connections: Some(1), ..Default::default() }).await;
+    // The first connection holds the only slot.
+    let mut first = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    first.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let addr = s.addr;
+    let second = tokio::spawn(async move { send(addr, "GET", "/", &[], Bytes::new()).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!second.is_finished(), "second connection served while the first holds the only slot");
+    drop(first);
+    let r = tokio::time::timeout(Duration::from_secs(5), second).await.expect("served after the first closed").unwrap();
+    assert_eq!(r.status, 200);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_body_limit() {
+    let s = TestServer::start(p2_suite(), KnobArgs { max_request_body_size: Some(1024), ..Default::default() }).await;
+    let small = Bytes::from(vec![b'a'; 512]);
+    let r = send(s.addr, "POST", "/echo", &[], small).await;
+    assert_eq!(r.status, 200);
+    assert!(r.text().ends_with(&"a".repeat(512)));
+    // Declared too large: refused before the body is read.
+    let big = vec![b'b'; 4096];
+    let r = send(s.addr, "POST", "/echo", &[], Bytes::from(big.clone())).await;
+    assert_eq!(r.status, 413);
+    // Chunked (no length declared) to a guest that answers before reading
+    // the body: the head is out, so the response is cut off, never
+    // completed as if the body had been whole.
+    let mut chunked = b"POST /echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..4 {
+        chunked.extend_from_slice(b"400\r\n");
+        chunked.extend_from_slice(&[b'c'; 1024]);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let (text, closed) = raw(s.addr, &chunked, Duration::from_secs(5)).await;
+    assert!(closed && !text.ends_with("0\r\n\r\n"), "{text}");
+    s.stop().await;
+    // The p3 echo reads the whole body before answering: 413.
+    let s = TestServer::start(p3_suite(), KnobArgs { max_request_body_size: Some(1024), ..Default::default() }).await;
+    let (text, _) = raw(s.addr, &chunked, Duration::from_secs(5)).await;
+    assert_eq!(status_of(&text), Some(413), "{text}");
+    assert_eq!(send(s.addr, "POST", "/echo", &[], Bytes::from(vec![b'd'; 1000])).await.status, 200);
+    s.stop().await;
+    // The same 4 KiB body passes under the default limit.
+    let s = TestServer::start(p2_suite(), KnobArgs::default()).await;
+    assert_eq!(send(s.addr, "POST", "/echo", &[], Bytes::from(big)).await.status, 200);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_header_limits() {
+    let s = TestServer::start(
+        p2_suite(),
+        KnobArgs { max_request_headers: Some(10), max_request_header_size: Some(8 << 10), ..Default::default() },
+    )
+    .await;
+    let mut many = b"GET / HTTP/1.1\r\nhost: x\r\n".to_vec();
+    for i in 0..20 {
+        many.extend_from_slice(format!("x-h{i}: v\r\n").as_bytes());
+    }
+    many.extend_from_slice(b"\r\n");
+    let (text, _) = raw(s.addr, &many, Duration::from_secs(5)).await;
+    assert_eq!(status_of(&text), Some(431), "{text}");
+    let big = format!("GET / HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n", "v".repeat(10 << 10));
+    let (text, _) = raw(s.addr, big.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&text), Some(431), "{text}");
+    s.stop().await;
+    // Both pass under the defaults.
+    let s = TestServer::start(p2_suite(), KnobArgs::default()).await;
+    let (text, _) = raw(s.addr, &many, Duration::from_millis(1000)).await;
+    assert_eq!(status_of(&text), Some(200), "{text}");
+    let (text, _) = raw(s.addr, big.as_bytes(), Duration::from_millis(1000)).await;
+    assert_eq!(status_of(&text), Some(200), "{text}");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_read_timeout() {
+    let s = TestServer::start(p2_suite(), KnobArgs { header_read_timeout: Some(Duration::from_millis(300)), ..Default::default() }).await;
+    let t = Instant::now();
+    let (_, closed) = raw(s.addr, b"GET / HTTP/1.1\r\nhost: x\r\n", Duration::from_secs(5)).await;
+    assert!(closed, "slow request head not cut off");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    s.stop().await;
+    let s = TestServer::start(p2_suite(), KnobArgs::default()).await;
+    let (_, closed) = raw(s.addr, b"GET / HTTP/1.1\r\nhost: x\r\n", Duration::from_secs(1)).await;
+    assert!(!closed, "connection closed before the default 10s header timeout");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_environment_comes_only_from_config() {
+    let s = TestServer::start(p2_suite(), KnobArgs { env: vec!["GREETING=hi there".into(), "EMPTY=".into()], ..Default::default() }).await;
+    let r = s.get("/env").await;
+    assert_eq!(r.text(), "GREETING=hi there\nEMPTY=\n");
+    s.stop().await;
+    // SAFETY of the test: the host's environment (PATH, HOME ...) is not passed.
+    let s = TestServer::start(p2_suite(), KnobArgs::default()).await;
+    assert_eq!(s.get("/env").await.text(), "");
+    s.stop().await;
+}
