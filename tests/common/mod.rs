@@ -184,3 +184,95 @@ pub async fn raw(addr: SocketAddr, data: &[u8], timeout: Duration) -> (String, b
 pub fn status_of(text: &str) -> Option<u16> {
     text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
 }
+
+/// A component exporting a plain function instead of wasi:http.
+pub fn other_world() -> Vec<u8> {
+    build_component(&root().join("tests/guests/other.wat"), &root().join("tests/guests/wit/other"), "other")
+}
+
+/// A wasi:http component with an import no host provides.
+pub fn needs_missing() -> Vec<u8> {
+    build_component(&root().join("tests/guests/needs_missing.wat"), &root().join("tests/guests/wit/other"), "needs-missing")
+}
+
+/// A running `wasmpool` process.
+pub struct Proc {
+    pub child: std::process::Child,
+    pub stderr: Arc<std::sync::Mutex<String>>,
+}
+
+impl Proc {
+    /// Starts `wasmpool ARGS` and waits (at most 60 s) for its
+    /// "Serving HTTP on" lines; returns the process and the addresses.
+    pub fn serve(args: &[&str], envs: &[(&str, &str)]) -> (Proc, Vec<String>) {
+        let n = args.iter().filter(|a| **a == "--listen").count().max(1);
+        Proc::serve_n(args, envs, n)
+    }
+
+    /// Like [`Proc::serve`], waiting for `n` listeners.
+    pub fn serve_n(args: &[&str], envs: &[(&str, &str)], n: usize) -> (Proc, Vec<String>) {
+        use std::io::BufRead;
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_wasmpool"));
+        cmd.args(args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn wasmpool");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(std::sync::Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.strip_prefix("Serving HTTP on ") {
+                    let _ = tx.send(rest.trim_end_matches('/').to_string());
+                }
+                let mut l = log2.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let mut addrs = Vec::new();
+        for _ in 0..n {
+            match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(a) => addrs.push(a),
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("wasmpool did not start: {}", log.lock().unwrap());
+                }
+            }
+        }
+        (Proc { child, stderr: log }, addrs)
+    }
+
+    pub fn log(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Sends a signal and waits for the exit status.
+    pub fn stop(mut self, sig: i32) -> std::process::ExitStatus {
+        unsafe { libc_kill(self.child.id() as i32, sig) };
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+pub const SIGTERM: i32 = 15;
+pub const SIGINT: i32 = 2;
+
+/// `http://127.0.0.1:PORT` -> socket address.
+pub fn sockaddr(url: &str) -> SocketAddr {
+    url.trim_start_matches("http://").parse().expect("tcp address")
+}

@@ -1,0 +1,3 @@
+;; A component of another world (see wit/other/world.wit).
+(module
+  (func (export "run")))
