@@ -276,3 +276,34 @@ pub const SIGINT: i32 = 2;
 pub fn sockaddr(url: &str) -> SocketAddr {
     url.trim_start_matches("http://").parse().expect("tcp address")
 }
+
+/// Builds tests/guests/python/{p2,p3}/app.py with componentize-py (which
+/// the README's test command installs). Panics with a clear message when
+/// the tool is missing: these tests are not optional.
+pub fn python_guest(world: &str) -> Vec<u8> {
+    let out_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("python-{world}"));
+    let _ = std::fs::remove_dir_all(&out_dir);
+    std::fs::create_dir_all(out_dir.join("wit")).unwrap();
+    let src = root().join("tests/guests/python").join(world);
+    std::fs::copy(src.join("world.wit"), out_dir.join("wit/world.wit")).unwrap();
+    let deps = out_dir.join("wit/deps");
+    std::fs::create_dir_all(&deps).unwrap();
+    for e in std::fs::read_dir(root().join("tests/guests/wit").join(world).join("deps")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), deps.join(e.file_name())).unwrap();
+    }
+    let wasm = out_dir.join("app.wasm");
+    let status = std::process::Command::new("componentize-py")
+        .args(["-d", out_dir.join("wit").to_str().unwrap(), "-w", "app", "componentize", "app", "-o", wasm.to_str().unwrap()])
+        .current_dir(&src)
+        .status()
+        .expect("componentize-py is not installed: run the README's test command (it pip-installs componentize-py==0.25.1)");
+    assert!(status.success(), "componentize-py failed for {world}");
+    std::fs::read(wasm).unwrap()
+}
+
+/// A compile cache shared by the tests of one target directory, so big
+/// guests are compiled once.
+pub fn shared_cache() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("compile-cache")
+}
