@@ -52,7 +52,12 @@ impl Drop for QueuedGuard<'_> {
 }
 
 impl Admission {
-    pub fn new(max_concurrent: u32, max_queued: u32, max_wait: Duration, stats: Arc<Stats>) -> Admission {
+    pub fn new(
+        max_concurrent: u32,
+        max_queued: u32,
+        max_wait: Duration,
+        stats: Arc<Stats>,
+    ) -> Admission {
         Admission {
             slots: Arc::new(Semaphore::new(max_concurrent as usize)),
             queued: AtomicU32::new(0),
@@ -64,7 +69,10 @@ impl Admission {
 
     fn permit(&self, slot: OwnedSemaphorePermit) -> Permit {
         self.stats.in_flight.fetch_add(1, Relaxed);
-        Permit { _slot: slot, stats: self.stats.clone() }
+        Permit {
+            _slot: slot,
+            stats: self.stats.clone(),
+        }
     }
 
     /// Waits for a slot, within the bounds above.

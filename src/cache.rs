@@ -24,7 +24,12 @@ const HASH_LEN: usize = 32;
 pub fn default_dir() -> Option<PathBuf> {
     let nonempty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
     if let Some(dirs) = nonempty("CACHE_DIRECTORY") {
-        let first = dirs.to_string_lossy().split(':').next().unwrap_or_default().to_string();
+        let first = dirs
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_string();
         if !first.is_empty() {
             return Some(PathBuf::from(first));
         }
@@ -80,7 +85,10 @@ impl CompileCache {
         h.update(env!("CARGO_PKG_VERSION").as_bytes());
         h.update(b" wasmtime ");
         h.update(wasmtime_version().as_bytes());
-        std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut Blake3Hasher(&mut h));
+        std::hash::Hash::hash(
+            &engine.precompile_compatibility_hash(),
+            &mut Blake3Hasher(&mut h),
+        );
         h.update(&blake3::hash(bytes).as_bytes()[..]);
         self.dir.join(format!("{}.cwasm", h.finalize().to_hex()))
     }
@@ -116,12 +124,16 @@ impl CompileCache {
                 }
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!(path = %path.display(), "cannot read compile cache entry: {e}"),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), "cannot read compile cache entry: {e}")
+            }
         }
         let component = compile()?;
-        let outcome = match component.serialize().map_err(|e| e.to_string()).and_then(|art| {
-            self.store(&path, &art).map_err(|e| e.to_string())
-        }) {
+        let outcome = match component
+            .serialize()
+            .map_err(|e| e.to_string())
+            .and_then(|art| self.store(&path, &art).map_err(|e| e.to_string()))
+        {
             Ok(()) if found_bad => CacheOutcome::Replaced,
             Ok(()) => CacheOutcome::Stored,
             Err(e) => {
@@ -160,7 +172,10 @@ fn verify(data: &[u8]) -> Option<&[u8]> {
 
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {

@@ -13,7 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, Parser)]
-#[command(name = "wasmpool", version, about = "Serve wasi:http WebAssembly components from a pool of reused instances")]
+#[command(
+    name = "wasmpool",
+    version,
+    about = "Serve wasi:http WebAssembly components from a pool of reused instances"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -106,7 +110,11 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 /// Merges the config file (if any) with the flags.
-fn settle(config: Option<&PathBuf>, component: Option<PathBuf>, knobs: KnobArgs) -> Result<(PathBuf, Knobs, FileConfig)> {
+fn settle(
+    config: Option<&PathBuf>,
+    component: Option<PathBuf>,
+    knobs: KnobArgs,
+) -> Result<(PathBuf, Knobs, FileConfig)> {
     let file = match config {
         Some(p) => FileConfig::load(p)?,
         None => FileConfig::default(),
@@ -131,10 +139,20 @@ fn compile(a: ComponentArgs) -> Result<()> {
     if knobs.no_cache {
         bail!("`compile` fills the compile cache; it cannot run with no-cache");
     }
-    let dir = knobs.cache_dir.clone().or_else(crate::cache::default_dir).context("no cache directory: set --cache-dir, $XDG_CACHE_HOME or $HOME")?;
+    let dir = knobs
+        .cache_dir
+        .clone()
+        .or_else(crate::cache::default_dir)
+        .context("no cache directory: set --cache-dir, $XDG_CACHE_HOME or $HOME")?;
     knobs.cache_dir = Some(dir.clone());
     let pool = Pool::load(knobs, &Source::File(component.clone()))?;
-    println!("{}: {} ({:?}, cache {})", component.display(), pool.world(), pool.cache_outcome(), dir.display());
+    println!(
+        "{}: {} ({:?}, cache {})",
+        component.display(),
+        pool.world(),
+        pool.cache_outcome(),
+        dir.display()
+    );
     Ok(())
 }
 
@@ -156,7 +174,10 @@ fn serve(a: ServeArgs) -> Result<()> {
     let listen: Vec<ListenAddr> = if !a.listen.is_empty() {
         a.listen
     } else if !file.listen.is_empty() {
-        file.listen.iter().map(|s| s.parse().map_err(anyhow::Error::msg)).collect::<Result<_>>()?
+        file.listen
+            .iter()
+            .map(|s| s.parse().map_err(anyhow::Error::msg))
+            .collect::<Result<_>>()?
     } else {
         vec![defaults::LISTEN.parse().expect("default address parses")]
     };
@@ -173,7 +194,9 @@ fn serve(a: ServeArgs) -> Result<()> {
         );
         let mut listeners = Vec::new();
         for addr in &listen {
-            let l = Listener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+            let l = Listener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
             let bound = l.local_addr()?;
             tracing::info!("serving on {bound}");
             eprintln!("Serving HTTP on {bound}/");

@@ -61,7 +61,10 @@ pub const EPOCH_TICK: std::time::Duration = std::time::Duration::from_millis(10)
 /// reuse), finishing a response body or being torn down after a timeout
 /// need room too.
 pub fn pool_slots(knobs: &Knobs) -> u32 {
-    knobs.max_concurrent_requests.saturating_mul(2).clamp(16, 100_000)
+    knobs
+        .max_concurrent_requests
+        .saturating_mul(2)
+        .clamp(16, 100_000)
 }
 
 /// The engine for a set of knobs. Its configuration is part of the compile
@@ -112,7 +115,10 @@ pub fn linker(engine: &Engine) -> Result<Linker<Host>, LoadError> {
 
 /// Reads a component file.
 pub fn read(path: &Path) -> Result<Vec<u8>, LoadError> {
-    std::fs::read(path).map_err(|source| LoadError::Read { path: path.to_path_buf(), source })
+    std::fs::read(path).map_err(|source| LoadError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Refuses what is plainly not a component before handing it to the
@@ -138,7 +144,11 @@ fn sniff(what: &str, bytes: &[u8]) -> Result<(), LoadError> {
 }
 
 /// Which `wasi:http` world `component` implements.
-pub fn detect_world(engine: &Engine, what: &str, component: &Component) -> Result<World, LoadError> {
+pub fn detect_world(
+    engine: &Engine,
+    what: &str,
+    component: &Component,
+) -> Result<World, LoadError> {
     let ty = component.component_type();
     let mut names = Vec::new();
     for (name, _) in ty.exports(engine) {
@@ -147,13 +157,19 @@ pub fn detect_world(engine: &Engine, what: &str, component: &Component) -> Resul
                 return Ok(World::P3);
             }
         } else if name.starts_with("wasi:http/incoming-handler@0.2.") {
-            return Ok(World::P2 { export: name.to_string() });
+            return Ok(World::P2 {
+                export: name.to_string(),
+            });
         }
         names.push(name.to_string());
     }
     Err(LoadError::WrongWorld {
         what: what.to_string(),
-        exports: if names.is_empty() { "nothing".into() } else { names.join(", ") },
+        exports: if names.is_empty() {
+            "nothing".into()
+        } else {
+            names.join(", ")
+        },
     })
 }
 
@@ -184,18 +200,38 @@ pub fn load(
     };
     sniff(&name, bytes)?;
     let compile = || Component::new(engine, bytes);
-    let cache_dir = if knobs.no_cache { None } else { knobs.cache_dir.clone().or_else(crate::cache::default_dir) };
+    let cache_dir = if knobs.no_cache {
+        None
+    } else {
+        knobs.cache_dir.clone().or_else(crate::cache::default_dir)
+    };
     let (component, cache) = match cache_dir {
         Some(dir) => CompileCache::new(dir).load_or_compile(engine, bytes, compile),
         None => compile().map(|c| (c, CacheOutcome::Compiled)),
     }
-    .map_err(|e| LoadError::Compile { what: name.clone(), reason: format!("{e:#}") })?;
+    .map_err(|e| LoadError::Compile {
+        what: name.clone(),
+        reason: format!("{e:#}"),
+    })?;
     let world = detect_world(engine, &name, &component)?;
-    let link_err = |e: wasmtime::Error| LoadError::Link { what: name.clone(), reason: format!("{e:#}") };
+    let link_err = |e: wasmtime::Error| LoadError::Link {
+        what: name.clone(),
+        reason: format!("{e:#}"),
+    };
     let pre = linker.instantiate_pre(&component).map_err(link_err)?;
     let pre = match world {
-        World::P3 => ProxyPre::P3(wasmtime_wasi_http::p3::bindings::ServicePre::new(pre).map_err(link_err)?),
-        World::P2 { .. } => ProxyPre::P2(wasmtime_wasi_http::p2::bindings::ProxyPre::new(pre).map_err(link_err)?),
+        World::P3 => {
+            ProxyPre::P3(wasmtime_wasi_http::p3::bindings::ServicePre::new(pre).map_err(link_err)?)
+        }
+        World::P2 { .. } => {
+            ProxyPre::P2(wasmtime_wasi_http::p2::bindings::ProxyPre::new(pre).map_err(link_err)?)
+        }
     };
-    Ok(Loaded { component, world, pre, cache, name })
+    Ok(Loaded {
+        component,
+        world,
+        pre,
+        cache,
+        name,
+    })
 }

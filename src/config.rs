@@ -155,7 +155,9 @@ pub fn parse_env(s: &str) -> Result<(String, String), String> {
         Some((k, v)) if !k.is_empty() && !k.contains('\0') && !v.contains('\0') => {
             Ok((k.to_string(), v.to_string()))
         }
-        _ => Err(format!("invalid environment entry `{s}`: expected KEY=VALUE")),
+        _ => Err(format!(
+            "invalid environment entry `{s}`: expected KEY=VALUE"
+        )),
     }
 }
 
@@ -193,7 +195,10 @@ impl OutboundRule {
             Some(p) => Some(p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad)?),
             None => None,
         };
-        Ok(OutboundRule { host: host.to_ascii_lowercase(), port })
+        Ok(OutboundRule {
+            host: host.to_ascii_lowercase(),
+            port,
+        })
     }
 
     /// Whether a request to `host:port` is allowed by this rule.
@@ -238,9 +243,13 @@ impl KnobArgs {
         let k = Knobs {
             max_instance_reuse_count: self.max_instance_reuse_count,
             max_instance_concurrent_reuse_count: self.max_instance_concurrent_reuse_count,
-            idle_instance_timeout: self.idle_instance_timeout.unwrap_or(d.idle_instance_timeout),
+            idle_instance_timeout: self
+                .idle_instance_timeout
+                .unwrap_or(d.idle_instance_timeout),
             request_timeout: self.request_timeout.unwrap_or(d.request_timeout),
-            max_concurrent_requests: self.max_concurrent_requests.unwrap_or(d.max_concurrent_requests),
+            max_concurrent_requests: self
+                .max_concurrent_requests
+                .unwrap_or(d.max_concurrent_requests),
             max_concurrent_connections: self
                 .max_concurrent_connections
                 .unwrap_or(d.max_concurrent_connections),
@@ -252,7 +261,9 @@ impl KnobArgs {
             max_request_header_size: self
                 .max_request_header_size
                 .unwrap_or(d.max_request_header_size),
-            max_request_body_size: self.max_request_body_size.unwrap_or(d.max_request_body_size),
+            max_request_body_size: self
+                .max_request_body_size
+                .unwrap_or(d.max_request_body_size),
             cache_dir: self.cache_dir.clone(),
             no_cache: self.no_cache,
             env: {
@@ -330,16 +341,29 @@ impl Knobs {
     /// both end here, so an invalid value is an error, never a clamp.
     pub fn validate(&self) -> Result<(), ConfigError> {
         fn nonzero(name: &'static str, ok: bool) -> Result<(), ConfigError> {
-            if ok { Ok(()) } else { Err(ConfigError::Invalid { key: name, reason: "must be greater than zero".into() }) }
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid {
+                    key: name,
+                    reason: "must be greater than zero".into(),
+                })
+            }
         }
-        nonzero("max-instance-reuse-count", self.max_instance_reuse_count != Some(0))?;
+        nonzero(
+            "max-instance-reuse-count",
+            self.max_instance_reuse_count != Some(0),
+        )?;
         nonzero(
             "max-instance-concurrent-reuse-count",
             self.max_instance_concurrent_reuse_count != Some(0),
         )?;
         nonzero("request-timeout", !self.request_timeout.is_zero())?;
         nonzero("max-concurrent-requests", self.max_concurrent_requests > 0)?;
-        nonzero("max-concurrent-connections", self.max_concurrent_connections > 0)?;
+        nonzero(
+            "max-concurrent-connections",
+            self.max_concurrent_connections > 0,
+        )?;
         nonzero("header-read-timeout", !self.header_read_timeout.is_zero())?;
         nonzero("max-request-headers", self.max_request_headers > 0)?;
         if !(MIN_MAX_MEMORY_SIZE..=MAX_MAX_MEMORY_SIZE).contains(&self.max_memory_size) {
@@ -370,7 +394,10 @@ impl Knobs {
             ("header-read-timeout", self.header_read_timeout),
         ] {
             if d > YEAR {
-                return Err(ConfigError::Invalid { key, reason: "longer than a year".into() });
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: "longer than a year".into(),
+                });
             }
         }
         Ok(())
@@ -378,7 +405,8 @@ impl Knobs {
 
     /// Effective queue bound.
     pub fn queue_limit(&self) -> u32 {
-        self.max_queued_requests.unwrap_or(self.max_concurrent_requests)
+        self.max_queued_requests
+            .unwrap_or(self.max_concurrent_requests)
     }
 }
 
@@ -404,7 +432,10 @@ impl FileConfig {
             source,
         })?;
         let mut cfg = FileConfig::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse { path: Some(path.to_path_buf()), message },
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: Some(path.to_path_buf()),
+                message,
+            },
             other => other,
         })?;
         if let Some(c) = &cfg.component
@@ -485,8 +516,17 @@ mod tests {
         assert_eq!(k.request_timeout, Duration::from_secs(5));
         assert_eq!(k.max_memory_size, 64 << 20);
         assert_eq!(k.max_request_body_size, 1024);
-        assert_eq!(k.env, vec![("A".into(), "2".into()), ("B".into(), "x=y".into())]);
-        assert_eq!(k.allow_outbound[0], OutboundRule { host: "example.com".into(), port: Some(443) });
+        assert_eq!(
+            k.env,
+            vec![("A".into(), "2".into()), ("B".into(), "x=y".into())]
+        );
+        assert_eq!(
+            k.allow_outbound[0],
+            OutboundRule {
+                host: "example.com".into(),
+                port: Some(443)
+            }
+        );
     }
 
     #[test]
@@ -503,16 +543,34 @@ mod tests {
             let err = FileConfig::parse(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: {err}");
         }
-        let k = KnobArgs { max_memory_size: Some(8 << 30), ..Default::default() };
-        assert!(k.resolve().unwrap_err().to_string().contains("max-memory-size"));
-        let k = KnobArgs { max_request_header_size: Some(1000), ..Default::default() };
+        let k = KnobArgs {
+            max_memory_size: Some(8 << 30),
+            ..Default::default()
+        };
+        assert!(
+            k.resolve()
+                .unwrap_err()
+                .to_string()
+                .contains("max-memory-size")
+        );
+        let k = KnobArgs {
+            max_request_header_size: Some(1000),
+            ..Default::default()
+        };
         assert!(k.resolve().unwrap_err().to_string().contains("8KiB"));
     }
 
     #[test]
     fn flags_override_file() {
-        let file = KnobArgs { max_concurrent_requests: Some(5), request_timeout: Some(Duration::from_secs(9)), ..Default::default() };
-        let cli = KnobArgs { max_concurrent_requests: Some(7), ..Default::default() };
+        let file = KnobArgs {
+            max_concurrent_requests: Some(5),
+            request_timeout: Some(Duration::from_secs(9)),
+            ..Default::default()
+        };
+        let cli = KnobArgs {
+            max_concurrent_requests: Some(7),
+            ..Default::default()
+        };
         let k = file.overlay(cli).resolve().unwrap();
         assert_eq!(k.max_concurrent_requests, 7);
         assert_eq!(k.request_timeout, Duration::from_secs(9));

@@ -9,9 +9,15 @@ pub enum ConfigError {
     #[error("invalid value for `{key}`: {reason}")]
     Invalid { key: &'static str, reason: String },
     #[error("cannot read config file {}: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{}{message}", path.as_ref().map(|p| format!("invalid config file {}: ", p.display())).unwrap_or_default())]
-    Parse { path: Option<PathBuf>, message: String },
+    Parse {
+        path: Option<PathBuf>,
+        message: String,
+    },
 }
 
 impl ConfigError {
@@ -25,8 +31,13 @@ impl ConfigError {
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("cannot read component {}: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("{0}: this is a core WebAssembly module, not a component (wrap it with `wasm-tools component new`)")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{0}: this is a core WebAssembly module, not a component (wrap it with `wasm-tools component new`)"
+    )]
     CoreModule(String),
     #[error("{0}: not a WebAssembly component (no `\\0asm` header)")]
     NotWasm(String),

@@ -28,7 +28,9 @@ impl Host {
         let mut b = WasiCtxBuilder::new();
         // Nothing is granted: no preopened directories, no sockets, no name
         // lookups, no inherited environment or stdin.
-        b.allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
+        b.allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
         b.socket_addr_check(|_, _| Box::pin(async { false }));
         b.envs(&knobs.env);
         b.stdout(GuestLog::new(instance_id, Stream::Stdout));
@@ -48,13 +50,20 @@ impl Host {
 
 impl WasiView for Host {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
 impl WasiHttpView for Host {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
-        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.hooks }
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
+        }
     }
 }
 
@@ -77,7 +86,11 @@ impl WasiHttpHooks for OutboundPolicy {
     ) -> Box<dyn Future<Output = SendResult> + Send> {
         let uri = request.uri();
         let host = uri.host().unwrap_or_default().to_string();
-        let default_port = if uri.scheme() == Some(&http::uri::Scheme::HTTPS) { 443 } else { 80 };
+        let default_port = if uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
+            443
+        } else {
+            80
+        };
         let port = uri.port_u16().unwrap_or(default_port);
         if !self.rules.iter().any(|r| r.allows(&host, port)) {
             tracing::warn!(%host, port, "outgoing request refused: host not in allow-outbound");
@@ -87,7 +100,10 @@ impl WasiHttpHooks for OutboundPolicy {
         Box::new(async move {
             use http_body_util::BodyExt;
             let (res, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
-            Ok((res.map(BodyExt::boxed_unsync), Box::new(io) as Box<dyn Future<Output = _> + Send>))
+            Ok((
+                res.map(BodyExt::boxed_unsync),
+                Box::new(io) as Box<dyn Future<Output = _> + Send>,
+            ))
         })
     }
 }
@@ -116,7 +132,13 @@ const MAX_PENDING_LINE: usize = 16 << 10;
 
 impl GuestLog {
     fn new(instance: u64, stream: Stream) -> GuestLog {
-        GuestLog { inner: Arc::new(GuestLogInner { instance, stream, pending: Mutex::new(Vec::new()) }) }
+        GuestLog {
+            inner: Arc::new(GuestLogInner {
+                instance,
+                stream,
+                pending: Mutex::new(Vec::new()),
+            }),
+        }
     }
 }
 
@@ -125,8 +147,12 @@ impl GuestLogInner {
         let line = String::from_utf8_lossy(line);
         let line = line.trim_end_matches(['\n', '\r']);
         match self.stream {
-            Stream::Stdout => tracing::info!(target: "guest", instance = self.instance, stream = "stdout", "{line}"),
-            Stream::Stderr => tracing::warn!(target: "guest", instance = self.instance, stream = "stderr", "{line}"),
+            Stream::Stdout => {
+                tracing::info!(target: "guest", instance = self.instance, stream = "stdout", "{line}")
+            }
+            Stream::Stderr => {
+                tracing::warn!(target: "guest", instance = self.instance, stream = "stderr", "{line}")
+            }
         }
     }
 
@@ -168,7 +194,11 @@ impl wasmtime_wasi::cli::StdoutStream for GuestLog {
 }
 
 impl AsyncWrite for GuestLog {
-    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.inner.write(buf);
         Poll::Ready(Ok(buf.len()))
     }

@@ -4,14 +4,14 @@
 
 pub mod admission;
 pub mod cache;
-pub mod component;
 pub mod cli;
+pub mod component;
 pub mod config;
 pub mod error;
 pub mod host;
 pub mod pool;
-pub mod stats;
 pub mod server;
+pub mod stats;
 pub mod units;
 
 pub use component::{Source, World};

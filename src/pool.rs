@@ -22,8 +22,8 @@ use wasmtime::component::GuestTaskId;
 use wasmtime::{Engine, Store, StoreContextMut};
 use wasmtime_wasi_http::WasiBody;
 use wasmtime_wasi_http::handler::{
-    ExpirationError, HandlerState, Instance, InstantiationError, ProxyHandler, ProxyPre, ShouldAccept,
-    TrapOrPanicError, WorkerExpiration, WorkerState, WorkerStatus,
+    ExpirationError, HandlerState, Instance, InstantiationError, ProxyHandler, ProxyPre,
+    ShouldAccept, TrapOrPanicError, WorkerExpiration, WorkerState, WorkerStatus,
 };
 
 /// After the client got its 504, the worker gives the guest this much
@@ -89,7 +89,11 @@ pub struct ResponseBody {
 
 impl ResponseBody {
     pub fn new(inner: WasiBody) -> ResponseBody {
-        ResponseBody { inner, _permit: None, abort: None }
+        ResponseBody {
+            inner,
+            _permit: None,
+            abort: None,
+        }
     }
 
     /// Makes the body fail (so the connection is cut rather than a
@@ -199,13 +203,20 @@ impl Pool {
     pub async fn probe(&self) -> Result<(), LoadError> {
         let state = self.handler.state();
         let mut store = state.new_store(0);
-        let r = tokio::time::timeout(self.knobs.request_timeout, state.pre.instantiate_async(&mut store)).await;
+        let r = tokio::time::timeout(
+            self.knobs.request_timeout,
+            state.pre.instantiate_async(&mut store),
+        )
+        .await;
         let reason = match r {
             Ok(Ok(_)) => return Ok(()),
             Ok(Err(e)) => format!("{e:#}"),
             Err(_) => "timed out".to_string(),
         };
-        Err(LoadError::Instantiate { what: self.name.clone(), reason })
+        Err(LoadError::Instantiate {
+            what: self.name.clone(),
+            reason,
+        })
     }
 
     pub fn world(&self) -> &World {
@@ -276,7 +287,11 @@ impl Pool {
         let ticket = Arc::new(Ticket::default());
         let call = self.handler.handle(ticket.clone(), request);
         match tokio::time::timeout(self.knobs.request_timeout, call).await {
-            Ok(Ok(response)) => Ok(response.map(|inner| ResponseBody { inner, _permit: Some(permit), abort: None })),
+            Ok(Ok(response)) => Ok(response.map(|inner| ResponseBody {
+                inner,
+                _permit: Some(permit),
+                abort: None,
+            })),
             Ok(Err(e)) => Err(classify(e)),
             Err(_elapsed) => {
                 ticket.expire();
@@ -291,7 +306,9 @@ fn classify(e: wasmtime::Error) -> RequestError {
         RequestError::Timeout
     } else if let Some(ie) = e.downcast_ref::<InstantiationError<Arc<Ticket>>>() {
         RequestError::Instantiate(format!("{:#}", ie.error))
-    } else if e.downcast_ref::<TrapOrPanicError>().is_some() || e.downcast_ref::<wasmtime::Trap>().is_some() {
+    } else if e.downcast_ref::<TrapOrPanicError>().is_some()
+        || e.downcast_ref::<wasmtime::Trap>().is_some()
+    {
         RequestError::Trap(format!("{e:#}"))
     } else {
         RequestError::Guest(format!("{e:#}"))
@@ -313,7 +330,10 @@ struct PoolState {
 
 impl PoolState {
     fn new_store(&self, instance_id: u64) -> Store<Host> {
-        let mut store = Store::new(&self.engine, Host::new(&self.knobs, self.rules.clone(), instance_id));
+        let mut store = Store::new(
+            &self.engine,
+            Host::new(&self.knobs, self.rules.clone(), instance_id),
+        );
         store.limiter(|h| &mut h.limits);
         // Each epoch tick makes running guest code yield to the executor, so
         // a busy loop cannot keep its thread: timers (request timeout,
@@ -333,7 +353,12 @@ impl HandlerState for PoolState {
         let id = self.next_instance.fetch_add(1, Relaxed);
         let mut store = self.new_store(id);
         // The embedder bounds instantiation time (see `HandlerState`).
-        let proxy = match tokio::time::timeout(self.knobs.request_timeout, self.pre.instantiate_async(&mut store)).await {
+        let proxy = match tokio::time::timeout(
+            self.knobs.request_timeout,
+            self.pre.instantiate_async(&mut store),
+        )
+        .await
+        {
             Ok(Ok(proxy)) => proxy,
             Ok(Err(e)) => {
                 self.stats.instantiation_failures.fetch_add(1, Relaxed);
@@ -430,13 +455,20 @@ impl WorkerState for WorkerPolicy {
         if let Err(e) = result {
             let msg = format!("{e:#}");
             if msg.contains("timed out") {
-                tracing::warn!(instance = self.id, "instance discarded after a request timeout");
+                tracing::warn!(
+                    instance = self.id,
+                    "instance discarded after a request timeout"
+                );
             } else {
                 self.stats.traps.fetch_add(1, Relaxed);
                 tracing::warn!(instance = self.id, "instance discarded after a trap: {msg}");
             }
         } else {
-            tracing::debug!(instance = self.id, served = self.served.load(Relaxed), "instance retired");
+            tracing::debug!(
+                instance = self.id,
+                served = self.served.load(Relaxed),
+                "instance retired"
+            );
         }
         drop(store);
     }
@@ -453,12 +485,19 @@ struct Expiration {
 }
 
 impl WorkerExpiration for Expiration {
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>, status: WorkerStatus, start: Instant) -> Poll<()> {
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        status: WorkerStatus,
+        start: Instant,
+    ) -> Poll<()> {
         let timeout = match status {
             WorkerStatus::Idle => self.idle_timeout,
             WorkerStatus::Requests | WorkerStatus::PostReturn => self.busy_timeout,
         };
-        let Some(deadline) = start.checked_add(timeout) else { return Poll::Pending };
+        let Some(deadline) = start.checked_add(timeout) else {
+            return Poll::Pending;
+        };
         let deadline = tokio::time::Instant::from_std(deadline);
         if self.sleep.deadline() != deadline {
             self.sleep.as_mut().reset(deadline);

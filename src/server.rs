@@ -67,7 +67,11 @@ impl Listener {
     pub async fn bind(addr: &ListenAddr) -> std::io::Result<Listener> {
         match addr {
             ListenAddr::Tcp(a) => {
-                let sock = if a.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+                let sock = if a.is_ipv4() {
+                    tokio::net::TcpSocket::new_v4()?
+                } else {
+                    tokio::net::TcpSocket::new_v6()?
+                };
                 sock.set_reuseaddr(true)?;
                 sock.bind(*a)?;
                 Ok(Listener::Tcp(sock.listen(1024)?))
@@ -90,7 +94,9 @@ impl Listener {
             Listener::Tcp(l) => l.local_addr().map(ListenAddr::Tcp),
             Listener::Unix(l) => {
                 let a = l.local_addr()?;
-                Ok(ListenAddr::Unix(a.as_pathname().map(PathBuf::from).unwrap_or_default()))
+                Ok(ListenAddr::Unix(
+                    a.as_pathname().map(PathBuf::from).unwrap_or_default(),
+                ))
             }
         }
     }
@@ -103,7 +109,9 @@ pub struct Front {
 
 impl Front {
     pub fn new(pool: Arc<Pool>) -> Arc<Front> {
-        Arc::new(Front { pool: ArcSwap::new(pool) })
+        Arc::new(Front {
+            pool: ArcSwap::new(pool),
+        })
     }
 
     /// The pool new requests go to.
@@ -122,24 +130,27 @@ impl Front {
         let pool = self.pool();
         let knobs = pool.knobs();
         let limit = knobs.max_request_body_size;
-        if let Some(len) = declared_length(&req) {
-            if len > limit {
-                tracing::debug!(len, limit, "request body too large (content-length)");
-                let mut r = error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
-                // The body is not read: the connection cannot be reused.
-                r.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
-                return r;
-            }
+        if let Some(len) = declared_length(&req)
+            && len > limit
+        {
+            tracing::debug!(len, limit, "request body too large (content-length)");
+            return body_too_large();
         }
         let exceeded = Arc::new(AtomicBool::new(false));
-        let req = req.map(|b| LimitedBody { inner: b, remaining: limit, limit, exceeded: exceeded.clone() }.boxed_unsync());
+        let req = req.map(|b| {
+            LimitedBody {
+                inner: b,
+                remaining: limit,
+                limit,
+                exceeded: exceeded.clone(),
+            }
+            .boxed_unsync()
+        });
         let method = req.method().clone();
         let uri = req.uri().clone();
         let result = pool.handle(req).await;
         if exceeded.load(Relaxed) {
-            let mut r = error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
-            r.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
-            return r;
+            return body_too_large();
         }
         match result {
             // The head went out before the body crossed the limit: if it
@@ -153,7 +164,8 @@ impl Front {
                 }
                 let mut r = error_response(e.status(), &e.to_string());
                 if e.status() == StatusCode::SERVICE_UNAVAILABLE {
-                    r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+                    r.headers_mut()
+                        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
                 }
                 r
             }
@@ -162,12 +174,31 @@ impl Front {
 }
 
 fn declared_length(req: &http::Request<Incoming>) -> Option<u64> {
-    req.headers().get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+    req.headers()
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// 413; the rest of the body is not read, so the connection is closed.
+fn body_too_large() -> Response<Body> {
+    let mut r = error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+    r.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    r
 }
 
 /// A plain-text error response.
 pub fn error_response(status: StatusCode, message: &str) -> Response<Body> {
-    let text = format!("{} {}: {message}\n", status.as_u16(), status.canonical_reason().unwrap_or(""));
+    let text = format!(
+        "{} {}: {message}\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    );
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
@@ -197,7 +228,9 @@ impl http_body::Body for LimitedBody {
                     if n > self.remaining {
                         self.exceeded.store(true, Relaxed);
                         self.remaining = 0;
-                        return Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpRequestBodySize(Some(self.limit)))));
+                        return Poll::Ready(Some(Err(
+                            wasmtime_wasi_http::Error::HttpRequestBodySize(Some(self.limit)),
+                        )));
                     }
                     self.remaining -= n;
                 }
@@ -277,8 +310,13 @@ pub async fn serve(
     while tasks.join_next().await.is_some() {}
     tracing::info!("stopped accepting; draining running requests");
     // Every listener task has ended, so this is the last reference.
-    let Ok(graceful) = Arc::try_unwrap(graceful) else { return };
-    if tokio::time::timeout(drain_timeout, graceful.shutdown()).await.is_err() {
+    let Ok(graceful) = Arc::try_unwrap(graceful) else {
+        return;
+    };
+    if tokio::time::timeout(drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("drain timeout reached; closing remaining connections");
     }
 }
@@ -304,6 +342,10 @@ fn http1_builder(knobs: &Knobs) -> hyper::server::conn::http1::Builder {
         .keep_alive(true)
         .header_read_timeout(knobs.header_read_timeout)
         .max_headers(knobs.max_request_headers as usize)
-        .max_buf_size(knobs.max_request_header_size.max(crate::config::MIN_REQUEST_HEADER_SIZE) as usize);
+        .max_buf_size(
+            knobs
+                .max_request_header_size
+                .max(crate::config::MIN_REQUEST_HEADER_SIZE) as usize,
+        );
     b
 }

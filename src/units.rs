@@ -51,7 +51,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     if num.is_empty() {
-        return Err(format!("invalid size `{s}`: expected a number of bytes, e.g. `128MiB`"));
+        return Err(format!(
+            "invalid size `{s}`: expected a number of bytes, e.g. `128MiB`"
+        ));
     }
     let n: u64 = num
         .parse()
@@ -89,7 +91,9 @@ pub fn parse_positive_size(s: &str) -> Result<u64, String> {
 pub fn parse_positive_count(s: &str) -> Result<u32, String> {
     let t = s.trim();
     if t.starts_with('-') {
-        return Err(format!("`{s}` is negative; expected a whole number of at least 1"));
+        return Err(format!(
+            "`{s}` is negative; expected a whole number of at least 1"
+        ));
     }
     let n: u32 = t
         .parse()
@@ -129,7 +133,11 @@ mod tests {
         assert!(parse_duration("-5s").unwrap_err().contains("negative"));
         assert!(parse_duration("five seconds").is_err());
         assert!(parse_duration("").is_err());
-        assert!(parse_positive_duration("0ms").unwrap_err().contains("greater than zero"));
+        assert!(
+            parse_positive_duration("0ms")
+                .unwrap_err()
+                .contains("greater than zero")
+        );
     }
 
     #[test]
@@ -144,7 +152,11 @@ mod tests {
         assert!(parse_size("12XB").unwrap_err().contains("unknown unit"));
         assert!(parse_size("MiB").is_err());
         assert!(parse_size("99999999999999999999").is_err());
-        assert!(parse_size("17179869184GiB").unwrap_err().contains("too large"));
+        assert!(
+            parse_size("17179869184GiB")
+                .unwrap_err()
+                .contains("too large")
+        );
         assert!(parse_positive_size("0B").is_err());
     }
 

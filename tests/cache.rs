@@ -7,14 +7,29 @@ use wasmpool::cache::{CacheOutcome, CompileCache};
 use wasmpool::{KnobArgs, Pool, Source};
 
 fn entries(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut v: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     v.sort();
     v
 }
 
 fn load(dir: &Path, args: KnobArgs, bytes: &[u8]) -> CacheOutcome {
-    let knobs = KnobArgs { cache_dir: Some(dir.to_path_buf()), ..args }.resolve().unwrap();
-    let pool = Pool::load(knobs, &Source::Bytes { name: "guest".into(), bytes: bytes.to_vec() }).unwrap();
+    let knobs = KnobArgs {
+        cache_dir: Some(dir.to_path_buf()),
+        ..args
+    }
+    .resolve()
+    .unwrap();
+    let pool = Pool::load(
+        knobs,
+        &Source::Bytes {
+            name: "guest".into(),
+            bytes: bytes.to_vec(),
+        },
+    )
+    .unwrap();
     pool.cache_outcome()
 }
 
@@ -32,28 +47,69 @@ fn stores_then_hits_and_keys_by_configuration() {
     // The cache creates its directory, private to the user.
     let dir = DirRef(tmp.path().join("cache"));
     let bytes = p2_suite();
-    assert_eq!(load(dir.path(), KnobArgs::default(), &bytes), CacheOutcome::Stored);
+    assert_eq!(
+        load(dir.path(), KnobArgs::default(), &bytes),
+        CacheOutcome::Stored
+    );
     let files = entries(dir.path());
     assert_eq!(files.len(), 1, "{files:?}");
     assert!(files[0].extension().unwrap() == "cwasm");
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777, 0o700);
-    assert_eq!(load(dir.path(), KnobArgs::default(), &bytes), CacheOutcome::Hit);
+    assert_eq!(
+        std::fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    assert_eq!(
+        load(dir.path(), KnobArgs::default(), &bytes),
+        CacheOutcome::Hit
+    );
     // Knobs that change code generation change the key; others do not.
-    assert_eq!(load(dir.path(), KnobArgs { max_memory_size: Some(64 << 20), ..Default::default() }, &bytes), CacheOutcome::Stored);
-    assert_eq!(load(dir.path(), KnobArgs { max_instance_reuse_count: Some(7), ..Default::default() }, &bytes), CacheOutcome::Hit);
+    assert_eq!(
+        load(
+            dir.path(),
+            KnobArgs {
+                max_memory_size: Some(64 << 20),
+                ..Default::default()
+            },
+            &bytes
+        ),
+        CacheOutcome::Stored
+    );
+    assert_eq!(
+        load(
+            dir.path(),
+            KnobArgs {
+                max_instance_reuse_count: Some(7),
+                ..Default::default()
+            },
+            &bytes
+        ),
+        CacheOutcome::Hit
+    );
     // Another component, another entry.
-    assert_eq!(load(dir.path(), KnobArgs::default(), &p3_suite()), CacheOutcome::Stored);
+    assert_eq!(
+        load(dir.path(), KnobArgs::default(), &p3_suite()),
+        CacheOutcome::Stored
+    );
     assert_eq!(entries(dir.path()).len(), 3);
     // No temporary files left behind.
-    assert!(entries(dir.path()).iter().all(|p| !p.file_name().unwrap().to_string_lossy().starts_with(".tmp")));
+    assert!(
+        entries(dir.path()).iter().all(|p| !p
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with(".tmp"))
+    );
 }
 
 #[test]
 fn corrupt_entries_are_recompiled() {
     let dir = tempfile::tempdir().unwrap();
     let bytes = p2_suite();
-    assert_eq!(load(dir.path(), KnobArgs::default(), &bytes), CacheOutcome::Stored);
+    assert_eq!(
+        load(dir.path(), KnobArgs::default(), &bytes),
+        CacheOutcome::Stored
+    );
     let entry = entries(dir.path()).remove(0);
     let good = std::fs::read(&entry).unwrap();
     // A flipped byte in the payload.
@@ -61,13 +117,26 @@ fn corrupt_entries_are_recompiled() {
     let n = bad.len() - 100;
     bad[n] ^= 0xff;
     std::fs::write(&entry, &bad).unwrap();
-    assert_eq!(load(dir.path(), KnobArgs::default(), &bytes), CacheOutcome::Replaced);
-    assert_eq!(std::fs::read(&entry).unwrap(), good, "the entry was not rewritten");
+    assert_eq!(
+        load(dir.path(), KnobArgs::default(), &bytes),
+        CacheOutcome::Replaced
+    );
+    assert_eq!(
+        std::fs::read(&entry).unwrap(),
+        good,
+        "the entry was not rewritten"
+    );
     // Truncated, empty, garbage.
     for junk in [&good[..good.len() / 2], &b""[..], &b"not a cache entry"[..]] {
         std::fs::write(&entry, junk).unwrap();
-        assert_eq!(load(dir.path(), KnobArgs::default(), &bytes), CacheOutcome::Replaced);
-        assert_eq!(load(dir.path(), KnobArgs::default(), &bytes), CacheOutcome::Hit);
+        assert_eq!(
+            load(dir.path(), KnobArgs::default(), &bytes),
+            CacheOutcome::Replaced
+        );
+        assert_eq!(
+            load(dir.path(), KnobArgs::default(), &bytes),
+            CacheOutcome::Hit
+        );
     }
 }
 
@@ -77,8 +146,19 @@ fn stale_entries_are_recompiled() {
     // engine configuration: wasmtime refuses it, the cache recompiles.
     let dir = tempfile::tempdir().unwrap();
     let bytes = p2_suite();
-    let other = wasmpool::component::engine(&KnobArgs { max_memory_size: Some(1 << 20), ..Default::default() }.resolve().unwrap()).unwrap();
-    let stale = wasmtime::component::Component::new(&other, &bytes).unwrap().serialize().unwrap();
+    let other = wasmpool::component::engine(
+        &KnobArgs {
+            max_memory_size: Some(1 << 20),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap(),
+    )
+    .unwrap();
+    let stale = wasmtime::component::Component::new(&other, &bytes)
+        .unwrap()
+        .serialize()
+        .unwrap();
     let knobs = KnobArgs::default().resolve().unwrap();
     let engine = wasmpool::component::engine(&knobs).unwrap();
     let cache = CompileCache::new(dir.path().to_path_buf());
@@ -87,11 +167,71 @@ fn stale_entries_are_recompiled() {
     data.extend_from_slice(blake3::hash(&stale).as_bytes());
     data.extend_from_slice(&stale);
     std::fs::write(&path, &data).unwrap();
-    assert_eq!(load(dir.path(), KnobArgs::default(), &bytes), CacheOutcome::Replaced);
-    assert_eq!(load(dir.path(), KnobArgs::default(), &bytes), CacheOutcome::Hit);
+    assert_eq!(
+        load(dir.path(), KnobArgs::default(), &bytes),
+        CacheOutcome::Replaced
+    );
+    assert_eq!(
+        load(dir.path(), KnobArgs::default(), &bytes),
+        CacheOutcome::Hit
+    );
 }
 
 #[test]
 fn unwritable_cache_is_not_fatal() {
-    assert_eq!(load(Path::new("/proc/no/such/dir"), KnobArgs::default(), &p2_suite()), CacheOutcome::Compiled);
+    assert_eq!(
+        load(
+            Path::new("/proc/no/such/dir"),
+            KnobArgs::default(),
+            &p2_suite()
+        ),
+        CacheOutcome::Compiled
+    );
+}
+
+#[test]
+fn no_cache_neither_reads_nor_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = p2_suite();
+    let mut knobs = KnobArgs {
+        cache_dir: Some(dir.path().to_path_buf()),
+        no_cache: true,
+        ..Default::default()
+    }
+    .resolve()
+    .unwrap();
+    let pool = Pool::load(
+        knobs.clone(),
+        &Source::Bytes {
+            name: "guest".into(),
+            bytes: bytes.clone(),
+        },
+    )
+    .unwrap();
+    assert_eq!(pool.cache_outcome(), CacheOutcome::Compiled);
+    assert!(entries(dir.path()).is_empty());
+    knobs.no_cache = false;
+    let pool = Pool::load(
+        knobs.clone(),
+        &Source::Bytes {
+            name: "guest".into(),
+            bytes: bytes.clone(),
+        },
+    )
+    .unwrap();
+    assert_eq!(pool.cache_outcome(), CacheOutcome::Stored);
+    knobs.no_cache = true;
+    let pool = Pool::load(
+        knobs,
+        &Source::Bytes {
+            name: "guest".into(),
+            bytes,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        pool.cache_outcome(),
+        CacheOutcome::Compiled,
+        "no-cache read the cache"
+    );
 }

@@ -28,7 +28,10 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> String {
 /// A failure: non-zero exit, the reason on the first stderr line, no panic.
 fn assert_clean_error(code: i32, stderr: &str, needle: &str) {
     assert_ne!(code, 0, "{stderr}");
-    assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"), "{stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"),
+        "{stderr}"
+    );
     let first = stderr.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
     assert!(first.starts_with("error: "), "{stderr}");
     assert!(first.contains(needle), "expected `{needle}` in: {stderr}");
@@ -42,11 +45,20 @@ fn check_names_the_world() {
     let envs = [("XDG_CACHE_HOME", dir.path().to_str().unwrap())];
     let (code, out, err) = wasmpool(&["check", &p2], &envs);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("WASIp2 (wasi:http/incoming-handler@0.2.12)") && out.contains("ok"), "{out}");
-    assert!(out.contains("up to 1 requests per instance, 1 at a time"), "{out}");
+    assert!(
+        out.contains("WASIp2 (wasi:http/incoming-handler@0.2.12)") && out.contains("ok"),
+        "{out}"
+    );
+    assert!(
+        out.contains("up to 1 requests per instance, 1 at a time"),
+        "{out}"
+    );
     let (code, out, err) = wasmpool(&["check", &p3], &envs);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("WASIp3") && out.contains("up to 128 requests per instance, 16 at a time"), "{out}");
+    assert!(
+        out.contains("WASIp3") && out.contains("up to 128 requests per instance, 16 at a time"),
+        "{out}"
+    );
     let hello = root().join("examples/hello.wasm");
     let (code, out, _) = wasmpool(&["check", hello.to_str().unwrap()], &envs);
     assert_eq!(code, 0);
@@ -59,7 +71,11 @@ fn bad_components_get_clear_errors() {
     let envs = [("XDG_CACHE_HOME", dir.path().to_str().unwrap())];
     let missing = dir.path().join("nope.wasm");
     let junk = write(dir.path(), "junk.wasm", b"this is not wasm at all");
-    let core = write(dir.path(), "core.wasm", &wat::parse_str("(module (func (export \"f\")))").unwrap());
+    let core = write(
+        dir.path(),
+        "core.wasm",
+        &wat::parse_str("(module (func (export \"f\")))").unwrap(),
+    );
     let other = write(dir.path(), "other.wasm", &other_world());
     let unlinkable = write(dir.path(), "unlinkable.wasm", &needs_missing());
     let mut truncated = p2_suite();
@@ -70,7 +86,10 @@ fn bad_components_get_clear_errors() {
             (missing.to_str().unwrap(), "cannot read component"),
             (&junk, "not a WebAssembly component"),
             (&core, "core WebAssembly module, not a component"),
-            (&other, "implements neither `wasi:http/incoming-handler@0.2.x`"),
+            (
+                &other,
+                "implements neither `wasi:http/incoming-handler@0.2.x`",
+            ),
             (&truncated, "does not compile"),
             (&unlinkable, "does not link"),
         ];
@@ -78,7 +97,11 @@ fn bad_components_get_clear_errors() {
             if cmd == "compile" && needle == "does not link" {
                 continue; // compile does not link
             }
-            let (code, _, err) = wasmpool(&[cmd, path, "--listen", "127.0.0.1:0"].map(|s| s)[..if cmd == "serve" { 4 } else { 2 }], &envs);
+            let (code, _, err) = wasmpool(
+                &[cmd, path, "--listen", "127.0.0.1:0"].map(|s| s)
+                    [..if cmd == "serve" { 4 } else { 2 }],
+                &envs,
+            );
             assert_clean_error(code, &err, needle);
         }
     }
@@ -106,7 +129,10 @@ fn bad_flags_and_config_get_clear_errors() {
     ] {
         let (code, _, err) = wasmpool(&["serve", hello, &format!("{flag}={value}")], &[]);
         assert_eq!(code, 2, "{flag} {value}: {err}");
-        assert!(err.contains(needle) && !err.contains("panicked"), "{flag} {value}: {err}");
+        assert!(
+            err.contains(needle) && !err.contains("panicked"),
+            "{flag} {value}: {err}"
+        );
     }
     let (code, _, err) = wasmpool(&["serve", hello, "--no-such-flag"], &[]);
     assert_eq!(code, 2, "{err}");
@@ -127,7 +153,10 @@ fn bad_flags_and_config_get_clear_errors() {
         let (code, _, err) = wasmpool(&["serve", hello, "--config", &cfg], &[]);
         assert_clean_error(code, &err, needle);
     }
-    let (code, _, err) = wasmpool(&["serve", hello, "--config", "/nonexistent/wasmpool.toml"], &[]);
+    let (code, _, err) = wasmpool(
+        &["serve", hello, "--config", "/nonexistent/wasmpool.toml"],
+        &[],
+    );
     assert_clean_error(code, &err, "cannot read config file");
     let (code, _, err) = wasmpool(&["serve"], &[]);
     assert_clean_error(code, &err, "no component given");
@@ -138,31 +167,74 @@ fn compile_fills_the_cache_where_the_environment_says() {
     let dir = tempfile::tempdir().unwrap();
     let hello = root().join("examples/hello.wasm");
     let hello = hello.to_str().unwrap();
-    let count = |p: &Path| std::fs::read_dir(p).map(|d| d.filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "cwasm")).count()).unwrap_or(0);
+    let count = |p: &Path| {
+        std::fs::read_dir(p)
+            .map(|d| {
+                d.filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .path()
+                        .extension()
+                        .is_some_and(|x| x == "cwasm")
+                })
+                .count()
+            })
+            .unwrap_or(0)
+    };
     let d = dir.path();
     let sysd = d.join("systemd-cache");
     let xdg = d.join("xdg");
     let home = d.join("home");
     // $CACHE_DIRECTORY (systemd) wins, then $XDG_CACHE_HOME/wasmpool, then ~/.cache/wasmpool.
-    let (code, out, err) = wasmpool(&["compile", hello], &[("CACHE_DIRECTORY", sysd.to_str().unwrap()), ("XDG_CACHE_HOME", xdg.to_str().unwrap()), ("HOME", home.to_str().unwrap())]);
+    let (code, out, err) = wasmpool(
+        &["compile", hello],
+        &[
+            ("CACHE_DIRECTORY", sysd.to_str().unwrap()),
+            ("XDG_CACHE_HOME", xdg.to_str().unwrap()),
+            ("HOME", home.to_str().unwrap()),
+        ],
+    );
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("Stored"), "{out}");
     assert_eq!(count(&sysd), 1);
-    let (code, out, _) = wasmpool(&["compile", hello], &[("CACHE_DIRECTORY", sysd.to_str().unwrap())]);
+    let (code, out, _) = wasmpool(
+        &["compile", hello],
+        &[("CACHE_DIRECTORY", sysd.to_str().unwrap())],
+    );
     assert_eq!(code, 0);
     assert!(out.contains("Hit"), "{out}");
-    let (code, _, _) = wasmpool(&["compile", hello], &[("CACHE_DIRECTORY", ""), ("XDG_CACHE_HOME", xdg.to_str().unwrap()), ("HOME", home.to_str().unwrap())]);
+    let (code, _, _) = wasmpool(
+        &["compile", hello],
+        &[
+            ("CACHE_DIRECTORY", ""),
+            ("XDG_CACHE_HOME", xdg.to_str().unwrap()),
+            ("HOME", home.to_str().unwrap()),
+        ],
+    );
     assert_eq!(code, 0);
     assert_eq!(count(&xdg.join("wasmpool")), 1);
-    let (code, _, _) = wasmpool(&["compile", hello], &[("CACHE_DIRECTORY", ""), ("XDG_CACHE_HOME", ""), ("HOME", home.to_str().unwrap())]);
+    let (code, _, _) = wasmpool(
+        &["compile", hello],
+        &[
+            ("CACHE_DIRECTORY", ""),
+            ("XDG_CACHE_HOME", ""),
+            ("HOME", home.to_str().unwrap()),
+        ],
+    );
     assert_eq!(code, 0);
     assert_eq!(count(&home.join(".cache/wasmpool")), 1);
     let explicit = d.join("explicit");
-    let (code, _, _) = wasmpool(&["compile", hello, "--cache-dir", explicit.to_str().unwrap()], &[]);
+    let (code, _, _) = wasmpool(
+        &["compile", hello, "--cache-dir", explicit.to_str().unwrap()],
+        &[],
+    );
     assert_eq!(code, 0);
     assert_eq!(count(&explicit), 1);
     // A cache that cannot be written is not fatal for serving, but `compile` says so.
-    let (code, out, _) = wasmpool(&["compile", hello, "--cache-dir", "/proc/nonexistent/cache"], &[]);
+    let (code, out, _) = wasmpool(
+        &["compile", hello, "--cache-dir", "/proc/nonexistent/cache"],
+        &[],
+    );
     assert_eq!(code, 0);
     assert!(out.contains("Compiled"), "{out}");
 }
@@ -171,11 +243,23 @@ fn compile_fills_the_cache_where_the_environment_says() {
 fn serve_defaults_to_localhost_8080_and_stops_on_sigterm() {
     let hello = root().join("examples/hello.wasm");
     let dir = tempfile::tempdir().unwrap();
-    let (proc, addrs) = Proc::serve(&["serve", hello.to_str().unwrap()], &[("XDG_CACHE_HOME", dir.path().to_str().unwrap())]);
+    let (proc, addrs) = Proc::serve(
+        &["serve", hello.to_str().unwrap()],
+        &[("XDG_CACHE_HOME", dir.path().to_str().unwrap())],
+    );
     assert_eq!(addrs, ["http://127.0.0.1:8080"]);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let r = rt.block_on(send(sockaddr(&addrs[0]), "GET", "/", &[], bytes::Bytes::new()));
-    assert_eq!((r.status, r.text().as_str()), (200, "Hello from wasmpool!\n"));
+    let r = rt.block_on(send(
+        sockaddr(&addrs[0]),
+        "GET",
+        "/",
+        &[],
+        bytes::Bytes::new(),
+    ));
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (200, "Hello from wasmpool!\n")
+    );
     let status = proc.stop(SIGTERM);
     assert!(status.success(), "{status:?}");
 }
@@ -184,15 +268,32 @@ fn serve_defaults_to_localhost_8080_and_stops_on_sigterm() {
 fn serve_logs_guest_output_with_the_instance_id() {
     let dir = tempfile::tempdir().unwrap();
     let p2 = write(dir.path(), "p2.wasm", &p2_suite());
-    let (proc, addrs) = Proc::serve(&["serve", &p2, "--listen", "127.0.0.1:0", "--no-cache"], &[]);
+    let (proc, addrs) = Proc::serve(
+        &["serve", &p2, "--listen", "127.0.0.1:0", "--no-cache"],
+        &[],
+    );
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let r = rt.block_on(send(sockaddr(&addrs[0]), "GET", "/log", &[], bytes::Bytes::new()));
+    let r = rt.block_on(send(
+        sockaddr(&addrs[0]),
+        "GET",
+        "/log",
+        &[],
+        bytes::Bytes::new(),
+    ));
     assert_eq!(r.status, 200);
-    let ok = rt.block_on(eventually(Duration::from_secs(5), || proc.log().contains("guest log line from p2")));
+    let ok = rt.block_on(eventually(Duration::from_secs(5), || {
+        proc.log().contains("guest log line from p2")
+    }));
     let log = proc.log();
     assert!(ok, "{log}");
-    let line = log.lines().find(|l| l.contains("guest log line from p2")).unwrap();
-    assert!(line.contains("instance=") && line.contains("stdout"), "{line}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("guest log line from p2"))
+        .unwrap();
+    assert!(
+        line.contains("instance=") && line.contains("stdout"),
+        "{line}"
+    );
     assert!(proc.stop(SIGINT).success());
 }
 
@@ -211,25 +312,93 @@ fn serve_from_a_config_file_on_tcp_and_unix() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     // reuse 1 from the file: the counter stays at 1.
     for _ in 0..2 {
-        let r = rt.block_on(send(sockaddr(&addrs[0]), "GET", "/counter", &[], bytes::Bytes::new()));
+        let r = rt.block_on(send(
+            sockaddr(&addrs[0]),
+            "GET",
+            "/counter",
+            &[],
+            bytes::Bytes::new(),
+        ));
         assert_eq!(r.text(), "1");
     }
     let text = rt.block_on(async {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::UnixStream::connect(&sock).await.unwrap();
-        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         out
     });
-    assert!(text.starts_with("HTTP/1.1 200") && text.contains("hello from p3\n"), "{text}");
+    assert!(
+        text.starts_with("HTTP/1.1 200") && text.contains("hello from p3\n"),
+        "{text}"
+    );
     // Flags override the file.
     drop(proc);
-    let (proc, addrs) = Proc::serve(&["serve", "--config", &cfg, "--listen", "127.0.0.1:0", "--max-instance-reuse-count", "5"], &[]);
+    let (proc, addrs) = Proc::serve(
+        &[
+            "serve",
+            "--config",
+            &cfg,
+            "--listen",
+            "127.0.0.1:0",
+            "--max-instance-reuse-count",
+            "5",
+        ],
+        &[],
+    );
     assert_eq!(addrs.len(), 1);
     let texts: Vec<String> = (0..3)
-        .map(|_| rt.block_on(send(sockaddr(&addrs[0]), "GET", "/counter", &[], bytes::Bytes::new())).text())
+        .map(|_| {
+            rt.block_on(send(
+                sockaddr(&addrs[0]),
+                "GET",
+                "/counter",
+                &[],
+                bytes::Bytes::new(),
+            ))
+            .text()
+        })
         .collect();
     assert_eq!(texts, ["1", "2", "3"]);
     assert!(proc.stop(SIGTERM).success());
+}
+
+fn vm_size_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmSize:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn pool_reservation_follows_the_knobs() {
+    let hello = root().join("examples/hello.wasm");
+    let hello = hello.to_str().unwrap();
+    let (big, _) = Proc::serve(
+        &["serve", hello, "--listen", "127.0.0.1:0", "--no-cache"],
+        &[],
+    );
+    let big_kib = vm_size_kib(big.child.id());
+    let (small, _) = Proc::serve(
+        &[
+            "serve",
+            hello,
+            "--listen",
+            "127.0.0.1:0",
+            "--no-cache",
+            "--max-concurrent-requests",
+            "8",
+            "--max-memory-size",
+            "16MiB",
+        ],
+        &[],
+    );
+    let small_kib = vm_size_kib(small.child.id());
+    // Defaults (1000 requests, 128 MiB memories) stay under 1 TiB of
+    // address space; small knobs need only a few GiB.
+    assert!(big_kib < 1 << 30, "default reservation {big_kib} KiB");
+    assert!(small_kib < 8 << 20, "small reservation {small_kib} KiB");
+    assert!(small_kib * 20 < big_kib, "{small_kib} vs {big_kib}");
 }

@@ -4,7 +4,11 @@ use common::*;
 use wasmpool::KnobArgs;
 
 fn built() -> Vec<u8> {
-    build_component(&root().join("examples/hello/hello.wat"), &root().join("examples/hello/wit"), "hello")
+    build_component(
+        &root().join("examples/hello/hello.wat"),
+        &root().join("examples/hello/wit"),
+        "hello",
+    )
 }
 
 #[test]
@@ -15,7 +19,10 @@ fn committed_binary_matches_sources() {
         std::fs::write(&path, &built).unwrap();
     }
     let committed = std::fs::read(&path).expect("examples/hello.wasm exists");
-    assert!(committed == built, "examples/hello.wasm is stale: rebuild it with WASMPOOL_BLESS=1 cargo test --test example_hello");
+    assert!(
+        committed == built,
+        "examples/hello.wasm is stale: rebuild it with WASMPOOL_BLESS=1 cargo test --test example_hello"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -23,7 +30,10 @@ async fn hello_serves() {
     let s = TestServer::start(built(), KnobArgs::default()).await;
     for _ in 0..3 {
         let r = s.get("/anything").await;
-        assert_eq!((r.status, r.text().as_str()), (200, "Hello from wasmpool!\n"));
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (200, "Hello from wasmpool!\n")
+        );
     }
     s.stop().await;
 }

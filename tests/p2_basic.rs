@@ -8,7 +8,14 @@ async fn p2_hello_and_echo() {
     let r = s.get("/").await;
     assert_eq!(r.status, 200);
     assert_eq!(r.text(), "hello from p2\n");
-    let r = send(s.addr, "POST", "/echo?x=1", &[("x-test", "abc")], bytes::Bytes::from_static(b"the body")).await;
+    let r = send(
+        s.addr,
+        "POST",
+        "/echo?x=1",
+        &[("x-test", "abc")],
+        bytes::Bytes::from_static(b"the body"),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text());
     let t = r.text();
     assert!(t.starts_with("POST /echo?x=1\n"), "{t}");

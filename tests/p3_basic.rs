@@ -8,7 +8,14 @@ async fn p3_hello_and_echo() {
     let r = s.get("/").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.text(), "hello from p3\n");
-    let r = send(s.addr, "PUT", "/echo/a?b=c", &[("x-test", "abc")], bytes::Bytes::from_static(b"the body")).await;
+    let r = send(
+        s.addr,
+        "PUT",
+        "/echo/a?b=c",
+        &[("x-test", "abc")],
+        bytes::Bytes::from_static(b"the body"),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text());
     let t = r.text();
     assert!(t.starts_with("PUT /echo/a?b=c\n"), "{t}");

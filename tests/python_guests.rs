@@ -17,7 +17,10 @@ fn p3() -> Vec<u8> {
 }
 
 fn args(a: KnobArgs) -> KnobArgs {
-    KnobArgs { cache_dir: Some(shared_cache()), ..a }
+    KnobArgs {
+        cache_dir: Some(shared_cache()),
+        ..a
+    }
 }
 
 /// A loopback upstream that answers 204 to everything.
@@ -30,10 +33,15 @@ async fn upstream() -> std::net::SocketAddr {
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(|_req| async {
                     Ok::<_, std::convert::Infallible>(
-                        http::Response::builder().status(204).body(http_body_util::Empty::<Bytes>::new()).unwrap(),
+                        http::Response::builder()
+                            .status(204)
+                            .body(http_body_util::Empty::<Bytes>::new())
+                            .unwrap(),
                     )
                 });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(s), svc).await;
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
             });
         }
     });
@@ -100,15 +108,28 @@ async fn python_p3_reuse_and_concurrency() {
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let addr = s.addr;
-        tasks.push(tokio::spawn(async move { send(addr, "GET", "/sleep/300", &[], Bytes::new()).await }));
+        tasks.push(tokio::spawn(async move {
+            send(addr, "GET", "/sleep/300", &[], Bytes::new()).await
+        }));
     }
     for t in tasks {
         let r = t.await.unwrap();
         assert_eq!((r.status, r.text().as_str()), (200, "slept\n"));
     }
-    assert!(s.stats().instances_peak < 8, "peak {}", s.stats().instances_peak);
+    assert!(
+        s.stats().instances_peak < 8,
+        "peak {}",
+        s.stats().instances_peak
+    );
     s.stop().await;
-    let s = TestServer::start(guest, args(KnobArgs { max_instance_reuse_count: Some(1), ..Default::default() })).await;
+    let s = TestServer::start(
+        guest,
+        args(KnobArgs {
+            max_instance_reuse_count: Some(1),
+            ..Default::default()
+        }),
+    )
+    .await;
     assert_eq!(futures_seq(&s, "/counter", 2).await, ["1", "1"]);
     assert!(eventually(Duration::from_secs(5), || s.stats().instances_live == 0).await);
     s.stop().await;

@@ -20,10 +20,17 @@ pub fn root() -> PathBuf {
 pub fn build_component(wat: &Path, wit_dir: &Path, world: &str) -> Vec<u8> {
     let mut module = wat::parse_file(wat).unwrap_or_else(|e| panic!("{}: {e}", wat.display()));
     let mut resolve = wit_parser::Resolve::default();
-    let (pkg, _) = resolve.push_dir(wit_dir).unwrap_or_else(|e| panic!("{}: {e:?}", wit_dir.display()));
+    let (pkg, _) = resolve
+        .push_dir(wit_dir)
+        .unwrap_or_else(|e| panic!("{}: {e:?}", wit_dir.display()));
     let world = resolve.select_world(&[pkg], Some(world)).expect("world");
-    wit_component::embed_component_metadata(&mut module, &resolve, world, wit_component::StringEncoding::UTF8)
-        .expect("embed metadata");
+    wit_component::embed_component_metadata(
+        &mut module,
+        &resolve,
+        world,
+        wit_component::StringEncoding::UTF8,
+    )
+    .expect("embed metadata");
     wit_component::ComponentEncoder::default()
         .module(&module)
         .expect("encoder accepts module")
@@ -36,7 +43,13 @@ pub fn build_component(wat: &Path, wit_dir: &Path, world: &str) -> Vec<u8> {
 pub fn p2_suite() -> Vec<u8> {
     static CACHE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
     CACHE
-        .get_or_init(|| build_component(&root().join("tests/guests/p2_suite.wat"), &root().join("tests/guests/wit/p2"), "p2"))
+        .get_or_init(|| {
+            build_component(
+                &root().join("tests/guests/p2_suite.wat"),
+                &root().join("tests/guests/wit/p2"),
+                "p2",
+            )
+        })
         .clone()
 }
 
@@ -44,7 +57,13 @@ pub fn p2_suite() -> Vec<u8> {
 pub fn p3_suite() -> Vec<u8> {
     static CACHE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
     CACHE
-        .get_or_init(|| build_component(&root().join("tests/guests/p3_suite.wat"), &root().join("tests/guests/wit/p3"), "p3"))
+        .get_or_init(|| {
+            build_component(
+                &root().join("tests/guests/p3_suite.wat"),
+                &root().join("tests/guests/wit/p3"),
+                "p3",
+            )
+        })
         .clone()
 }
 
@@ -68,13 +87,25 @@ pub struct TestServer {
 impl TestServer {
     pub async fn start(bytes: Vec<u8>, args: KnobArgs) -> TestServer {
         let k = knobs(args);
-        let pool = tokio::task::spawn_blocking(move || Pool::load(k, &Source::Bytes { name: "guest".into(), bytes }))
-            .await
-            .unwrap()
-            .expect("component loads");
+        let pool = tokio::task::spawn_blocking(move || {
+            Pool::load(
+                k,
+                &Source::Bytes {
+                    name: "guest".into(),
+                    bytes,
+                },
+            )
+        })
+        .await
+        .unwrap()
+        .expect("component loads");
         pool.probe().await.expect("component instantiates");
-        let listener = Listener::bind(&ListenAddr::Tcp("127.0.0.1:0".parse().unwrap())).await.unwrap();
-        let ListenAddr::Tcp(addr) = listener.local_addr().unwrap() else { unreachable!() };
+        let listener = Listener::bind(&ListenAddr::Tcp("127.0.0.1:0".parse().unwrap()))
+            .await
+            .unwrap();
+        let ListenAddr::Tcp(addr) = listener.local_addr().unwrap() else {
+            unreachable!()
+        };
         let front = Front::new(Arc::new(pool));
         let (tx, rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(wasmpool::server::serve(
@@ -85,7 +116,12 @@ impl TestServer {
             },
             Duration::from_secs(10),
         ));
-        TestServer { addr, front, stop: Some(tx), task: Some(task) }
+        TestServer {
+            addr,
+            front,
+            stop: Some(tx),
+            task: Some(task),
+        }
     }
 
     pub fn stats(&self) -> wasmpool::stats::Snapshot {
@@ -120,8 +156,16 @@ impl Reply {
 }
 
 /// One request on a fresh connection.
-pub async fn send(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: Bytes) -> Reply {
-    try_send(addr, method, path, headers, body).await.expect("request succeeds at the HTTP level")
+pub async fn send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Reply {
+    try_send(addr, method, path, headers, body)
+        .await
+        .expect("request succeeds at the HTTP level")
 }
 
 pub async fn try_send(
@@ -131,14 +175,20 @@ pub async fn try_send(
     headers: &[(&str, &str)],
     body: Bytes,
 ) -> Result<Reply, String> {
-    let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+    let stream = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| e.to_string())?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let mut req = http::Request::builder().method(method).uri(path).header("host", addr.to_string());
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string());
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
@@ -146,7 +196,11 @@ pub async fn try_send(
     let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-    Ok(Reply { status: parts.status.as_u16(), headers: parts.headers, body })
+    Ok(Reply {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+    })
 }
 
 /// Polls `f` until it returns true or `timeout` passes.
@@ -187,12 +241,20 @@ pub fn status_of(text: &str) -> Option<u16> {
 
 /// A component exporting a plain function instead of wasi:http.
 pub fn other_world() -> Vec<u8> {
-    build_component(&root().join("tests/guests/other.wat"), &root().join("tests/guests/wit/other"), "other")
+    build_component(
+        &root().join("tests/guests/other.wat"),
+        &root().join("tests/guests/wit/other"),
+        "other",
+    )
 }
 
 /// A wasi:http component with an import no host provides.
 pub fn needs_missing() -> Vec<u8> {
-    build_component(&root().join("tests/guests/needs_missing.wat"), &root().join("tests/guests/wit/other"), "needs-missing")
+    build_component(
+        &root().join("tests/guests/needs_missing.wat"),
+        &root().join("tests/guests/wit/other"),
+        "needs-missing",
+    )
 }
 
 /// A running `wasmpool` process.
@@ -213,7 +275,9 @@ impl Proc {
     pub fn serve_n(args: &[&str], envs: &[(&str, &str)], n: usize) -> (Proc, Vec<String>) {
         use std::io::BufRead;
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_wasmpool"));
-        cmd.args(args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+        cmd.args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
         for (k, v) in envs {
             cmd.env(k, v);
         }
@@ -274,7 +338,9 @@ pub const SIGINT: i32 = 2;
 
 /// `http://127.0.0.1:PORT` -> socket address.
 pub fn sockaddr(url: &str) -> SocketAddr {
-    url.trim_start_matches("http://").parse().expect("tcp address")
+    url.trim_start_matches("http://")
+        .parse()
+        .expect("tcp address")
 }
 
 /// Builds tests/guests/python/{p2,p3}/app.py with componentize-py (which
