@@ -159,7 +159,7 @@ async fn check_timeout(guest: Vec<u8>) {
     let r = s.get("/busy").await;
     assert_eq!(r.status, 504, "{}", r.text());
     assert!(
-        t.elapsed() < Duration::from_millis(1500),
+        t.elapsed() < Duration::from_secs(3),
         "took {:?}",
         t.elapsed()
     );
@@ -308,7 +308,7 @@ async fn backpressure_queue_wait() {
     assert_eq!(r.status, 503);
     let waited = t.elapsed();
     assert!(
-        waited >= Duration::from_millis(180) && waited < Duration::from_millis(800),
+        waited >= Duration::from_millis(180) && waited < Duration::from_millis(1500),
         "{waited:?}"
     );
     assert_eq!(slow.await.unwrap().status, 200);
