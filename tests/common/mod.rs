@@ -359,7 +359,8 @@ pub fn python_guest(world: &str) -> Vec<u8> {
         std::fs::copy(e.path(), deps.join(e.file_name())).unwrap();
     }
     let wasm = out_dir.join("app.wasm");
-    let status = std::process::Command::new("componentize-py")
+    let tool = std::env::var("COMPONENTIZE_PY").unwrap_or_else(|_| "componentize-py".into());
+    let status = std::process::Command::new(tool)
         .args(["-d", out_dir.join("wit").to_str().unwrap(), "-w", "app", "componentize", "app", "-o", wasm.to_str().unwrap()])
         .current_dir(&src)
         .status()
