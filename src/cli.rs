@@ -2,14 +2,15 @@
 //! one line on stderr and a non-zero exit code.
 
 use crate::component::Source;
-use crate::config::{FileConfig, KnobArgs, Knobs, defaults};
+use crate::config::{KnobArgs, Knobs};
+use crate::logging::LogFormat;
 use crate::pool::Pool;
-use crate::server::{self, Front, ListenAddr, Listener};
+use crate::server::ListenAddr;
+use crate::service::ServeOptions;
 use anyhow::{Context as _, Result, bail};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, Parser)]
@@ -24,12 +25,6 @@ pub struct Cli {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
     pub log_format: LogFormat,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum LogFormat {
-    Human,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -48,15 +43,25 @@ pub struct ServeArgs {
     #[arg(value_name = "COMPONENT")]
     pub component: Option<PathBuf>,
     /// Address to listen on: HOST:PORT, [V6]:PORT or unix:/path (repeatable)
-    /// [default: 127.0.0.1:8080].
+    /// [default: 127.0.0.1:8080]. Ignored when the service manager passes
+    /// sockets (LISTEN_FDS).
     #[arg(long, value_name = "ADDR")]
     pub listen: Vec<ListenAddr>,
-    /// TOML config file; its keys are the flags' names, and flags override it.
+    /// TOML config file; its keys are the flags' names, and flags override
+    /// it. Re-read on SIGHUP.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// On SIGTERM/SIGINT, how long running requests may take to finish.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = crate::units::parse_duration)]
-    pub drain_timeout: Duration,
+    /// On SIGTERM/SIGINT, how long running requests may take to finish [default: 30s].
+    #[arg(long, value_name = "DURATION", value_parser = crate::units::parse_duration)]
+    pub drain_timeout: Option<Duration>,
+    /// With socket activation: exit (status 0) after this long with no open
+    /// connection and no request; the service manager starts wasmpool again
+    /// on the next connection.
+    #[arg(long, value_name = "DURATION", value_parser = crate::units::parse_positive_duration)]
+    pub exit_idle_after: Option<Duration>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (HOST:PORT or unix:/path).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<ListenAddr>,
     #[command(flatten)]
     pub knobs: KnobArgs,
 }
@@ -74,10 +79,24 @@ pub struct ComponentArgs {
     pub knobs: KnobArgs,
 }
 
+impl ComponentArgs {
+    /// The component and knobs from the flags and the config file.
+    fn settle(self) -> Result<(PathBuf, Knobs)> {
+        let s = ServeOptions {
+            component: self.component,
+            config: self.config,
+            knobs: self.knobs,
+            ..Default::default()
+        }
+        .settle()?;
+        Ok((s.component, s.knobs))
+    }
+}
+
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    crate::logging::init(cli.log_format);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -87,43 +106,27 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("WASMPOOL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    let _ = match format {
-        LogFormat::Human => b.try_init(),
-        LogFormat::Json => b.json().try_init(),
-    };
-}
-
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Serve(a) => serve(a),
+        Command::Serve(a) => {
+            // SAFETY: no thread has been started yet (logging set-up starts none).
+            let inherited = unsafe { crate::service::sockets::take() }?;
+            crate::service::run(
+                ServeOptions {
+                    component: a.component,
+                    config: a.config,
+                    listen: a.listen,
+                    knobs: a.knobs,
+                    drain_timeout: a.drain_timeout,
+                    exit_idle_after: a.exit_idle_after,
+                    metrics_listen: a.metrics_listen,
+                },
+                inherited,
+            )
+        }
         Command::Compile(a) => compile(a),
         Command::Check(a) => check(a),
     }
-}
-
-/// Merges the config file (if any) with the flags.
-fn settle(
-    config: Option<&PathBuf>,
-    component: Option<PathBuf>,
-    knobs: KnobArgs,
-) -> Result<(PathBuf, Knobs, FileConfig)> {
-    let file = match config {
-        Some(p) => FileConfig::load(p)?,
-        None => FileConfig::default(),
-    };
-    let knobs = file.knobs.clone().overlay(knobs).resolve()?;
-    let Some(component) = component.or_else(|| file.component.clone()) else {
-        bail!("no component given: pass COMPONENT or set `component` in the config file");
-    };
-    Ok((component, knobs, file))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -135,7 +138,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn compile(a: ComponentArgs) -> Result<()> {
-    let (component, mut knobs, _) = settle(a.config.as_ref(), a.component, a.knobs)?;
+    let (component, mut knobs) = a.settle()?;
     if knobs.no_cache {
         bail!("`compile` fills the compile cache; it cannot run with no-cache");
     }
@@ -157,7 +160,7 @@ fn compile(a: ComponentArgs) -> Result<()> {
 }
 
 fn check(a: ComponentArgs) -> Result<()> {
-    let (component, knobs, _) = settle(a.config.as_ref(), a.component, a.knobs)?;
+    let (component, knobs) = a.settle()?;
     let pool = Pool::load(knobs, &Source::File(component.clone()))?;
     runtime()?.block_on(pool.probe())?;
     let (reuse, concurrent) = pool.reuse_limits();
@@ -167,58 +170,4 @@ fn check(a: ComponentArgs) -> Result<()> {
         pool.world()
     );
     Ok(())
-}
-
-fn serve(a: ServeArgs) -> Result<()> {
-    let (component, knobs, file) = settle(a.config.as_ref(), a.component, a.knobs)?;
-    let listen: Vec<ListenAddr> = if !a.listen.is_empty() {
-        a.listen
-    } else if !file.listen.is_empty() {
-        file.listen
-            .iter()
-            .map(|s| s.parse().map_err(anyhow::Error::msg))
-            .collect::<Result<_>>()?
-    } else {
-        vec![defaults::LISTEN.parse().expect("default address parses")]
-    };
-    let rt = runtime()?;
-    rt.block_on(async move {
-        let source = Source::File(component);
-        let pool = tokio::task::spawn_blocking(move || Pool::load(knobs, &source)).await??;
-        pool.probe().await?;
-        tracing::info!(
-            component = pool.name(),
-            world = %pool.world(),
-            cache = ?pool.cache_outcome(),
-            "component ready"
-        );
-        let mut listeners = Vec::new();
-        for addr in &listen {
-            let l = Listener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr}"))?;
-            let bound = l.local_addr()?;
-            tracing::info!("serving on {bound}");
-            eprintln!("Serving HTTP on {bound}/");
-            listeners.push(l);
-        }
-        let front = Front::new(Arc::new(pool));
-        server::serve(front, listeners, shutdown_signal(), a.drain_timeout).await;
-        Ok(())
-    })
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut t), Ok(mut i)) => {
-            tokio::select! {
-                _ = t.recv() => tracing::info!("SIGTERM: shutting down"),
-                _ = i.recv() => tracing::info!("SIGINT: shutting down"),
-            }
-        }
-        _ => std::future::pending::<()>().await,
-    }
 }

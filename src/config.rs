@@ -420,6 +420,15 @@ pub struct FileConfig {
     /// Addresses to listen on (`HOST:PORT`, `[V6]:PORT` or `unix:/path`).
     #[serde(default)]
     pub listen: Vec<String>,
+    /// Address of the Prometheus metrics endpoint.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
+    /// How long running requests may take to finish on SIGTERM.
+    #[serde(default, deserialize_with = "de::duration")]
+    pub drain_timeout: Option<Duration>,
+    /// With socket activation: exit after this long without connections.
+    #[serde(default, deserialize_with = "de::positive_duration")]
+    pub exit_idle_after: Option<Duration>,
     #[serde(flatten)]
     pub knobs: KnobArgs,
 }

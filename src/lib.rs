@@ -9,8 +9,11 @@ pub mod component;
 pub mod config;
 pub mod error;
 pub mod host;
+pub mod logging;
+pub mod metrics;
 pub mod pool;
 pub mod server;
+pub mod service;
 pub mod stats;
 pub mod units;
 

@@ -135,7 +135,6 @@ pub struct Pool {
     stats: Arc<Stats>,
     name: String,
     cache: crate::cache::CacheOutcome,
-    _epoch: EpochTicker,
 }
 
 impl Pool {
@@ -145,14 +144,24 @@ impl Pool {
     /// This does CPU-heavy work; from async code call it in
     /// `spawn_blocking`.
     pub fn load(knobs: Knobs, source: &Source) -> Result<Pool, LoadError> {
+        Pool::load_with_stats(knobs, source, Arc::default())
+    }
+
+    /// Like [`Pool::load`], counting into `stats` (which a service keeps
+    /// across reloads, so its counters never go backwards).
+    pub fn load_with_stats(
+        knobs: Knobs,
+        source: &Source,
+        stats: Arc<Stats>,
+    ) -> Result<Pool, LoadError> {
         knobs.validate()?;
         let engine = component::engine(&knobs)?;
         let linker = component::linker(&engine)?;
         let loaded = component::load(&engine, &linker, &knobs, source)?;
-        Ok(Pool::from_loaded(engine, knobs, loaded))
+        Ok(Pool::from_loaded(engine, knobs, loaded, stats))
     }
 
-    fn from_loaded(engine: Engine, knobs: Knobs, loaded: Loaded) -> Pool {
+    fn from_loaded(engine: Engine, knobs: Knobs, loaded: Loaded, stats: Arc<Stats>) -> Pool {
         let p3 = loaded.world.is_p3();
         let reuse = knobs.max_instance_reuse_count.unwrap_or(if p3 {
             defaults::P3_MAX_INSTANCE_REUSE_COUNT
@@ -169,7 +178,6 @@ impl Pool {
             }
             (false, _) => defaults::P2_MAX_INSTANCE_CONCURRENT_REUSE_COUNT,
         };
-        let stats = Arc::new(Stats::default());
         let knobs = Arc::new(knobs);
         let state = PoolState {
             engine: engine.clone(),
@@ -180,6 +188,7 @@ impl Pool {
             concurrent: concurrent as usize,
             next_instance: AtomicU64::new(1),
             stats: stats.clone(),
+            _epoch: EpochTicker::spawn(engine),
         };
         Pool {
             handler: ProxyHandler::new(state),
@@ -193,7 +202,6 @@ impl Pool {
             stats,
             name: loaded.name,
             cache: loaded.cache,
-            _epoch: EpochTicker::spawn(engine),
             knobs,
         }
     }
@@ -326,6 +334,9 @@ struct PoolState {
     concurrent: usize,
     next_instance: AtomicU64,
     stats: Arc<Stats>,
+    /// Lives as long as any worker does (workers hold the handler), so
+    /// guests of a pool that was swapped out by a reload still yield.
+    _epoch: EpochTicker,
 }
 
 impl PoolState {

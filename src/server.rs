@@ -3,6 +3,7 @@
 //! status codes. The pool behind it can be swapped while serving.
 
 use crate::config::Knobs;
+use crate::metrics::Metrics;
 use crate::pool::{Pool, RequestError, ResponseBody};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -16,9 +17,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
 
@@ -105,13 +106,79 @@ impl Listener {
 /// Serves requests with whatever pool is current.
 pub struct Front {
     pool: ArcSwap<Pool>,
+    metrics: Option<Arc<Metrics>>,
+    activity: Activity,
+}
+
+/// Open connections and the time of the last connection or request event,
+/// for exiting when idle.
+pub struct Activity {
+    connections: AtomicUsize,
+    epoch: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            connections: AtomicUsize::new(0),
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        self.last_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Relaxed);
+    }
+
+    /// Open connections now.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Relaxed)
+    }
+
+    /// Time since a connection opened or closed or a request started or ended.
+    pub fn idle_for(&self) -> Duration {
+        self.epoch
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.last_ms.load(Relaxed)))
+    }
+}
+
+/// Counts a connection while it is open.
+struct ConnectionGuard(Arc<Front>);
+
+impl ConnectionGuard {
+    fn new(front: Arc<Front>) -> ConnectionGuard {
+        front.activity.connections.fetch_add(1, Relaxed);
+        front.activity.touch();
+        ConnectionGuard(front)
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.activity.connections.fetch_sub(1, Relaxed);
+        self.0.activity.touch();
+    }
 }
 
 impl Front {
     pub fn new(pool: Arc<Pool>) -> Arc<Front> {
+        Front::with_metrics(pool, None)
+    }
+
+    /// A front that records every answer in `metrics`.
+    pub fn with_metrics(pool: Arc<Pool>, metrics: Option<Arc<Metrics>>) -> Arc<Front> {
         Arc::new(Front {
             pool: ArcSwap::new(pool),
+            metrics,
+            activity: Activity::new(),
         })
+    }
+
+    pub fn activity(&self) -> &Activity {
+        &self.activity
     }
 
     /// The pool new requests go to.
@@ -127,6 +194,17 @@ impl Front {
 
     /// Handles one request (everything but the connection handling).
     pub async fn handle(&self, req: http::Request<Incoming>) -> Response<Body> {
+        self.activity.touch();
+        let start = Instant::now();
+        let response = self.respond(req).await;
+        if let Some(m) = &self.metrics {
+            m.observe(response.status(), start.elapsed());
+        }
+        self.activity.touch();
+        response
+    }
+
+    async fn respond(&self, req: http::Request<Incoming>) -> Response<Body> {
         let pool = self.pool();
         let knobs = pool.knobs();
         let limit = knobs.max_request_body_size;
@@ -257,8 +335,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     drain_timeout: Duration,
 ) {
-    let knobs = front.pool().knobs().clone();
-    let conns = Arc::new(Semaphore::new(knobs.max_concurrent_connections as usize));
+    // The connection limit is fixed for the life of the listeners; the
+    // HTTP limits are read from the current pool for every connection, so
+    // a reload changes them.
+    let conns = Arc::new(Semaphore::new(
+        front.pool().knobs().max_concurrent_connections as usize,
+    ));
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
@@ -267,7 +349,6 @@ pub async fn serve(
         let conns = conns.clone();
         let mut stop = stop_rx.clone();
         let graceful = graceful.clone();
-        let knobs = knobs.clone();
         tasks.spawn(async move {
             loop {
                 let permit = tokio::select! {
@@ -287,8 +368,9 @@ pub async fn serve(
                         continue;
                     }
                 };
+                let guard = ConnectionGuard::new(front.clone());
                 let front = front.clone();
-                let conn = http1_builder(&knobs).serve_connection(
+                let conn = http1_builder(front.pool().knobs()).serve_connection(
                     TokioIo::new(io),
                     hyper::service::service_fn(move |req| {
                         let front = front.clone();
@@ -300,6 +382,7 @@ pub async fn serve(
                     if let Err(e) = fut.await {
                         tracing::debug!("connection ended with an error: {e}");
                     }
+                    drop(guard);
                     drop(permit);
                 });
             }
@@ -321,10 +404,10 @@ pub async fn serve(
     }
 }
 
-trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 
-async fn accept(l: &Listener) -> std::io::Result<Box<dyn Io>> {
+pub(crate) async fn accept(l: &Listener) -> std::io::Result<Box<dyn Io>> {
     Ok(match l {
         Listener::Tcp(l) => {
             let (s, _) = l.accept().await?;

@@ -32,6 +32,10 @@ pub struct Stats {
     pub queued: AtomicU64,
     /// Requests admitted and not finished now.
     pub in_flight: AtomicU64,
+    /// Successful reloads.
+    pub reloads: AtomicU64,
+    /// Reloads that failed (the previous component kept serving).
+    pub reload_failures: AtomicU64,
 }
 
 /// A plain copy of [`Stats`].
@@ -50,6 +54,8 @@ pub struct Snapshot {
     pub instances_peak: u64,
     pub queued: u64,
     pub in_flight: u64,
+    pub reloads: u64,
+    pub reload_failures: u64,
 }
 
 impl Stats {
@@ -68,6 +74,8 @@ impl Stats {
             instances_peak: self.instances_peak.load(Relaxed),
             queued: self.queued.load(Relaxed),
             in_flight: self.in_flight.load(Relaxed),
+            reloads: self.reloads.load(Relaxed),
+            reload_failures: self.reload_failures.load(Relaxed),
         }
     }
 

@@ -79,7 +79,9 @@ async fn peak_for_concurrent_sleeps(concurrent: u32) -> u64 {
     let mut tasks = Vec::new();
     for _ in 0..16 {
         let addr = s.addr;
-        tasks.push(tokio::spawn(async move { send(addr, "GET", "/sleep/400", &[], Bytes::new()).await }));
+        tasks.push(tokio::spawn(async move {
+            send(addr, "GET", "/sleep/400", &[], Bytes::new()).await
+        }));
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     for t in tasks {
@@ -277,7 +279,11 @@ async fn backpressure_full_queue_answers_503_at_once() {
     let r = s.get("/").await;
     assert_eq!(r.status, 503);
     assert_eq!(r.headers.get("retry-after").unwrap(), "1");
-    assert!(t.elapsed() < Duration::from_millis(800), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(800),
+        "{:?}",
+        t.elapsed()
+    );
     for t in slow {
         assert_eq!(t.await.unwrap().status, 200);
     }

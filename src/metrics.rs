@@ -1,0 +1,139 @@
+//! Prometheus metrics: what the HTTP front observes (status classes,
+//! latency) plus the pool's live counters, read at scrape time.
+
+use crate::stats::Stats;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabel {
+    class: &'static str,
+}
+
+/// The metrics of one server.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<ClassLabel, Counter>,
+    latency: Histogram,
+}
+
+impl Metrics {
+    pub fn new(stats: Arc<Stats>) -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("wasmpool");
+        let requests = Family::<ClassLabel, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by status class",
+            requests.clone(),
+        );
+        let latency = Histogram::new([
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            30.0,
+        ]);
+        registry.register(
+            "request_duration_seconds",
+            "Time from receiving a request to sending its response head",
+            latency.clone(),
+        );
+        registry.register_collector(Box::new(StatsCollector(stats)));
+        Arc::new(Metrics {
+            registry,
+            requests,
+            latency,
+        })
+    }
+
+    /// Records one answered request.
+    pub fn observe(&self, status: http::StatusCode, elapsed: Duration) {
+        let class = match status.as_u16() {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.requests.get_or_create(&ClassLabel { class }).inc();
+        self.latency.observe(elapsed.as_secs_f64());
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[derive(Debug)]
+struct StatsCollector(Arc<Stats>);
+
+impl Collector for StatsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = self.0.snapshot();
+        let counters: [(&str, &str, u64); 8] = [
+            (
+                "instances_created",
+                "Instances created",
+                s.instances_created,
+            ),
+            (
+                "instances_reused",
+                "Requests served by an instance that had served one before",
+                s.instances_reused,
+            ),
+            (
+                "rejected",
+                "Requests refused by backpressure (503)",
+                s.rejected,
+            ),
+            (
+                "timeouts",
+                "Requests that hit the request timeout (504)",
+                s.timeouts,
+            ),
+            ("traps", "Instances ended by a trap", s.traps),
+            (
+                "instantiation_failures",
+                "Instances that failed to start",
+                s.instantiation_failures,
+            ),
+            ("reloads", "Successful reloads", s.reloads),
+            (
+                "reload_failures",
+                "Failed reloads (the previous component kept serving)",
+                s.reload_failures,
+            ),
+        ];
+        for (name, help, v) in counters {
+            let c = ConstCounter::new(v);
+            c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        let gauges: [(&str, &str, u64); 4] = [
+            ("instances_live", "Instances alive now", s.instances_live),
+            ("queue_depth", "Requests waiting for a free slot", s.queued),
+            (
+                "in_flight_requests",
+                "Requests admitted and not finished",
+                s.in_flight,
+            ),
+            (
+                "instances_peak",
+                "Most instances alive at once",
+                s.instances_peak,
+            ),
+        ];
+        for (name, help, v) in gauges {
+            let g = ConstGauge::new(v as i64);
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
