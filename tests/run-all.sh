@@ -4,6 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# systemd-socket-activate hands sockets over exactly as systemd does.
+if ! command -v systemd-socket-activate >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null
+fi
+
 # Guests from a real toolchain are built at test time.
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore componentize-py==0.25.1
 COMPONENTIZE_PY="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/componentize-py"

@@ -52,6 +52,16 @@ pub enum InheritError {
 /// # Safety
 /// Changes the environment: call it before any other thread exists.
 pub unsafe fn take() -> Result<Vec<Inherited>, InheritError> {
+    let for_us =
+        std::env::var("LISTEN_PID").is_ok_and(|p| p.trim() == std::process::id().to_string());
+    if !for_us {
+        // Meant for another process (or absent): ignore, but do not pass on.
+        for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+            // SAFETY: our caller guarantees there are no other threads yet.
+            unsafe { std::env::remove_var(var) };
+        }
+        return Ok(Vec::new());
+    }
     // SAFETY: our caller guarantees there are no other threads yet.
     let fds =
         unsafe { sd_notify::listen_fds_with_names_and_unset_env() }.map_err(InheritError::Env)?;

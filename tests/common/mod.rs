@@ -273,41 +273,73 @@ impl Proc {
 
     /// Like [`Proc::serve`], waiting for `n` listeners.
     pub fn serve_n(args: &[&str], envs: &[(&str, &str)], n: usize) -> (Proc, Vec<String>) {
-        use std::io::BufRead;
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_wasmpool"));
-        cmd.args(args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped());
+        cmd.args(args);
         for (k, v) in envs {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().expect("spawn wasmpool");
+        Proc::start(cmd, n)
+    }
+
+    /// Spawns `cmd` (stderr captured) and waits for `n` "Serving HTTP on"
+    /// lines; returns the addresses they name.
+    pub fn start(mut cmd: std::process::Command, n: usize) -> (Proc, Vec<String>) {
+        let proc = Proc::spawn(&mut cmd);
+        let addrs = proc.wait_serving(n);
+        (proc, addrs)
+    }
+
+    /// Spawns `cmd` with stderr captured, without waiting.
+    pub fn spawn(cmd: &mut std::process::Command) -> Proc {
+        use std::io::BufRead;
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn");
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(std::sync::Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
         let log2 = log.clone();
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if let Some(rest) = line.strip_prefix("Serving HTTP on ") {
-                    let _ = tx.send(rest.trim_end_matches('/').to_string());
-                }
                 let mut l = log2.lock().unwrap();
                 l.push_str(&line);
                 l.push('\n');
             }
         });
-        let mut addrs = Vec::new();
-        for _ in 0..n {
-            match rx.recv_timeout(Duration::from_secs(60)) {
-                Ok(a) => addrs.push(a),
-                Err(_) => {
-                    let _ = child.kill();
-                    panic!("wasmpool did not start: {}", log.lock().unwrap());
-                }
+        Proc { child, stderr: log }
+    }
+
+    /// Waits (60 s at most) until `n` "Serving HTTP on" lines were logged.
+    pub fn wait_serving(&self, n: usize) -> Vec<String> {
+        let end = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let log = self.log();
+            let addrs: Vec<String> = log
+                .lines()
+                .filter_map(|l| l.strip_prefix("Serving HTTP on "))
+                .map(|rest| {
+                    rest.split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                        .trim_end_matches('/')
+                        .to_string()
+                })
+                .collect();
+            if addrs.len() >= n {
+                return addrs;
             }
+            if std::time::Instant::now() > end || self.exited() {
+                panic!("wasmpool did not start: {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        (Proc { child, stderr: log }, addrs)
+    }
+
+    fn exited(&self) -> bool {
+        // Peek without reaping: /proc shows a zombie until we wait.
+        std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .map(|s| s.split(") ").nth(1).is_some_and(|r| r.starts_with('Z')))
+            .unwrap_or(true)
     }
 
     pub fn log(&self) -> String {
@@ -316,8 +348,24 @@ impl Proc {
 
     /// Sends a signal and waits for the exit status.
     pub fn stop(mut self, sig: i32) -> std::process::ExitStatus {
-        unsafe { libc_kill(self.child.id() as i32, sig) };
+        self.signal(sig);
         self.child.wait().unwrap()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Waits at most `timeout` for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let end = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < end {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 }
 
@@ -328,13 +376,9 @@ impl Drop for Proc {
     }
 }
 
-unsafe extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
-}
-
-pub const SIGTERM: i32 = 15;
-pub const SIGINT: i32 = 2;
+pub const SIGTERM: i32 = libc::SIGTERM;
+pub const SIGINT: i32 = libc::SIGINT;
+pub const SIGHUP: i32 = libc::SIGHUP;
 
 /// `http://127.0.0.1:PORT` -> socket address.
 pub fn sockaddr(url: &str) -> SocketAddr {
