@@ -4,6 +4,7 @@
 
 pub mod admission;
 pub mod cache;
+pub mod capi;
 pub mod cli;
 pub mod component;
 pub mod config;

@@ -66,14 +66,44 @@ impl RequestError {
 pub struct Ticket {
     expired: AtomicBool,
     notify: Notify,
-    worker: OnceLock<Arc<AtomicBool>>,
+    worker: OnceLock<Arc<WorkerShared>>,
+}
+
+/// What a worker shares with the tickets of its requests.
+#[derive(Default)]
+struct WorkerShared {
+    /// Set when a request on this instance timed out: it takes no more.
+    poisoned: AtomicBool,
+    /// Set (before `ended`) when the instance ended in a trap or panic.
+    trapped: AtomicBool,
+    ended: AtomicBool,
+    ended_notify: Notify,
+}
+
+impl WorkerShared {
+    fn end(&self, trapped: bool) {
+        self.trapped.store(trapped, Relaxed);
+        self.ended.store(true, Relaxed);
+        self.ended_notify.notify_waiters();
+    }
+
+    /// Whether the instance trapped, if it ends within `within`.
+    async fn trapped_within(&self, within: Duration) -> bool {
+        let ended = self.ended_notify.notified();
+        tokio::pin!(ended);
+        ended.as_mut().enable();
+        if !self.ended.load(Relaxed) {
+            let _ = tokio::time::timeout(within, ended).await;
+        }
+        self.trapped.load(Relaxed)
+    }
 }
 
 impl Ticket {
     fn expire(&self) {
         self.expired.store(true, Relaxed);
-        if let Some(poisoned) = self.worker.get() {
-            poisoned.store(true, Relaxed);
+        if let Some(w) = self.worker.get() {
+            w.poisoned.store(true, Relaxed);
         }
         self.notify.notify_waiters();
     }
@@ -289,8 +319,19 @@ impl Pool {
 
     async fn dispatch(
         &self,
-        request: http::Request<WasiBody>,
+        mut request: http::Request<WasiBody>,
     ) -> Result<http::Response<ResponseBody>, RequestError> {
+        // wasmtime refuses (with a trap) a request that has neither an
+        // authority in its URI nor a Host header, as HTTP/1.0 clients and
+        // C hosts may send; name the server instead.
+        if request.uri().authority().is_none()
+            && !request.headers().contains_key(http::header::HOST)
+        {
+            request.headers_mut().insert(
+                http::header::HOST,
+                http::HeaderValue::from_static("localhost"),
+            );
+        }
         let permit = self.admission.admit().await?;
         let ticket = Arc::new(Ticket::default());
         let call = self.handler.handle(ticket.clone(), request);
@@ -300,7 +341,18 @@ impl Pool {
                 _permit: Some(permit),
                 abort: None,
             })),
-            Ok(Err(e)) => Err(classify(e)),
+            Ok(Err(e)) => Err(match classify(e) {
+                // A trap ends the instance's whole event loop; its requests
+                // then look as if the guest had never answered. The
+                // worker's own outcome, due right after, tells them apart.
+                RequestError::Guest(msg) => match ticket.worker.get() {
+                    Some(w) if w.trapped_within(Duration::from_millis(100)).await => {
+                        RequestError::Trap(msg)
+                    }
+                    _ => RequestError::Guest(msg),
+                },
+                other => other,
+            }),
             Err(_elapsed) => {
                 ticket.expire();
                 Err(RequestError::Timeout)
@@ -315,7 +367,9 @@ fn classify(e: wasmtime::Error) -> RequestError {
     } else if let Some(ie) = e.downcast_ref::<InstantiationError<Arc<Ticket>>>() {
         RequestError::Instantiate(format!("{:#}", ie.error))
     } else if e.downcast_ref::<TrapOrPanicError>().is_some()
-        || e.downcast_ref::<wasmtime::Trap>().is_some()
+        // A WASIp2 trap arrives as the cause of "guest never invoked
+        // response-outparam::set".
+        || e.chain().any(|c| c.downcast_ref::<wasmtime::Trap>().is_some())
     {
         RequestError::Trap(format!("{e:#}"))
     } else {
@@ -399,7 +453,7 @@ impl HandlerState for PoolState {
                 reuse: self.reuse,
                 concurrent: self.concurrent,
                 deadline: worker_deadline,
-                poisoned: Arc::new(AtomicBool::new(false)),
+                shared: Arc::default(),
                 served: AtomicU64::new(0),
                 stats: self.stats.clone(),
             },
@@ -413,8 +467,7 @@ struct WorkerPolicy {
     reuse: usize,
     concurrent: usize,
     deadline: Duration,
-    /// Set when a request on this instance timed out: it takes no more.
-    poisoned: Arc<AtomicBool>,
+    shared: Arc<WorkerShared>,
     served: AtomicU64,
     stats: Arc<Stats>,
 }
@@ -424,7 +477,7 @@ impl WorkerState for WorkerPolicy {
     type RequestData = Arc<Ticket>;
 
     fn should_accept_request(&self, concurrent: usize, total: usize) -> ShouldAccept {
-        if self.poisoned.load(Relaxed) || total >= self.reuse {
+        if self.shared.poisoned.load(Relaxed) || total >= self.reuse {
             ShouldAccept::Never
         } else if concurrent >= self.concurrent {
             ShouldAccept::No
@@ -442,9 +495,9 @@ impl WorkerState for WorkerPolicy {
         if self.served.fetch_add(1, Relaxed) > 0 {
             self.stats.instances_reused.fetch_add(1, Relaxed);
         }
-        let _ = ticket.worker.set(self.poisoned.clone());
+        let _ = ticket.worker.set(self.shared.clone());
         if ticket.expired.load(Relaxed) {
-            self.poisoned.store(true, Relaxed);
+            self.shared.poisoned.store(true, Relaxed);
         }
         let deadline = self.deadline;
         Box::pin(async move {
@@ -465,6 +518,7 @@ impl WorkerState for WorkerPolicy {
         self.stats.instances_live.fetch_sub(1, Relaxed);
         if let Err(e) = result {
             let msg = format!("{e:#}");
+            self.shared.end(!msg.contains("timed out"));
             if msg.contains("timed out") {
                 tracing::warn!(
                     instance = self.id,
@@ -475,6 +529,7 @@ impl WorkerState for WorkerPolicy {
                 tracing::warn!(instance = self.id, "instance discarded after a trap: {msg}");
             }
         } else {
+            self.shared.end(false);
             tracing::debug!(
                 instance = self.id,
                 served = self.served.load(Relaxed),

@@ -520,3 +520,30 @@ async fn guest_environment_comes_only_from_config() {
     assert_eq!(s.get("/env").await.text(), "");
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_without_host_are_served() {
+    // HTTP/1.0 without a Host header: the guest still gets an authority.
+    for guest in [p2_suite(), p3_suite()] {
+        let s = TestServer::start(
+            guest,
+            KnobArgs {
+                max_instance_reuse_count: Some(10),
+                ..Default::default()
+            },
+        )
+        .await;
+        let (text, _) = raw(
+            s.addr,
+            b"GET /echo HTTP/1.0\r\n\r\n",
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(
+            text.starts_with("HTTP/1.0 200") && text.contains("GET /echo\n"),
+            "{text}"
+        );
+        assert_eq!(s.stats().traps, 0);
+        s.stop().await;
+    }
+}

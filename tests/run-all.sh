@@ -4,9 +4,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# systemd-socket-activate hands sockets over exactly as systemd does.
-if ! command -v systemd-socket-activate >/dev/null; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null
+# Debian packages the tests use: systemd-socket-activate (hands sockets over
+# exactly as systemd does), a C toolchain with sanitizers, valgrind,
+# pkg-config, libmicrohttpd (the C example host) and curl.
+need=()
+command -v systemd-socket-activate >/dev/null || need+=(systemd)
+command -v cc >/dev/null || need+=(gcc)
+command -v c++ >/dev/null || need+=(g++)
+command -v valgrind >/dev/null || need+=(valgrind)
+command -v pkg-config >/dev/null || need+=(pkg-config)
+command -v objdump >/dev/null || need+=(binutils)
+command -v curl >/dev/null || need+=(curl)
+pkg-config --exists libmicrohttpd 2>/dev/null || need+=(libmicrohttpd-dev)
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
 # Guests from a real toolchain are built at test time.
@@ -23,3 +35,12 @@ fi
 
 cargo clippy --locked --all-targets -- -D warnings
 cargo test --locked
+
+# build.rs regenerates include/wasmpool.h; the committed one must match.
+if git rev-parse --git-dir >/dev/null 2>&1; then
+  if ! git diff --quiet -- include/wasmpool.h; then
+    echo "include/wasmpool.h is stale: commit the header build.rs generated" >&2
+    git --no-pager diff --stat -- include/wasmpool.h >&2
+    exit 1
+  fi
+fi

@@ -1,0 +1,265 @@
+//! `wasmpool_config`: the knobs for a handler. Owned by the caller; a
+//! handler copies what it needs, so a config can be reused and freed at
+//! any time after `wasmpool_handler_new`.
+
+use super::wasmpool_result;
+use super::{Failure, boundary, boundary_ptr, boundary_void, handle_mut, str_arg};
+use crate::config::{Knobs, OutboundRule};
+use std::ffi::c_char;
+use std::time::Duration;
+
+/// How completion callbacks are delivered.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum wasmpool_completion_mode {
+    /// Callbacks run on an engine thread as soon as a response is ready
+    /// (the default).
+    WASMPOOL_COMPLETION_ENGINE = 0,
+    /// Callbacks are queued; the host runs them on its own thread with
+    /// `wasmpool_handler_poll`, when `wasmpool_handler_completion_fd` is
+    /// readable.
+    WASMPOOL_COMPLETION_POLL = 1,
+}
+
+/// Configuration for `wasmpool_handler_new`. Create with
+/// `wasmpool_config_new`, free with `wasmpool_config_free`. Not thread-safe:
+/// do not use one config from two threads at once.
+pub struct wasmpool_config {
+    pub(crate) knobs: Knobs,
+    pub(crate) completion: wasmpool_completion_mode,
+    pub(crate) engine_threads: usize,
+}
+
+/// A config with the same defaults as the command line. Free it with
+/// `wasmpool_config_free`. Returns NULL only on allocation failure.
+#[unsafe(no_mangle)]
+pub extern "C" fn wasmpool_config_new() -> *mut wasmpool_config {
+    boundary_ptr(|| {
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .clamp(1, 4);
+        Ok(Box::into_raw(Box::new(wasmpool_config {
+            knobs: Knobs::default(),
+            completion: wasmpool_completion_mode::WASMPOOL_COMPLETION_ENGINE,
+            engine_threads: threads,
+        })))
+    })
+}
+
+/// Frees a config. NULL is ignored.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wasmpool_config_free(cfg: *mut wasmpool_config) {
+    boundary_void(|| {
+        if !cfg.is_null() {
+            // SAFETY: `cfg` came from `wasmpool_config_new` and is freed once (documented).
+            drop(unsafe { Box::from_raw(cfg) });
+        }
+    })
+}
+
+/// Applies `change` to a copy of the knobs and keeps it only if valid.
+fn set(cfg: *mut wasmpool_config, change: impl FnOnce(&mut Knobs)) -> wasmpool_result {
+    boundary(|| {
+        // SAFETY: see `handle_mut`.
+        let cfg = unsafe { handle_mut(cfg, "cfg") }?;
+        let mut k = cfg.knobs.clone();
+        change(&mut k);
+        k.validate().map_err(|e| Failure::invalid(e.to_string()))?;
+        cfg.knobs = k;
+        Ok(())
+    })
+}
+
+fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+/// Requests one instance serves in its lifetime (default: 1 for WASIp2,
+/// 128 for WASIp3). 0 is invalid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wasmpool_config_set_max_instance_reuse_count(
+    cfg: *mut wasmpool_config,
+    n: u32,
+) -> wasmpool_result {
+    set(cfg, |k| k.max_instance_reuse_count = Some(n))
+}
+
+/// Requests one instance serves at the same time (default: 1 for WASIp2,
+/// 16 for WASIp3). 0 is invalid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wasmpool_config_set_max_instance_concurrent_reuse_count(
+    cfg: *mut wasmpool_config,
+    n: u32,
+) -> wasmpool_result {
+    set(cfg, |k| k.max_instance_concurrent_reuse_count = Some(n))
+}
+
+/// How long an idle instance is kept for reuse, in milliseconds (default
+/// 1000; 0 drops idle instances at once).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wasmpool_config_set_idle_instance_timeout_ms(
+    cfg: *mut wasmpool_config,
+    millis: u64,
+) -> wasmpool_result {
+    set(cfg, |k| k.idle_instance_timeout = ms(millis))
+}
+
+/// Longest time a request may take to produce its whole response, in
+/// milliseconds (default 30000). 0 is invalid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wasmpool_config_set_request_timeout_ms(
+    cfg: *mut wasmpool_config,
+    millis: u64,
+) -> wasmpool_result {
+    set(cfg, |k| k.request_timeout = ms(millis))
+}
+
+/// Requests handled at the same time (default 1000); more wait in the
+/// queue. 0 is invalid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wasmpool_config_set_max_concurrent_requests(
+    cfg: *mut wasmpool_config,
+    n: u32,
+) -> wasmpool_result {
+    set(cfg, |k| k.max_concurrent_requests = n)
+}
+
+/// Requests that may wait for a free slot (default: equal to the
+/// concurrent limit); 0 refuses at once when all slots are busy.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wasmpool_config_set_max_queued_requests(
+    cfg: *mut wasmpool_config,
+    n: u32,
+) -> wasmpool_result {
+    set(cfg, |k| k.max_queued_requests = Some(n))
+}
+
+/// Longest a queued request waits for a slot, in milliseconds (default 1000).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wasmpool_config_set_max_queue_wait_ms(
+    cfg: *mut wasmpool_config,
+    millis: u64,
+) -> wasmpool_result {
+    set(cfg, |k| k.max_queue_wait = ms(millis))
+}
+
+/// Largest linear memory of one instance, in bytes (default 128 MiB; from
+/// 64 KiB to 4 GiB).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wasmpool_config_set_max_memory_size(
+    cfg: *mut wasmpool_config,
+    bytes: u64,
+) -> wasmpool_result {
+    set(cfg, |k| k.max_memory_size = bytes)
+}
+
+/// Directory of the compile cache (a copy of the string is kept). The
+/// default follows the command line: $CACHE_DIRECTORY, else
+/// $XDG_CACHE_HOME/wasmpool, else ~/.cache/wasmpool. An empty string is
+/// invalid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wasmpool_config_set_cache_dir(
+    cfg: *mut wasmpool_config,
+    dir: *const c_char,
+) -> wasmpool_result {
+    boundary(|| {
+        // SAFETY: see `str_arg`.
+        let dir = unsafe { str_arg(dir, "dir") }?;
+        if dir.is_empty() {
+            return Err(Failure::invalid("cache directory is empty"));
+        }
+        // SAFETY: see `handle_mut`.
+        unsafe { handle_mut(cfg, "cfg") }?.knobs.cache_dir = Some(dir.into());
+        Ok(())
+    })
+}
+
+/// Whether to skip the compile cache (neither read nor write it).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wasmpool_config_set_no_cache(
+    cfg: *mut wasmpool_config,
+    no_cache: bool,
+) -> wasmpool_result {
+    set(cfg, |k| k.no_cache = no_cache)
+}
+
+/// Adds an environment variable for the guest (the guest sees no others).
+/// `key` must be non-empty and both strings valid UTF-8.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wasmpool_config_add_env(
+    cfg: *mut wasmpool_config,
+    key: *const c_char,
+    value: *const c_char,
+) -> wasmpool_result {
+    boundary(|| {
+        // SAFETY: see `str_arg`.
+        let (key, value) = unsafe { (str_arg(key, "key")?, str_arg(value, "value")?) };
+        if key.is_empty() || key.contains('=') {
+            return Err(Failure::invalid(format!("invalid environment key `{key}`")));
+        }
+        // SAFETY: see `handle_mut`.
+        let k = &mut unsafe { handle_mut(cfg, "cfg") }?.knobs;
+        k.env.retain(|(old, _)| old != key);
+        k.env.push((key.into(), value.into()));
+        Ok(())
+    })
+}
+
+/// Allows outgoing HTTP requests to `host` or `host:port` (every other
+/// outgoing request is refused).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wasmpool_config_add_allow_outbound(
+    cfg: *mut wasmpool_config,
+    host: *const c_char,
+) -> wasmpool_result {
+    boundary(|| {
+        // SAFETY: see `str_arg`.
+        let rule =
+            OutboundRule::parse(unsafe { str_arg(host, "host") }?).map_err(Failure::invalid)?;
+        // SAFETY: see `handle_mut`.
+        unsafe { handle_mut(cfg, "cfg") }?
+            .knobs
+            .allow_outbound
+            .push(rule);
+        Ok(())
+    })
+}
+
+/// How completion callbacks are delivered: `WASMPOOL_COMPLETION_ENGINE`
+/// (default) or `WASMPOOL_COMPLETION_POLL`. Other values are invalid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wasmpool_config_set_completion_mode(
+    cfg: *mut wasmpool_config,
+    mode: u32,
+) -> wasmpool_result {
+    boundary(|| {
+        let mode = match mode {
+            0 => wasmpool_completion_mode::WASMPOOL_COMPLETION_ENGINE,
+            1 => wasmpool_completion_mode::WASMPOOL_COMPLETION_POLL,
+            other => return Err(Failure::invalid(format!("unknown completion mode {other}"))),
+        };
+        // SAFETY: see `handle_mut`.
+        unsafe { handle_mut(cfg, "cfg") }?.completion = mode;
+        Ok(())
+    })
+}
+
+/// Engine threads the handler runs (default: the number of CPUs, at most
+/// 4). 0 is invalid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wasmpool_config_set_engine_threads(
+    cfg: *mut wasmpool_config,
+    n: u32,
+) -> wasmpool_result {
+    boundary(|| {
+        if n == 0 || n > 1024 {
+            return Err(Failure::invalid(format!(
+                "engine threads must be 1..=1024, not {n}"
+            )));
+        }
+        // SAFETY: see `handle_mut`.
+        unsafe { handle_mut(cfg, "cfg") }?.engine_threads = n as usize;
+        Ok(())
+    })
+}
