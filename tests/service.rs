@@ -669,48 +669,33 @@ fn slow_first_compile_extends_the_start_timeout() {
     let d = dir.path();
     // A ~20 MB componentize-py guest takes seconds to compile.
     std::fs::write(d.join("app.wasm"), python_guest("p2")).unwrap();
-    let mut notify = NotifySocket::new(d);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wasmpool"));
-    cmd.args([
-        "serve",
-        "app.wasm",
-        "--listen",
-        "127.0.0.1:0",
-        "--cache-dir",
-        "cache",
-    ])
-    .env("NOTIFY_SOCKET", notify.env())
-    .current_dir(d);
-    let (proc, _) = Proc::start(cmd, 1);
-    notify.wait_for(Duration::from_secs(5), "READY=1", |m| {
-        m.lines().any(|l| l == "READY=1")
-    });
-    let first = &notify.all[0];
-    assert!(
-        first.starts_with("EXTEND_TIMEOUT_USEC="),
-        "{:#?}",
+    // Starts the service with its own notify socket; returns every
+    // datagram up to and including READY=1.
+    let start = |sub: &str| {
+        let sock_dir = d.join(sub);
+        std::fs::create_dir_all(&sock_dir).unwrap();
+        let mut notify = NotifySocket::new(&sock_dir);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wasmpool"));
+        cmd.args([
+            "serve",
+            "app.wasm",
+            "--listen",
+            "127.0.0.1:0",
+            "--cache-dir",
+            "cache",
+        ])
+        .env("NOTIFY_SOCKET", notify.env())
+        .current_dir(d);
+        let (proc, _) = Proc::start(cmd, 1);
+        notify.wait_for(Duration::from_secs(5), "READY=1", |m| {
+            m.lines().any(|l| l == "READY=1")
+        });
+        assert!(proc.stop(SIGTERM).success());
         notify.all
-    );
-    assert!(proc.stop(SIGTERM).success());
+    };
+    let first = start("first");
+    assert!(first[0].starts_with("EXTEND_TIMEOUT_USEC="), "{first:#?}");
     // From the cache the start is quick: no extension needed.
-    let second = d.join("second");
-    std::fs::create_dir_all(&second).unwrap();
-    let mut notify = NotifySocket::new(&second);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wasmpool"));
-    cmd.args([
-        "serve",
-        "app.wasm",
-        "--listen",
-        "127.0.0.1:0",
-        "--cache-dir",
-        "cache",
-    ])
-    .env("NOTIFY_SOCKET", notify.env())
-    .current_dir(d);
-    let (proc, _) = Proc::start(cmd, 1);
-    let ready = notify.wait_for(Duration::from_secs(5), "READY=1", |m| {
-        m.lines().any(|l| l == "READY=1")
-    });
-    assert!(ready.starts_with("READY=1"), "{:#?}", notify.all);
-    assert!(proc.stop(SIGTERM).success());
+    let second = start("second");
+    assert!(second[0].starts_with("READY=1"), "{second:#?}");
 }
