@@ -352,6 +352,8 @@ fn serve_from_a_config_file_on_tcp_and_unix() {
     assert_eq!(addrs.len(), 1);
     let texts: Vec<String> = (0..3)
         .map(|_| {
+            // Let the instance become available again (see knobs.rs `settle`).
+            std::thread::sleep(Duration::from_millis(100));
             rt.block_on(send(
                 sockaddr(&addrs[0]),
                 "GET",

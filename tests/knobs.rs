@@ -11,8 +11,16 @@ async fn counters(s: &TestServer, n: usize) -> Vec<String> {
         let r = s.get("/counter").await;
         assert_eq!(r.status, 200);
         v.push(r.text());
+        settle().await;
     }
     v
+}
+
+/// Lets the instance that just answered become available again. A worker
+/// counts as available only once its event loop idles; a request arriving
+/// before that starts a new instance (ProxyHandler's design).
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,10 +175,13 @@ async fn check_timeout(guest: Vec<u8>) {
     );
     // Other requests keep working while and after it spins.
     assert_eq!(s.get("/").await.status, 200);
+    settle().await;
     // A slow guest too; the timed-out instance is not reused afterwards.
     assert_eq!(s.get("/counter").await.status, 200);
+    settle().await;
     let r = s.get("/sleep/3000").await;
     assert_eq!(r.status, 504);
+    settle().await;
     // Had the sleeping instance been reused, its counter would be past 1.
     let r = s.get("/counter").await;
     assert_eq!(
@@ -205,12 +216,15 @@ async fn check_trap(guest: Vec<u8>) {
     .await;
     // The trap ends its instance: the next request gets a fresh one.
     assert_eq!(s.get("/counter").await.text(), "1");
+    settle().await;
     assert_eq!(s.get("/trap").await.status, 500);
+    settle().await;
     assert_eq!(
         s.get("/counter").await.text(),
         "1",
         "a trapped instance was reused"
     );
+    settle().await;
     // A request in flight on another instance is not affected by a trap.
     let addr = s.addr;
     let slow =

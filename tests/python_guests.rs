@@ -91,6 +91,8 @@ async fn futures_seq(s: &TestServer, path: &str, n: usize) -> Vec<String> {
     let mut v = Vec::new();
     for _ in 0..n {
         v.push(s.get(path).await.text());
+        // Let the instance become available again (see knobs.rs `settle`).
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     v
 }
@@ -102,6 +104,7 @@ async fn python_p3_reuse_and_concurrency() {
     assert_eq!(s.get("/").await.text(), "hello from python p3\n");
     // Default p3 reuse: the counter climbs on one instance.
     let c1: u32 = s.get("/counter").await.text().parse().unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let c2: u32 = s.get("/counter").await.text().parse().unwrap();
     assert!(c2 > c1, "{c1} {c2}");
     // Concurrent sleeps share instances.

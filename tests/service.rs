@@ -158,6 +158,9 @@ fn notify_protocol_under_systemd_socket_activate() {
     });
     assert!(ready.contains("STATUS=Serving"), "{ready}");
     assert_eq!(first.join().unwrap(), "1");
+    // Between requests, let the instance become available again (see
+    // knobs.rs `settle`), so the counter shows reuse deterministically.
+    std::thread::sleep(Duration::from_millis(100));
     let log = proc.log();
     assert!(
         log.contains("inherited: web") && log.contains("inherited: local"),
@@ -165,6 +168,7 @@ fn notify_protocol_under_systemd_socket_activate() {
     );
     // Both sockets serve; the reused instance counts up.
     assert_eq!(get(&rt, addr, "/counter").text(), "2");
+    std::thread::sleep(Duration::from_millis(100));
     let t = get_unix(&rt, &sock, "/counter");
     assert!(
         t.starts_with("HTTP/1.1 200") && t.contains("\r\n3\r\n"),
