@@ -314,7 +314,6 @@ impl http_body::Body for LimitedBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
             other => other.map(|o| o.map(|r| r.map_err(Into::into))),
         }
     }

@@ -105,6 +105,16 @@ impl Shared {
         }
     }
 
+    /// Counts a completed request for `wasmpool_handler_stats`.
+    fn count(&self, outcome: &Result<wasmpool_response, Failure>) {
+        let counter = if outcome.is_ok() {
+            &self.handled
+        } else {
+            &self.failed
+        };
+        counter.fetch_add(1, Relaxed);
+    }
+
     fn signal(&self) {
         let one: u64 = 1;
         // SAFETY: writing 8 bytes from a live u64 to our eventfd.
@@ -124,15 +134,10 @@ impl Shared {
         userdata: SendPtr<c_void>,
         outcome: Result<wasmpool_response, Failure>,
     ) {
+        self.count(&outcome);
         let (result, message, response) = match outcome {
-            Ok(r) => {
-                self.handled.fetch_add(1, Relaxed);
-                (WASMPOOL_OK, String::new(), Box::into_raw(Box::new(r)))
-            }
-            Err(f) => {
-                self.failed.fetch_add(1, Relaxed);
-                (f.code, f.message, std::ptr::null_mut())
-            }
+            Ok(r) => (WASMPOOL_OK, String::new(), Box::into_raw(Box::new(r))),
+            Err(f) => (f.code, f.message, std::ptr::null_mut()),
         };
         let ready = Ready {
             cb,
@@ -485,10 +490,7 @@ pub unsafe extern "C" fn wasmpool_handler_call(
                 ))
             })
         });
-        match &outcome {
-            Ok(_) => shared.handled.fetch_add(1, Relaxed),
-            Err(_) => shared.failed.fetch_add(1, Relaxed),
-        };
+        shared.count(&outcome);
         shared.finish_one();
         let resp = outcome?;
         // SAFETY: checked for NULL above.
