@@ -340,14 +340,16 @@ pub async fn serve(
     let conns = Arc::new(Semaphore::new(
         front.pool().knobs().max_concurrent_connections as usize,
     ));
-    let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Every connection task holds a clone; `recv` returns None once all
+    // of them have ended.
+    let (alive_tx, mut alive_rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut tasks = tokio::task::JoinSet::new();
     for l in listeners {
         let front = front.clone();
         let conns = conns.clone();
         let mut stop = stop_rx.clone();
-        let graceful = graceful.clone();
+        let alive = alive_tx.clone();
         tasks.spawn(async move {
             loop {
                 let permit = tokio::select! {
@@ -368,38 +370,87 @@ pub async fn serve(
                     }
                 };
                 let guard = ConnectionGuard::new(front.clone());
+                let stop = stop.clone();
+                let alive = alive.clone();
                 let front = front.clone();
-                let conn = http1_builder(front.pool().knobs()).serve_connection(
-                    TokioIo::new(io),
-                    hyper::service::service_fn(move |req| {
-                        let front = front.clone();
-                        async move { Ok::<_, Infallible>(front.handle(req).await) }
-                    }),
-                );
-                let fut = graceful.watcher().watch(conn);
                 tokio::spawn(async move {
-                    if let Err(e) = fut.await {
-                        tracing::debug!("connection ended with an error: {e}");
-                    }
+                    serve_connection(front, io, stop).await;
                     drop(guard);
                     drop(permit);
+                    drop(alive);
                 });
             }
         });
     }
+    drop(alive_tx);
     shutdown.await;
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
     tracing::info!("stopped accepting; draining running requests");
-    // Every listener task has ended, so this is the last reference.
-    let Ok(graceful) = Arc::try_unwrap(graceful) else {
-        return;
-    };
-    if tokio::time::timeout(drain_timeout, graceful.shutdown())
+    if tokio::time::timeout(drain_timeout, alive_rx.recv())
         .await
         .is_err()
     {
         tracing::warn!("drain timeout reached; closing remaining connections");
+    }
+}
+
+/// How long, once draining, a connection that has not sent its first
+/// request yet may take to send it. Such a connection was accepted before
+/// the drain began (its client connected in time), so it is served rather
+/// than closed unanswered.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+
+/// Serves one connection until it ends. When `stop` turns true, keep-alive
+/// ends: an idle connection closes at once, a running request finishes
+/// (its response says `Connection: close`), and a connection still waiting
+/// for its first request gets [`FIRST_REQUEST_GRACE`] to send it.
+async fn serve_connection(
+    front: Arc<Front>,
+    io: Box<dyn Io>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let builder = http1_builder(front.pool().knobs());
+    let started = Arc::new(tokio::sync::Notify::new());
+    let seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let service = {
+        let (started, seen) = (started.clone(), seen.clone());
+        hyper::service::service_fn(move |req| {
+            seen.store(true, std::sync::atomic::Ordering::Release);
+            started.notify_one();
+            let front = front.clone();
+            async move { Ok::<_, Infallible>(front.handle(req).await) }
+        })
+    };
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    let mut conn = std::pin::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stopped(&mut stop) => {
+            if !seen.load(std::sync::atomic::Ordering::Acquire) {
+                // Keep serving until the first request arrives or the
+                // grace ends.
+                tokio::select! {
+                    r = conn.as_mut() => return log_connection_end(r),
+                    _ = started.notified() => {}
+                    _ = tokio::time::sleep(FIRST_REQUEST_GRACE) => {}
+                }
+            }
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    log_connection_end(result);
+}
+
+/// Resolves once `stop` is true (or its sender is gone).
+async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+fn log_connection_end(r: Result<(), hyper::Error>) {
+    if let Err(e) = r {
+        tracing::debug!("connection ended with an error: {e}");
     }
 }
 
