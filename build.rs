@@ -85,7 +85,10 @@ fn main() {
     ];
     config.function.must_use = None;
     // Used as plain integers in signatures, but part of the API.
-    config.export.include = vec!["wasmpool_completion_mode".into()];
+    config.export.include = vec![
+        "wasmpool_completion_mode".into(),
+        "wasmpool_reuse_mode".into(),
+    ];
 
     let bindings = cbindgen::Builder::new()
         .with_crate(&dir)

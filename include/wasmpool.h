@@ -147,6 +147,37 @@ typedef uint32_t wasmpool_completion_mode;
 #endif // __cplusplus
 
 /**
+ * Whether instances are reused (the `reuse` knob).
+ */
+enum wasmpool_reuse_mode
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  /**
+   * Reuse as the reuse counts say; when a reused instance fails a
+   * request that a fresh instance then answers, retry it there and stop
+   * reusing instances of the component (the default).
+   */
+  WASMPOOL_REUSE_AUTO = 0,
+  /**
+   * Reuse as the reuse counts say, whatever happens.
+   */
+  WASMPOOL_REUSE_ALWAYS = 1,
+  /**
+   * One request per instance.
+   */
+  WASMPOOL_REUSE_NEVER = 2,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum wasmpool_reuse_mode wasmpool_reuse_mode;
+#else
+typedef uint32_t wasmpool_reuse_mode;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
  * Configuration for `wasmpool_handler_new`. Create with
  * `wasmpool_config_new`, free with `wasmpool_config_free`. Not thread-safe:
  * do not use one config from two threads at once.
@@ -329,6 +360,12 @@ wasmpool_result wasmpool_config_add_env(struct wasmpool_config *cfg,
  * outgoing request is refused).
  */
 wasmpool_result wasmpool_config_add_allow_outbound(struct wasmpool_config *cfg, const char *host);
+
+/**
+ * Whether instances are reused: a `wasmpool_reuse_mode` value
+ * (default `WASMPOOL_REUSE_AUTO`). Other values are invalid.
+ */
+wasmpool_result wasmpool_config_set_reuse_mode(struct wasmpool_config *cfg, uint32_t mode);
 
 /**
  * How completion callbacks are delivered: `WASMPOOL_COMPLETION_ENGINE`

@@ -2,9 +2,9 @@
 //! one line on stderr and a non-zero exit code.
 
 use crate::component::Source;
-use crate::config::{KnobArgs, Knobs};
+use crate::config::{KnobArgs, Knobs, ReuseMode};
 use crate::logging::LogFormat;
-use crate::pool::Pool;
+use crate::pool::{Pool, ReuseProbe};
 use crate::server::ListenAddr;
 use crate::service::ServeOptions;
 use anyhow::{Context as _, Result, bail};
@@ -161,13 +161,39 @@ fn compile(a: ComponentArgs) -> Result<()> {
 
 fn check(a: ComponentArgs) -> Result<()> {
     let (component, knobs) = a.settle()?;
-    let pool = Pool::load(knobs, &Source::File(component.clone()))?;
-    runtime()?.block_on(pool.probe())?;
+    let pool = Pool::load(knobs.clone(), &Source::File(component.clone()))?;
+    let rt = runtime()?;
+    rt.block_on(pool.probe())?;
     let (reuse, concurrent) = pool.reuse_limits();
     println!(
         "{}: {}; links and instantiates: ok; reuse: up to {reuse} requests per instance, {concurrent} at a time",
         component.display(),
         pool.world()
     );
+    // Whether instances survive reuse: GET / twice on one instance.
+    let mode = knobs.reuse;
+    let probe_knobs = crate::Knobs {
+        max_instance_reuse_count: Some(2),
+        max_instance_concurrent_reuse_count: Some(1),
+        reuse: ReuseMode::Always,
+        ..knobs
+    };
+    let probe = Pool::load(probe_knobs, &Source::File(component.clone()))?;
+    let found = rt.block_on(probe.probe_reuse());
+    match found {
+        ReuseProbe::Reusable => println!("reuse probe (GET / twice on one instance): ok"),
+        ReuseProbe::NotReusable(why) => println!(
+            "reuse probe (GET / twice on one instance): FAILS on a reused instance ({why}); {}",
+            match mode {
+                ReuseMode::Auto =>
+                    "with reuse = auto (the default) wasmpool uses each instance once after the first such failure",
+                ReuseMode::Always => "reuse = always will serve errors: use auto or never",
+                ReuseMode::Never => "reuse = never uses each instance once",
+            }
+        ),
+        ReuseProbe::Inconclusive(why) => {
+            println!("reuse probe (GET / twice on one instance): inconclusive ({why})")
+        }
+    }
     Ok(())
 }

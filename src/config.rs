@@ -42,6 +42,30 @@ pub const MAX_MAX_MEMORY_SIZE: u64 = 4 << 30;
 /// One wasm page: the smallest useful `max-memory-size`.
 pub const MIN_MAX_MEMORY_SIZE: u64 = 64 << 10;
 
+/// How instances of a component are reused (the `reuse` knob).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReuseMode {
+    /// Reuse as the reuse knobs say; stop reusing when reused instances
+    /// fail requests that fresh ones answer.
+    #[default]
+    Auto,
+    /// Reuse as the reuse knobs say, whatever happens.
+    Always,
+    /// One request per instance.
+    Never,
+}
+
+impl std::fmt::Display for ReuseMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ReuseMode::Auto => "auto",
+            ReuseMode::Always => "always",
+            ReuseMode::Never => "never",
+        })
+    }
+}
+
 /// Knobs as given by a user: on the command line or in the config file.
 /// `None` (or an empty list) means "not set here".
 #[derive(Debug, Default, Clone, clap::Args, Deserialize)]
@@ -52,6 +76,14 @@ pub struct KnobArgs {
     #[arg(long, value_name = "N", value_parser = units::parse_positive_count)]
     #[serde(default, deserialize_with = "de::positive_count")]
     pub max_instance_reuse_count: Option<u32>,
+
+    /// Whether instances are reused: `auto` reuses them as the reuse knobs
+    /// say until a reused instance fails a request that a fresh one then
+    /// answers, and from then on uses each instance once; `always` never
+    /// falls back; `never` uses each instance for one request [default: auto].
+    #[arg(long, value_enum, value_name = "MODE")]
+    #[serde(default)]
+    pub reuse: Option<ReuseMode>,
 
     /// Requests one instance may serve at the same time
     /// [default: 1 for WASIp2, 16 for WASIp3; WASIp2 instances always serve one at a time].
@@ -217,6 +249,7 @@ impl KnobArgs {
         }
         take!(
             max_instance_reuse_count,
+            reuse,
             max_instance_concurrent_reuse_count,
             idle_instance_timeout,
             request_timeout,
@@ -242,6 +275,7 @@ impl KnobArgs {
         let d = Knobs::default();
         let k = Knobs {
             max_instance_reuse_count: self.max_instance_reuse_count,
+            reuse: self.reuse.unwrap_or_default(),
             max_instance_concurrent_reuse_count: self.max_instance_concurrent_reuse_count,
             idle_instance_timeout: self
                 .idle_instance_timeout
@@ -292,6 +326,7 @@ impl KnobArgs {
 pub struct Knobs {
     /// `None`: the default for the component's world.
     pub max_instance_reuse_count: Option<u32>,
+    pub reuse: ReuseMode,
     /// `None`: the default for the component's world.
     pub max_instance_concurrent_reuse_count: Option<u32>,
     pub idle_instance_timeout: Duration,
@@ -316,6 +351,7 @@ impl Default for Knobs {
     fn default() -> Self {
         Knobs {
             max_instance_reuse_count: None,
+            reuse: ReuseMode::Auto,
             max_instance_concurrent_reuse_count: None,
             idle_instance_timeout: defaults::IDLE_INSTANCE_TIMEOUT,
             request_timeout: defaults::REQUEST_TIMEOUT,

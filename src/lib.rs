@@ -13,6 +13,7 @@ pub mod host;
 pub mod logging;
 pub mod metrics;
 pub mod pool;
+mod reuse;
 pub mod server;
 pub mod service;
 pub mod stats;

@@ -78,7 +78,7 @@ struct StatsCollector(Arc<Stats>);
 impl Collector for StatsCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = self.0.snapshot();
-        let counters: [(&str, &str, u64); 8] = [
+        let counters: [(&str, &str, u64); 10] = [
             (
                 "instances_created",
                 "Instances created",
@@ -110,6 +110,16 @@ impl Collector for StatsCollector {
                 "reload_failures",
                 "Failed reloads (the previous component kept serving)",
                 s.reload_failures,
+            ),
+            (
+                "retried_requests",
+                "Requests sent again to a fresh instance after failing on a reused one",
+                s.retries,
+            ),
+            (
+                "reuse_fallbacks",
+                "Times reuse = auto stopped reusing instances of a component that fails on them",
+                s.reuse_fallbacks,
             ),
         ];
         for (name, help, v) in counters {

@@ -7,9 +7,10 @@
 
 use crate::admission::{Admission, Permit, Rejection};
 use crate::component::{self, EPOCH_TICK, Loaded, Source, World};
-use crate::config::{Knobs, OutboundRule, defaults};
+use crate::config::{Knobs, OutboundRule, ReuseMode, defaults};
 use crate::error::LoadError;
 use crate::host::Host;
+use crate::reuse::{Replay, ReplayableBody, ReuseSwitch};
 use crate::stats::{Snapshot, Stats};
 use bytes::Bytes;
 use std::pin::Pin;
@@ -67,6 +68,8 @@ pub struct Ticket {
     expired: AtomicBool,
     notify: Notify,
     worker: OnceLock<Arc<WorkerShared>>,
+    /// The instance that took the request had served one before.
+    reused: AtomicBool,
 }
 
 /// What a worker shares with the tickets of its requests.
@@ -193,7 +196,7 @@ impl Pool {
 
     fn from_loaded(engine: Engine, knobs: Knobs, loaded: Loaded, stats: Arc<Stats>) -> Pool {
         let p3 = loaded.world.is_p3();
-        let reuse = knobs.max_instance_reuse_count.unwrap_or(if p3 {
+        let mut reuse = knobs.max_instance_reuse_count.unwrap_or(if p3 {
             defaults::P3_MAX_INSTANCE_REUSE_COUNT
         } else {
             defaults::P2_MAX_INSTANCE_REUSE_COUNT
@@ -208,6 +211,12 @@ impl Pool {
             }
             (false, _) => defaults::P2_MAX_INSTANCE_CONCURRENT_REUSE_COUNT,
         };
+        let concurrent = if knobs.reuse == ReuseMode::Never {
+            reuse = 1;
+            1
+        } else {
+            concurrent
+        };
         let knobs = Arc::new(knobs);
         let state = PoolState {
             engine: engine.clone(),
@@ -216,6 +225,8 @@ impl Pool {
             rules: knobs.allow_outbound.clone().into(),
             reuse: reuse as usize,
             concurrent: concurrent as usize,
+            mode: knobs.reuse,
+            switch: Arc::default(),
             next_instance: AtomicU64::new(1),
             stats: stats.clone(),
             _epoch: EpochTicker::spawn(engine),
@@ -333,14 +344,92 @@ impl Pool {
             );
         }
         let permit = self.admission.admit().await?;
+        let started = Instant::now();
+        let state = self.handler.state();
+        // Under `reuse = auto`, keep what a retry on a fresh instance needs.
+        let replay =
+            if state.mode == ReuseMode::Auto && state.reuse > 1 && !state.switch.is_confirmed() {
+                let (parts, body) = request.into_parts();
+                let (body, replay) = ReplayableBody::wrap(body);
+                let head = RequestHead::of(&parts);
+                request = http::Request::from_parts(parts, body);
+                Some((head, replay))
+            } else {
+                None
+            };
         let ticket = Arc::new(Ticket::default());
-        let call = self.handler.handle(ticket.clone(), request);
-        match tokio::time::timeout(self.knobs.request_timeout, call).await {
-            Ok(Ok(response)) => Ok(response.map(|inner| ResponseBody {
+        let first = self
+            .attempt(request, &ticket, self.knobs.request_timeout)
+            .await;
+        let result = match (first, replay) {
+            (Err(e @ (RequestError::Trap(_) | RequestError::Guest(_))), Some((head, replay)))
+                if ticket.reused.load(Relaxed) =>
+            {
+                self.retry_fresh(e, head, &replay, started).await
+            }
+            (first, _) => first,
+        };
+        result.map(|response| {
+            response.map(|inner| ResponseBody {
                 inner,
                 _permit: Some(permit),
                 abort: None,
-            })),
+            })
+        })
+    }
+
+    /// A request failed on a reused instance: stop reuse and send it again,
+    /// to a fresh instance, if its body can be replayed. If the fresh
+    /// instance answers, reuse stays off for this component.
+    async fn retry_fresh(
+        &self,
+        failure: RequestError,
+        head: RequestHead,
+        replay: &Replay,
+        started: Instant,
+    ) -> Result<http::Response<WasiBody>, RequestError> {
+        let Some(body) = replay.take() else {
+            return Err(failure);
+        };
+        let left = self.knobs.request_timeout.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            return Err(failure);
+        }
+        let switch = &self.handler.state().switch;
+        switch.suspect();
+        self.stats.retries.fetch_add(1, Relaxed);
+        let ticket = Arc::new(Ticket::default());
+        match self.attempt(head.with_body(body), &ticket, left).await {
+            Ok(response) => {
+                if switch.confirm() {
+                    self.stats.reuse_fallbacks.fetch_add(1, Relaxed);
+                    tracing::warn!(
+                        component = %self.name,
+                        "a reused instance failed a request that a fresh instance then answered \
+                         ({failure}); instances of this component are no longer reused \
+                         (set `reuse = \"always\"` to keep reusing them)"
+                    );
+                }
+                Ok(response)
+            }
+            Err(e) => {
+                switch.acquit();
+                Err(e)
+            }
+        }
+    }
+
+    /// One try at a request: dispatch to an instance, wait at most
+    /// `timeout` for the response head, classify failures.
+    async fn attempt(
+        &self,
+        request: http::Request<WasiBody>,
+        ticket: &Arc<Ticket>,
+        timeout: Duration,
+    ) -> Result<http::Response<WasiBody>, RequestError> {
+        let call = self.handler.handle(ticket.clone(), request);
+        match tokio::time::timeout(timeout, call).await {
+            Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) => Err(match classify(e) {
                 // A trap ends the instance's whole event loop; its requests
                 // then look as if the guest had never answered. The
@@ -358,6 +447,101 @@ impl Pool {
                 Err(RequestError::Timeout)
             }
         }
+    }
+
+    /// Sends `GET /` twice to one instance (the pool must allow reuse):
+    /// tells whether the component answers on a reused instance. Needs a
+    /// tokio runtime.
+    pub async fn probe_reuse(&self) -> ReuseProbe {
+        fn get() -> http::Request<WasiBody> {
+            use http_body_util::BodyExt as _;
+            let body = http_body_util::Empty::<Bytes>::new()
+                .map_err(|never| match never {})
+                .boxed_unsync();
+            let mut r = http::Request::new(body);
+            *r.uri_mut() = http::Uri::from_static("http://localhost/");
+            r
+        }
+        async fn finish(r: http::Response<ResponseBody>) -> Result<(), String> {
+            use http_body_util::BodyExt as _;
+            r.into_body()
+                .collect()
+                .await
+                .map(drop)
+                .map_err(|e| format!("{e}"))
+        }
+        match self.handle(get()).await {
+            Ok(r) => {
+                if let Err(e) = finish(r).await {
+                    return ReuseProbe::Inconclusive(format!("the first response failed: {e}"));
+                }
+            }
+            Err(e) => return ReuseProbe::Inconclusive(format!("the first request failed: {e}")),
+        }
+        // The instance becomes available again once its event loop idles.
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let reused_before = self.stats.instances_reused.load(Relaxed);
+            let result = self.handle(get()).await;
+            let on_reused = self.stats.instances_reused.load(Relaxed) > reused_before;
+            match result {
+                Ok(r) => match finish(r).await {
+                    Ok(()) if on_reused => return ReuseProbe::Reusable,
+                    Ok(()) => continue,
+                    Err(e) => return ReuseProbe::NotReusable(format!("the response failed: {e}")),
+                },
+                Err(e) if on_reused => return ReuseProbe::NotReusable(e.to_string()),
+                Err(e) => {
+                    return ReuseProbe::Inconclusive(format!("a fresh instance failed: {e}"));
+                }
+            }
+        }
+        ReuseProbe::Inconclusive("no request reached a reused instance".into())
+    }
+
+    /// Whether `reuse = auto` found that this component fails on reused
+    /// instances (it then uses each instance once).
+    pub fn reuse_disabled(&self) -> bool {
+        self.handler.state().switch.is_confirmed()
+    }
+}
+
+/// What [`Pool::probe_reuse`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReuseProbe {
+    /// A reused instance answered.
+    Reusable,
+    /// A reused instance failed (why).
+    NotReusable(String),
+    /// The probe could not tell (why).
+    Inconclusive(String),
+}
+
+/// What is needed to send a request again (its body aside).
+struct RequestHead {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+}
+
+impl RequestHead {
+    fn of(parts: &http::request::Parts) -> RequestHead {
+        RequestHead {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+        }
+    }
+
+    fn with_body(self, body: WasiBody) -> http::Request<WasiBody> {
+        let mut r = http::Request::new(body);
+        *r.method_mut() = self.method;
+        *r.uri_mut() = self.uri;
+        *r.version_mut() = self.version;
+        *r.headers_mut() = self.headers;
+        r
     }
 }
 
@@ -386,6 +570,8 @@ struct PoolState {
     rules: Arc<[OutboundRule]>,
     reuse: usize,
     concurrent: usize,
+    mode: ReuseMode,
+    switch: Arc<ReuseSwitch>,
     next_instance: AtomicU64,
     stats: Arc<Stats>,
     /// Lives as long as any worker does (workers hold the handler), so
@@ -452,6 +638,7 @@ impl HandlerState for PoolState {
                 id,
                 reuse: self.reuse,
                 concurrent: self.concurrent,
+                switch: self.switch.clone(),
                 deadline: worker_deadline,
                 shared: Arc::default(),
                 served: AtomicU64::new(0),
@@ -466,6 +653,7 @@ struct WorkerPolicy {
     id: u64,
     reuse: usize,
     concurrent: usize,
+    switch: Arc<ReuseSwitch>,
     deadline: Duration,
     shared: Arc<WorkerShared>,
     served: AtomicU64,
@@ -477,7 +665,10 @@ impl WorkerState for WorkerPolicy {
     type RequestData = Arc<Ticket>;
 
     fn should_accept_request(&self, concurrent: usize, total: usize) -> ShouldAccept {
-        if self.shared.poisoned.load(Relaxed) || total >= self.reuse {
+        if self.shared.poisoned.load(Relaxed)
+            || total >= self.reuse
+            || (total > 0 && self.switch.is_off())
+        {
             ShouldAccept::Never
         } else if concurrent >= self.concurrent {
             ShouldAccept::No
@@ -494,6 +685,7 @@ impl WorkerState for WorkerPolicy {
     ) -> Pin<Box<dyn Future<Output = ()> + Send + Sync + 'static>> {
         if self.served.fetch_add(1, Relaxed) > 0 {
             self.stats.instances_reused.fetch_add(1, Relaxed);
+            ticket.reused.store(true, Relaxed);
         }
         let _ = ticket.worker.set(self.shared.clone());
         if ticket.expired.load(Relaxed) {

@@ -36,6 +36,11 @@ pub struct Stats {
     pub reloads: AtomicU64,
     /// Reloads that failed (the previous component kept serving).
     pub reload_failures: AtomicU64,
+    /// Requests sent again to a fresh instance after failing on a reused
+    /// one (`reuse = auto`).
+    pub retries: AtomicU64,
+    /// Times `reuse = auto` turned reuse off for a component.
+    pub reuse_fallbacks: AtomicU64,
 }
 
 /// A plain copy of [`Stats`].
@@ -56,6 +61,8 @@ pub struct Snapshot {
     pub in_flight: u64,
     pub reloads: u64,
     pub reload_failures: u64,
+    pub retries: u64,
+    pub reuse_fallbacks: u64,
 }
 
 impl Stats {
@@ -76,6 +83,8 @@ impl Stats {
             in_flight: self.in_flight.load(Relaxed),
             reloads: self.reloads.load(Relaxed),
             reload_failures: self.reload_failures.load(Relaxed),
+            retries: self.retries.load(Relaxed),
+            reuse_fallbacks: self.reuse_fallbacks.load(Relaxed),
         }
     }
 

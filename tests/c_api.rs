@@ -168,6 +168,10 @@ fn c_tests_under_valgrind() {
             "--leak-check=full",
             "--errors-for-leak-kinds=definite",
             "--show-leak-kinds=definite",
+            &format!(
+                "--suppressions={}",
+                root().join("ffi/tests/valgrind.supp").display()
+            ),
         ],
         true,
     );

@@ -16,13 +16,6 @@ async fn counters(s: &TestServer, n: usize) -> Vec<String> {
     v
 }
 
-/// Lets the instance that just answered become available again. A worker
-/// counts as available only once its event loop idles; a request arriving
-/// before that starts a new instance (ProxyHandler's design).
-async fn settle() {
-    tokio::time::sleep(Duration::from_millis(100)).await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reuse_count_p2() {
     // Default for p2: a fresh instance per request.
@@ -210,6 +203,9 @@ async fn check_trap(guest: Vec<u8>) {
         KnobArgs {
             max_instance_reuse_count: Some(100),
             max_instance_concurrent_reuse_count: Some(1),
+            // Without auto's retry on a fresh instance (tests/reuse_fallback.rs),
+            // each trap counts once.
+            reuse: Some(wasmpool::config::ReuseMode::Always),
             ..Default::default()
         },
     )

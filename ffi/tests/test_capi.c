@@ -119,11 +119,17 @@ static void test_config(void) {
   CHECK_RESULT(wasmpool_config_add_allow_outbound(cfg, "host:0"), WASMPOOL_INVALID_ARGUMENT);
   CHECK_RESULT(wasmpool_config_set_completion_mode(cfg, WASMPOOL_COMPLETION_POLL), WASMPOOL_OK);
   CHECK_RESULT(wasmpool_config_set_completion_mode(cfg, 7), WASMPOOL_INVALID_ARGUMENT);
+  CHECK_RESULT(wasmpool_config_set_reuse_mode(cfg, WASMPOOL_REUSE_NEVER), WASMPOOL_OK);
+  CHECK_RESULT(wasmpool_config_set_reuse_mode(cfg, WASMPOOL_REUSE_ALWAYS), WASMPOOL_OK);
+  CHECK_RESULT(wasmpool_config_set_reuse_mode(cfg, WASMPOOL_REUSE_AUTO), WASMPOOL_OK);
+  CHECK_RESULT(wasmpool_config_set_reuse_mode(cfg, 3), WASMPOOL_INVALID_ARGUMENT);
   CHECK_RESULT(wasmpool_config_set_engine_threads(cfg, 0), WASMPOOL_INVALID_ARGUMENT);
   /* NULL handles */
   CHECK_RESULT(wasmpool_config_set_max_instance_reuse_count(NULL, 1), WASMPOOL_NULL_ARGUMENT);
   CHECK_RESULT(wasmpool_config_set_request_timeout_ms(NULL, 1), WASMPOOL_NULL_ARGUMENT);
   CHECK_RESULT(wasmpool_config_set_completion_mode(NULL, 0), WASMPOOL_NULL_ARGUMENT);
+  CHECK_RESULT(wasmpool_config_set_reuse_mode(NULL, 0), WASMPOOL_NULL_ARGUMENT);
+  CHECK_RESULT(wasmpool_config_set_reuse_mode(NULL, 9), WASMPOOL_NULL_ARGUMENT);
   wasmpool_config_free(cfg);
   wasmpool_config_free(NULL);
 }
@@ -355,7 +361,14 @@ static void test_timeout_and_overload(void) {
   waiter w;
   waiter_init(&w);
   CHECK_RESULT(push(h, "GET", "/busy", &w), WASMPOOL_OK);
-  usleep(100000);
+  /* Wait until /busy holds the only slot (slow under valgrind). */
+  wasmpool_stats st;
+  for (int i = 0; i < 500; i++) {
+    CHECK_RESULT(wasmpool_handler_stats(h, &st), WASMPOOL_OK);
+    if (st.in_flight == 1) break;
+    usleep(10000);
+  }
+  CHECK(st.in_flight == 1);
   CHECK_RESULT(push(h, "GET", "/", &w), WASMPOOL_OK); /* no slot, no queue */
   waiter_wait(&w, 2);
   CHECK(w.by_result[WASMPOOL_TIMEOUT] == 1 && w.by_result[WASMPOOL_OVERLOADED] == 1);

@@ -21,6 +21,20 @@ pub enum wasmpool_completion_mode {
     WASMPOOL_COMPLETION_POLL = 1,
 }
 
+/// Whether instances are reused (the `reuse` knob).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum wasmpool_reuse_mode {
+    /// Reuse as the reuse counts say; when a reused instance fails a
+    /// request that a fresh instance then answers, retry it there and stop
+    /// reusing instances of the component (the default).
+    WASMPOOL_REUSE_AUTO = 0,
+    /// Reuse as the reuse counts say, whatever happens.
+    WASMPOOL_REUSE_ALWAYS = 1,
+    /// One request per instance.
+    WASMPOOL_REUSE_NEVER = 2,
+}
+
 /// Configuration for `wasmpool_handler_new`. Create with
 /// `wasmpool_config_new`, free with `wasmpool_config_free`. Not thread-safe:
 /// do not use one config from two threads at once.
@@ -224,6 +238,30 @@ pub unsafe extern "C" fn wasmpool_config_add_allow_outbound(
             .push(rule);
         Ok(())
     })
+}
+
+/// Whether instances are reused: a `wasmpool_reuse_mode` value
+/// (default `WASMPOOL_REUSE_AUTO`). Other values are invalid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wasmpool_config_set_reuse_mode(
+    cfg: *mut wasmpool_config,
+    mode: u32,
+) -> wasmpool_result {
+    use crate::config::ReuseMode;
+    let mode = match mode {
+        0 => Some(ReuseMode::Auto),
+        1 => Some(ReuseMode::Always),
+        2 => Some(ReuseMode::Never),
+        _ => None,
+    };
+    match mode {
+        Some(m) => set(cfg, |k| k.reuse = m),
+        None => boundary(|| {
+            // SAFETY: see `handle_mut`.
+            unsafe { handle_mut(cfg, "cfg") }?;
+            Err(Failure::invalid("unknown reuse mode".to_string()))
+        }),
+    }
 }
 
 /// How completion callbacks are delivered: `WASMPOOL_COMPLETION_ENGINE`

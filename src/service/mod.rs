@@ -350,8 +350,13 @@ impl Status {
                 )
             }
         };
+        let reuse = if pool.reuse_disabled() {
+            "; reuse off (the component fails on reused instances)"
+        } else {
+            ""
+        };
         format!(
-            "Serving {} ({}): {} requests served, {} live instances, {} queued; last reload: {reload}",
+            "Serving {} ({}): {} requests served, {} live instances, {} queued; last reload: {reload}{reuse}",
             pool.name(),
             pool.world(),
             s.responses,

@@ -203,6 +203,13 @@ pub async fn try_send(
     })
 }
 
+/// Lets the instance that just answered become available again. A worker
+/// counts as available only once its event loop idles; a request arriving
+/// before that starts a new instance (ProxyHandler's design).
+pub async fn settle() {
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
 /// Polls `f` until it returns true or `timeout` passes.
 pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = tokio::time::Instant::now() + timeout;
@@ -411,6 +418,51 @@ pub fn python_guest(world: &str) -> Vec<u8> {
         .expect("componentize-py is not installed: run the README's test command (it pip-installs componentize-py==0.25.1)");
     assert!(status.success(), "componentize-py failed for {world}");
     std::fs::read(wasm).unwrap()
+}
+
+/// Builds tests/guests/js/app.js with componentize-js (which the README's
+/// test command installs with npm into tests/guests/js/node_modules; or set
+/// COMPONENTIZE_JS). StarlingMonkey speaks wasi:http 0.2.10, so the WIT is
+/// the vendored 0.2.12 one relabelled.
+pub fn js_guest() -> Vec<u8> {
+    static BUILT: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let out_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+                .join(format!("js-{}", std::process::id()));
+            let deps = out_dir.join("wit/deps");
+            std::fs::create_dir_all(&deps).unwrap();
+            let src = root().join("tests/guests/js");
+            std::fs::copy(src.join("world.wit"), out_dir.join("wit/world.wit")).unwrap();
+            for e in std::fs::read_dir(root().join("tests/guests/wit/p2/deps")).unwrap() {
+                let e = e.unwrap();
+                let text = std::fs::read_to_string(e.path()).unwrap();
+                let text = text
+                    .replace("@0.2.12", "@0.2.10")
+                    .replace("@since(version = 0.2.11)", "")
+                    .replace("@since(version = 0.2.12)", "");
+                std::fs::write(deps.join(e.file_name()), text).unwrap();
+            }
+            let wasm = out_dir.join("app.wasm");
+            let tool = std::env::var("COMPONENTIZE_JS").unwrap_or_else(|_| {
+                src.join("node_modules/.bin/componentize-js")
+                    .to_string_lossy()
+                    .into_owned()
+            });
+            let status = std::process::Command::new(&tool)
+                .arg(src.join("app.js"))
+                .args(["-w", out_dir.join("wit").to_str().unwrap(), "-n", "app", "-o"])
+                .arg(&wasm)
+                .status()
+                .unwrap_or_else(|e| {
+                    panic!("{tool}: {e}: run the README's test command (it runs npm ci in tests/guests/js)")
+                });
+            assert!(status.success(), "componentize-js failed");
+            let bytes = std::fs::read(&wasm).unwrap();
+            let _ = std::fs::remove_dir_all(&out_dir);
+            bytes
+        })
+        .clone()
 }
 
 /// A compile cache shared by the tests of one target directory, so big

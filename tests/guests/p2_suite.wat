@@ -10,6 +10,8 @@
 ;;   /silent    returns without answering
 ;;   /grow/N    grows memory by N pages (64 KiB each); traps if refused
 ;;   /env       the environment, one KEY=VALUE per line
+;;   /once      like /echo on a fresh instance; on a reused one it returns
+;;              without answering (as componentize-js guests do)
 ;;   anything else: "hello from p2"
 ;; Memory: 0..1024 return areas, 1024..4096 constant data, heap from 64 KiB
 ;; (a bump allocator reset at each request: WASIp2 instances run one request
@@ -68,6 +70,7 @@
   (data (i32.const 1390) "/grow")
   (data (i32.const 1400) "/env")
   (data (i32.const 1410) "grown\n")
+  (data (i32.const 1420) "/once")
 
   (func $cabi_realloc (export "cabi_realloc") (param $old i32) (param $old_size i32) (param $align i32) (param $size i32) (result i32)
     (local $ptr i32) (local $end i32)
@@ -234,6 +237,12 @@
     (if (i32.load8_u (i32.const 0))
       (then (local.set $p (i32.load (i32.const 4))) (local.set $n (i32.load (i32.const 8)))))
     (block $routed
+      (if (call $starts_with (local.get $p) (local.get $n) (i32.const 1420) (i32.const 5))
+        (then
+          (if (i32.eq (global.get $count) (i32.const 1))
+            (then (call $echo (local.get $req) (local.get $out)))
+            (else (call $drop_outparam (local.get $out))))
+          (br $routed)))
       (if (call $starts_with (local.get $p) (local.get $n) (i32.const 1200) (i32.const 5))
         (then (call $echo (local.get $req) (local.get $out)) (br $routed)))
       (if (call $starts_with (local.get $p) (local.get $n) (i32.const 1210) (i32.const 8))
