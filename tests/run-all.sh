@@ -15,7 +15,11 @@ command -v valgrind >/dev/null || need+=(valgrind)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 command -v objdump >/dev/null || need+=(binutils)
 command -v curl >/dev/null || need+=(curl)
+command -v npm >/dev/null || need+=(npm)
 pkg-config --exists libmicrohttpd 2>/dev/null || need+=(libmicrohttpd-dev)
+# The package's end-to-end test boots a Debian root under systemd-nspawn.
+command -v debootstrap >/dev/null || need+=(debootstrap)
+command -v systemd-nspawn >/dev/null || need+=(systemd-container)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
@@ -26,6 +30,10 @@ python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ig
 COMPONENTIZE_PY="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/componentize-py"
 [ -x "$COMPONENTIZE_PY" ] || COMPONENTIZE_PY="$(command -v componentize-py)"
 export COMPONENTIZE_PY
+# componentize-js (npm), pinned by tests/guests/js/package-lock.json.
+# (`npm ci` refuses this lock file over platform-specific optional
+# packages it leaves out; `npm install` keeps the locked versions.)
+npm install --prefix tests/guests/js --no-audit --no-fund --loglevel=error
 
 # Reuse a build directory outside the checkout when there is one (builds of
 # wasmtime take minutes); without it, cargo builds in ./target as usual.
@@ -44,3 +52,17 @@ if git rev-parse --git-dir >/dev/null 2>&1; then
     exit 1
   fi
 fi
+
+# The Debian package, installed and driven under a real systemd booted in
+# a container (needs root; set WASMPOOL_SKIP_E2E=1 to leave it out).
+if [ "${WASMPOOL_SKIP_E2E:-}" = 1 ]; then
+  echo "WASMPOOL_SKIP_E2E=1: the package end-to-end test did not run" >&2
+  exit 0
+fi
+if [ "$(id -u)" != 0 ]; then
+  echo "the package end-to-end test needs root (or set WASMPOOL_SKIP_E2E=1)" >&2
+  exit 1
+fi
+command -v cargo-deb >/dev/null || cargo install --locked --quiet cargo-deb@3.8.0
+deb=$(packaging/build-deb.sh | tail -n 1)
+WASMPOOL_DEB="$deb" cargo test --locked --test systemd_e2e -- --ignored --nocapture

@@ -1,0 +1,489 @@
+//! The Debian package under a real systemd: a Debian 12 root (debootstrap,
+//! cached in /var/cache/wasmpool-e2e) booted with systemd-nspawn, the .deb
+//! installed with dpkg, then socket activation, notify status, reload and
+//! restart under load, kill -9 under load, stop during slow requests, a
+//! broken component on reload, the journal, `systemd-analyze security` and
+//! a clean purge.
+//!
+//! Needs root, debootstrap and systemd-nspawn; tests/run-all.sh builds the
+//! package and runs this with `WASMPOOL_DEB=... cargo test --test
+//! systemd_e2e -- --ignored`.
+mod common;
+use common::*;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The pristine Debian root, reused across runs (never booted itself).
+const BASE: &str = "/var/cache/wasmpool-e2e/bookworm";
+const HELLO_SOCK: &str = "/run/wasmpool/hello.sock";
+const SUITE_SOCK: &str = "/run/wasmpool/suite.sock";
+
+fn base_root() -> PathBuf {
+    let base = PathBuf::from(BASE);
+    if base.join("usr/lib/systemd/systemd").exists() {
+        return base;
+    }
+    let tmp = base.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(base.parent().unwrap()).unwrap();
+    let st = Command::new("debootstrap")
+        .args([
+            "--variant=minbase",
+            "--include=systemd,systemd-sysv,curl,dbus",
+            "bookworm",
+        ])
+        .arg(&tmp)
+        .stdout(Stdio::null())
+        .status()
+        .expect("debootstrap runs");
+    assert!(st.success(), "debootstrap failed");
+    std::fs::rename(&tmp, &base).unwrap();
+    base
+}
+
+/// A booted container; dropping it kills the nspawn process and removes
+/// its root.
+struct Container {
+    nspawn: Child,
+    /// The container's systemd (the child of the nspawn process).
+    init: u32,
+    root: tempfile::TempDir,
+}
+
+impl Container {
+    fn boot() -> Container {
+        let base = base_root();
+        let root = tempfile::Builder::new()
+            .prefix("wasmpool-e2e.")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        let st = Command::new("cp")
+            .args(["-a", "--reflink=auto"])
+            .arg(base.join("."))
+            .arg(root.path())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        // A machine id of its own (an empty one makes systemd generate one).
+        let _ = std::fs::write(root.path().join("etc/machine-id"), "");
+        let log = std::fs::File::create(root.path().join("root/nspawn.log")).unwrap();
+        let nspawn = Command::new("systemd-nspawn")
+            .args([
+                "-q",
+                "-b",
+                "--register=no",
+                "--keep-unit",
+                "--private-network",
+                "-D",
+            ])
+            .arg(root.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("systemd-nspawn runs");
+        let mut c = Container {
+            init: 0,
+            nspawn,
+            root,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            assert!(Instant::now() < deadline, "the container did not boot");
+            if let Ok(None) = c.nspawn.try_wait() {
+            } else {
+                panic!("systemd-nspawn exited: {}", c.nspawn_log());
+            }
+            if c.init == 0 {
+                c.init = children(c.nspawn.id()).first().copied().unwrap_or(0);
+            }
+            if c.init != 0 {
+                let o = c.sh("systemctl is-system-running");
+                let state = String::from_utf8_lossy(&o.stdout).trim().to_string();
+                if state == "running" || state == "degraded" {
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        c
+    }
+
+    fn nspawn_log(&self) -> String {
+        std::fs::read_to_string(self.root.path().join("root/nspawn.log")).unwrap_or_default()
+    }
+
+    /// A path inside the container, seen from the host.
+    fn path(&self, p: &str) -> PathBuf {
+        self.root.path().join(p.trim_start_matches('/'))
+    }
+
+    fn sh(&self, script: &str) -> Output {
+        Command::new("nsenter")
+            .args(["-t", &self.init.to_string(), "-a", "/bin/sh", "-c", script])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// Runs a shell command in the container; it must succeed.
+    fn ok(&self, script: &str) -> String {
+        let o = self.sh(script);
+        assert!(
+            o.status.success(),
+            "`{script}` failed ({}):\n{}{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    fn show(&self, unit: &str, prop: &str) -> String {
+        self.ok(&format!("systemctl show -P {prop} {unit}"))
+            .trim()
+            .to_string()
+    }
+
+    fn wait_for(&self, what: &str, timeout: Duration, mut f: impl FnMut(&Container) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !f(self) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// GET over an app's unix socket: (status, body).
+    fn get(&self, sock: &str, path: &str) -> (String, String) {
+        let o = self.ok(&format!(
+            "curl -sS --max-time 30 -w '\\n%{{http_code}}' --unix-socket {sock} http://localhost{path}"
+        ));
+        let (body, code) = o.rsplit_once('\n').unwrap();
+        (code.to_string(), body.to_string())
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        // SIGTERM asks nspawn to shut the container down; SIGKILL if slow.
+        unsafe { libc::kill(self.nspawn.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.nspawn.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.nspawn.kill();
+        let _ = self.nspawn.wait();
+    }
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let text = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        out.extend(
+            text.split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok()),
+        );
+    }
+    out
+}
+
+/// A bounded load: `workers` loops of sequential curl requests inside the
+/// container until stopped; each request's status is recorded.
+struct Load<'a> {
+    c: &'a Container,
+    dir: String,
+    runner: Child,
+}
+
+const LOAD_SH: &str = r#"#!/bin/sh
+# load.sh DIR WORKERS SOCK PATH: WORKERS loops of one request at a time
+# until DIR/stop exists; each line of DIR/N.log is "HTTP-CODE CURL-EXIT".
+dir=$1; workers=$2; sock=$3; path=$4
+i=0
+while [ $i -lt $workers ]; do
+  (
+    while [ ! -e $dir/stop ]; do
+      code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 30 --unix-socket $sock http://localhost$path)
+      echo "$code $?" >>$dir/$i.log
+    done
+  ) &
+  i=$((i + 1))
+done
+wait
+"#;
+
+impl<'a> Load<'a> {
+    fn start(c: &'a Container, name: &str, workers: u32, sock: &str, path: &str) -> Load<'a> {
+        let dir = format!("/root/e2e/load-{name}");
+        std::fs::create_dir_all(c.path(&dir)).unwrap();
+        std::fs::write(c.path("/root/e2e/load.sh"), LOAD_SH).unwrap();
+        let runner = Command::new("nsenter")
+            .args([
+                "-t",
+                &c.init.to_string(),
+                "-a",
+                "/bin/sh",
+                "/root/e2e/load.sh",
+            ])
+            .args([&dir, &workers.to_string(), sock, path])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let l = Load { c, dir, runner };
+        // Running: every worker has answers.
+        c.wait_for("the load to run", Duration::from_secs(30), |_| {
+            l.results().0 >= workers as usize * 3
+        });
+        l
+    }
+
+    /// (ok, failures as "CODE EXIT" lines)
+    fn results(&self) -> (usize, Vec<String>) {
+        let mut ok = 0;
+        let mut failed = Vec::new();
+        for e in std::fs::read_dir(self.c.path(&self.dir)).unwrap().flatten() {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            for line in text.lines() {
+                if line == "200 0" {
+                    ok += 1;
+                } else {
+                    failed.push(line.to_string());
+                }
+            }
+        }
+        (ok, failed)
+    }
+
+    /// Lets at least 10 more requests finish (the service serves again
+    /// after whatever was done under load), then stops.
+    fn finish(self, what: &str) -> (usize, Vec<String>) {
+        let before = self.results().0;
+        self.c.wait_for(what, Duration::from_secs(10), |_| {
+            self.results().0 > before + 10
+        });
+        let (ok, failed) = self.stop();
+        eprintln!("{what}: {ok} ok, {} failed: {failed:?}", failed.len());
+        (ok, failed)
+    }
+
+    fn stop(mut self) -> (usize, Vec<String>) {
+        std::fs::write(self.c.path(&format!("{}/stop", self.dir)), "").unwrap();
+        let _ = self.runner.wait();
+        self.results()
+    }
+}
+
+fn deb() -> PathBuf {
+    let deb = std::env::var_os("WASMPOOL_DEB")
+        .map(PathBuf::from)
+        .expect("WASMPOOL_DEB names the package (see tests/run-all.sh)");
+    assert!(deb.exists(), "{} does not exist", deb.display());
+    deb
+}
+
+fn write(c: &Container, path: &str, data: &[u8]) {
+    let p = c.path(path);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(&p, data).unwrap();
+}
+
+fn exposure(c: &Container, unit: &str) -> f64 {
+    let out = c.sh(&format!("systemd-analyze security --no-pager {unit}"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_else(|| panic!("no exposure level in:\n{text}"));
+    let after = line.split(':').nth(1).unwrap().trim();
+    after.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+#[test]
+#[ignore = "needs root, debootstrap, systemd-nspawn and the .deb: run by tests/run-all.sh"]
+fn package_under_real_systemd() {
+    let deb = deb();
+    let started = Instant::now();
+    let c = Container::boot();
+    eprintln!("booted in {:?}", started.elapsed());
+
+    // Install: nothing is enabled or running afterwards.
+    write(&c, "/root/e2e/wasmpool.deb", &std::fs::read(&deb).unwrap());
+    c.ok("dpkg -i /root/e2e/wasmpool.deb");
+    for unit in [
+        "wasmpool@hello.socket",
+        "wasmpool.socket",
+        "wasmpool.service",
+    ] {
+        assert_eq!(c.show(unit, "UnitFileState"), "disabled", "{unit}");
+        assert_eq!(c.show(unit, "ActiveState"), "inactive", "{unit}");
+    }
+    c.ok("test -x /usr/bin/wasmpool && test -f /usr/share/man/man1/wasmpool.1.gz");
+    c.ok("test -f /usr/include/wasmpool.h && test -f /usr/lib/pkgconfig/wasmpool.pc");
+    c.ok("test -f /usr/lib/libwasmpool.so.0 && ldconfig -p | grep -q libwasmpool.so.0");
+    c.ok("wasmpool check --no-cache /usr/share/wasmpool/hello.wasm");
+
+    // Socket activation: the service starts on the first connection.
+    c.ok("systemctl enable --now wasmpool@hello.socket");
+    assert_eq!(c.show("wasmpool@hello.socket", "ActiveState"), "active");
+    assert_eq!(c.show("wasmpool@hello.service", "ActiveState"), "inactive");
+    let (code, body) = c.get(HELLO_SOCK, "/");
+    assert_eq!(
+        (code.as_str(), body.as_str()),
+        ("200", "Hello from wasmpool!\n")
+    );
+    assert_eq!(c.show("wasmpool@hello.service", "ActiveState"), "active");
+    let status = c.show("wasmpool@hello.service", "StatusText");
+    assert!(
+        status.starts_with("Serving /usr/share/wasmpool/hello.wasm"),
+        "{status}"
+    );
+    c.wait_for(
+        "the status to count the request",
+        Duration::from_secs(10),
+        |c| {
+            c.show("wasmpool@hello.service", "StatusText")
+                .contains("1 requests served")
+        },
+    );
+
+    // Reload under load: no request fails.
+    let load = Load::start(&c, "reload", 3, HELLO_SOCK, "/");
+    for n in 1..=3 {
+        c.ok("systemctl reload wasmpool@hello.service");
+        c.wait_for("the reload to finish", Duration::from_secs(30), |c| {
+            let log = c.ok("journalctl -u wasmpool@hello.service -o cat --no-pager");
+            log.matches("reloaded; new requests go to the new component")
+                .count()
+                == n
+        });
+        let status = c.show("wasmpool@hello.service", "StatusText");
+        assert!(status.contains("last reload: ok"), "{status}");
+    }
+    let (_, failed) = load.finish("reload under load");
+    assert!(
+        failed.is_empty(),
+        "requests failed across reloads: {failed:?}"
+    );
+
+    // Restart under load: systemd holds the socket; no connection is
+    // refused and no request fails.
+    let pid_before = c.show("wasmpool@hello.service", "MainPID");
+    let load = Load::start(&c, "restart", 3, HELLO_SOCK, "/");
+    c.ok("systemctl restart wasmpool@hello.service");
+    assert_ne!(c.show("wasmpool@hello.service", "MainPID"), pid_before);
+    let (_, failed) = load.finish("restart under load");
+    assert!(
+        failed.is_empty(),
+        "requests failed across a restart: {failed:?}"
+    );
+
+    // kill -9 under load: systemd restarts the service; only the requests
+    // in flight at that moment (at most one per worker) fail.
+    let load = Load::start(&c, "kill", 3, HELLO_SOCK, "/");
+    let restarts = c.show("wasmpool@hello.service", "NRestarts");
+    c.ok("kill -9 $(systemctl show -P MainPID wasmpool@hello.service)");
+    c.wait_for(
+        "systemd to restart the service",
+        Duration::from_secs(30),
+        |c| {
+            c.show("wasmpool@hello.service", "NRestarts") != restarts
+                && c.show("wasmpool@hello.service", "ActiveState") == "active"
+        },
+    );
+    let (_, failed) = load.finish("kill -9 under load");
+    assert!(
+        failed.len() <= 3,
+        "more than the in-flight requests failed: {failed:?}"
+    );
+
+    // A second app, the test guest with slow routes and a log route.
+    write(&c, "/srv/suite.wasm", &p2_suite());
+    write(
+        &c,
+        "/etc/wasmpool/suite.toml",
+        b"component = \"/srv/suite.wasm\"\nmax-instance-reuse-count = 16\n",
+    );
+    c.ok("systemctl enable --now wasmpool@suite.socket");
+
+    // Stop during slow requests: they complete, the unit ends inactive
+    // and not failed.
+    c.ok("rm -f /root/e2e/slow.*; for i in 1 2 3; do \
+          (curl -s -o /dev/null -w '%{http_code}' --max-time 30 --unix-socket /run/wasmpool/suite.sock \
+           http://localhost/sleep/3000 >/root/e2e/slow.$i) & done");
+    c.wait_for(
+        "the slow requests to be running",
+        Duration::from_secs(30),
+        |c| {
+            c.show("wasmpool@suite.service", "StatusText")
+                .contains("3 live instances")
+        },
+    );
+    c.ok("systemctl stop wasmpool@suite.service");
+    c.ok("while [ $(ls /root/e2e/slow.* | wc -l) -lt 3 ] || [ -n \"$(find /root/e2e -name 'slow.*' -empty)\" ]; do sleep 0.1; done");
+    for i in 1..=3 {
+        let code = std::fs::read_to_string(c.path(&format!("/root/e2e/slow.{i}"))).unwrap();
+        assert_eq!(code, "200", "slow request {i} during stop");
+    }
+    assert_eq!(c.show("wasmpool@suite.service", "ActiveState"), "inactive");
+    assert_eq!(c.show("wasmpool@suite.service", "Result"), "success");
+
+    // Guest stdout reaches the journal of the app's unit.
+    let (code, _) = c.get(SUITE_SOCK, "/log");
+    assert_eq!(code, "200");
+    c.wait_for(
+        "the guest's line in the journal",
+        Duration::from_secs(10),
+        |c| {
+            c.ok("journalctl -u wasmpool@suite.service --no-pager -o cat")
+                .contains("guest log line from p2")
+        },
+    );
+
+    // A broken component on reload: the old one keeps serving and the
+    // status says why.
+    write(&c, "/srv/suite.wasm", b"this is not wasm");
+    c.ok("systemctl reload wasmpool@suite.service");
+    c.wait_for(
+        "the failed reload in the status",
+        Duration::from_secs(30),
+        |c| {
+            c.show("wasmpool@suite.service", "StatusText")
+                .contains("last reload: FAILED")
+        },
+    );
+    let status = c.show("wasmpool@suite.service", "StatusText");
+    assert!(status.contains("not a WebAssembly"), "{status}");
+    let (code, body) = c.get(SUITE_SOCK, "/");
+    assert_eq!((code.as_str(), body.as_str()), ("200", "hello from p2\n"));
+    assert_eq!(c.show("wasmpool@suite.service", "ActiveState"), "active");
+
+    // Hardening.
+    for unit in ["wasmpool@hello.service", "wasmpool.service"] {
+        let e = exposure(&c, unit);
+        eprintln!("{unit}: exposure {e}");
+        assert!(e <= 1.5, "{unit}: exposure {e} > 1.5");
+    }
+
+    // Purge leaves nothing behind (the admin removes their own app first).
+    c.ok("rm -f /etc/wasmpool/suite.toml /srv/suite.wasm");
+    c.ok("dpkg --purge wasmpool");
+    let left = c.ok(
+        "find / -xdev \\( -path /proc -o -path /root/e2e \\) -prune -o -name '*wasmpool*' -print; \
+         ls -d /run/wasmpool 2>/dev/null; true",
+    );
+    assert!(left.trim().is_empty(), "left behind after purge:\n{left}");
+    assert_eq!(c.show("wasmpool@hello.socket", "ActiveState"), "inactive");
+    eprintln!("end-to-end test took {:?}", started.elapsed());
+    drop(c);
+}
