@@ -196,7 +196,7 @@ impl Front {
     pub async fn handle(&self, req: http::Request<Incoming>) -> Response<Body> {
         self.activity.touch();
         let start = Instant::now();
-        let response = self.respond(req).await;
+        let response = guarded(self.respond(req)).await;
         if let Some(m) = &self.metrics {
             m.observe(response.status(), start.elapsed());
         }
@@ -215,12 +215,14 @@ impl Front {
             return body_too_large();
         }
         let exceeded = Arc::new(AtomicBool::new(false));
+        let failed = Arc::new(AtomicBool::new(false));
         let req = req.map(|b| {
             LimitedBody {
                 inner: b,
                 remaining: limit,
                 limit,
                 exceeded: exceeded.clone(),
+                failed: failed.clone(),
             }
             .boxed_unsync()
         });
@@ -230,11 +232,17 @@ impl Front {
         if exceeded.load(Relaxed) {
             return body_too_large();
         }
+        if failed.load(Relaxed) {
+            return closing(error_response(
+                StatusCode::BAD_REQUEST,
+                "malformed request body",
+            ));
+        }
         match result {
-            // The head went out before the body crossed the limit: if it
-            // crosses it later, the response is cut off instead of ending
-            // as if complete.
-            Ok(resp) => resp.map(|b| Either::Left(b.abort_when(exceeded))),
+            // The head went out before the body failed (crossed the limit,
+            // or turned out malformed): if it fails later, the response is
+            // cut off instead of ending as if complete.
+            Ok(resp) => resp.map(|b| Either::Left(b.abort_when(failed))),
             Err(e) => {
                 match &e {
                     RequestError::Rejected(_) => tracing::debug!(%method, %uri, "{e}"),
@@ -262,12 +270,41 @@ fn declared_length(req: &http::Request<Incoming>) -> Option<u64> {
 
 /// 413; the rest of the body is not read, so the connection is closed.
 fn body_too_large() -> Response<Body> {
-    let mut r = error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+    closing(error_response(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "request body too large",
+    ))
+}
+
+/// The response ends the connection (what follows on it cannot be trusted
+/// or is not read).
+fn closing(mut r: Response<Body>) -> Response<Body> {
     r.headers_mut().insert(
         header::CONNECTION,
         header::HeaderValue::from_static("close"),
     );
     r
+}
+
+/// Runs a request's handling; a panic in it (a host bug) becomes a 500
+/// for that request instead of a dropped connection.
+async fn guarded(f: impl Future<Output = Response<Body>>) -> Response<Body> {
+    use futures::FutureExt as _;
+    match std::panic::AssertUnwindSafe(f).catch_unwind().await {
+        Ok(r) => r,
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            tracing::error!("panic while handling a request: {msg}");
+            closing(error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal error",
+            ))
+        }
+    }
 }
 
 /// A plain-text error response.
@@ -289,7 +326,11 @@ struct LimitedBody {
     inner: Incoming,
     remaining: u64,
     limit: u64,
+    /// Set when the body went over the limit.
     exceeded: Arc<AtomicBool>,
+    /// Set when the body failed (over the limit, or malformed framing such
+    /// as a bad chunk): the response must not look complete.
+    failed: Arc<AtomicBool>,
 }
 
 impl http_body::Body for LimitedBody {
@@ -305,6 +346,7 @@ impl http_body::Body for LimitedBody {
                     let n = data.len() as u64;
                     if n > self.remaining {
                         self.exceeded.store(true, Relaxed);
+                        self.failed.store(true, Relaxed);
                         self.remaining = 0;
                         return Poll::Ready(Some(Err(
                             wasmtime_wasi_http::Error::HttpRequestBodySize(Some(self.limit)),
@@ -313,6 +355,10 @@ impl http_body::Body for LimitedBody {
                     self.remaining -= n;
                 }
                 Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.failed.store(true, Relaxed);
+                Poll::Ready(Some(Err(e.into())))
             }
             other => other.map(|o| o.map(|r| r.map_err(Into::into))),
         }
@@ -481,4 +527,18 @@ fn http1_builder(knobs: &Knobs) -> hyper::server::conn::http1::Builder {
                 .max(crate::config::MIN_REQUEST_HEADER_SIZE) as usize,
         );
     b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_while_handling_becomes_a_500() {
+        let r = guarded(async { panic!("host bug") }).await;
+        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(r.headers()[header::CONNECTION], "close");
+        let r = guarded(async { error_response(StatusCode::OK, "fine") }).await;
+        assert_eq!(r.status(), StatusCode::OK);
+    }
 }
