@@ -1,0 +1,412 @@
+#!/usr/bin/env python3
+"""wasmpool benchmarks, side by side with `wasmtime serve` 48.0.8 and a native
+hyper server, in one run on one machine. Run through benches/run.sh.
+
+Every throughput figure is a median of interleaved rounds (each server in
+turn, several times), reported as a ratio with the A/A spread (wasmpool
+measured twice per round against itself) beside it: these machines are
+shared and noisy, and only ratios from one run mean anything.
+
+Writes target/bench/results.json, docs/benchmarks.md and
+docs/benchmarks.svg.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOLS = Path(os.environ.get("WASMPOOL_BENCH_TOOLS", "/var/cache/wasmpool-bench"))
+WASMTIME = TOOLS / "wasmtime-48.0.8/bin/wasmtime"
+OHA = TOOLS / "oha/bin/oha"
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url, timeout=5.0):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.status, r.read()
+
+
+class Server:
+    """A server process on a loopback port."""
+
+    def __init__(self, name, argv, port, env=None, metrics_port=None):
+        self.name, self.argv, self.port = name, argv, port
+        self.metrics_port = metrics_port
+        self.out = tempfile.TemporaryFile()
+        e = dict(os.environ)
+        e.setdefault("WASMPOOL_LOG", "warn")
+        e.update(env or {})
+        self.proc = subprocess.Popen(argv, stdout=self.out, stderr=self.out, env=e)
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 300
+        while True:
+            if self.proc.poll() is not None:
+                self.out.seek(0)
+                raise SystemExit(f"{name} exited: {self.out.read().decode(errors='replace')[-2000:]}")
+            try:
+                if http_get(self.url + "/")[0] == 200:
+                    break
+            except Exception:
+                pass
+            if time.time() > deadline:
+                raise SystemExit(f"{name} did not start")
+            time.sleep(0.05)
+
+    def rss_kib(self):
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    def metric(self, name):
+        _, body = http_get(f"http://127.0.0.1:{self.metrics_port}/metrics")
+        for line in body.decode().splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.split()[-1])
+        raise KeyError(name)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def wrk(url, seconds, conns, path="/"):
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", url + path],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return {
+        "rps": rps,
+        "non2xx": int(bad.group(1)) if bad else 0,
+        "socket_errors": sum(map(int, errs.groups())) if errs else 0,
+    }
+
+
+def wasmpool_cmd(bin_, guest, port, args, cache, metrics_port=None):
+    argv = [str(bin_), "serve", str(guest), "--listen", f"127.0.0.1:{port}",
+            "--cache-dir", str(cache), *args]
+    if metrics_port:
+        argv += ["--metrics-listen", f"127.0.0.1:{metrics_port}"]
+    return argv
+
+
+def wasmtime_cmd(guest, port, args, cli=False):
+    # The WAT p3 guest uses component-model async builtins that wasmpool's
+    # engine enables and `wasmtime serve` needs asked for.
+    argv = [str(WASMTIME), "serve", "--addr", f"127.0.0.1:{port}",
+            "-Wcomponent-model-async", "-Wcomponent-model-more-async-builtins", *args]
+    if cli:
+        argv.append("-Scli")
+    return argv + [str(guest)]
+
+
+# name, guest, path, wasmpool flags == wasmtime serve flags, connections,
+# whether the native server takes part, whether the guest needs -Scli.
+SCENARIOS = [
+    ("p2 hello, fresh instance per request", "p2_hello.wasm", "/",
+     ["--max-instance-reuse-count", "1"], 16, True, False),
+    ("p2 hello, reuse 128", "p2_hello.wasm", "/",
+     ["--max-instance-reuse-count", "128"], 16, True, False),
+    ("p3 hello, defaults (reuse 128, 16 concurrent)", "p3_suite.wasm", "/",
+     [], 16, True, False),
+    ("p3 hello, serial reuse (128, 1 at a time)", "p3_suite.wasm", "/",
+     ["--max-instance-reuse-count", "128", "--max-instance-concurrent-reuse-count", "1"], 16, True, False),
+    ("p3 I/O-bound, 40 ms sleep, defaults", "p3_suite.wasm", "/sleep/40",
+     [], 64, False, False),
+    ("Python p2, fresh instance per request", "py_p2.wasm", "/",
+     ["--max-instance-reuse-count", "1"], 16, False, True),
+    ("Python p2, reuse 128", "py_p2.wasm", "/",
+     ["--max-instance-reuse-count", "128"], 16, False, True),
+    ("Python p3, defaults", "py_p3.wasm", "/",
+     [], 16, False, True),
+]
+
+
+def throughput(bin_, guests, cache, rounds, seconds, native_bin, only=None):
+    results = []
+    for name, guest, path, flags, conns, with_native, cli in SCENARIOS:
+        if only and not re.search(only, name):
+            continue
+        log(f"== {name}")
+        servers = {}
+        mport = free_port()
+        p = free_port()
+        servers["wasmpool"] = Server("wasmpool", wasmpool_cmd(bin_, guests / guest, p, flags, cache, mport), p, metrics_port=mport)
+        p = free_port()
+        servers["wasmtime"] = Server("wasmtime serve", wasmtime_cmd(guests / guest, p, flags, cli), p)
+        if with_native:
+            p = free_port()
+            servers["native"] = Server("native", [str(native_bin), f"127.0.0.1:{p}"], p)
+        for s in servers.values():  # warm-up
+            wrk(s.url, 1, conns, path)
+        rows = {k: [] for k in servers}
+        rows["wasmpool_again"] = []
+        errors = 0
+        for r in range(rounds):
+            order = ["wasmpool", "wasmtime"] + (["native"] if with_native else []) + ["wasmpool_again"]
+            for k in order:
+                s = servers["wasmpool" if k == "wasmpool_again" else k]
+                m = wrk(s.url, seconds, conns, path)
+                rows[k].append(m["rps"])
+                if k.startswith("wasmpool"):
+                    errors += m["non2xx"] + m["socket_errors"]
+            log(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rows.items()))
+        peak = servers["wasmpool"].metric("wasmpool_instances_peak")
+        for s in servers.values():
+            s.stop()
+        wp = rows["wasmpool"]
+        res = {
+            "scenario": name, "guest": guest, "path": path, "flags": flags, "connections": conns,
+            "rps": {k: statistics.median(v) for k, v in rows.items()},
+            "rounds": rows,
+            "vs_wasmtime": statistics.median(a / b for a, b in zip(wp, rows["wasmtime"])),
+            "aa": [min(b / a for a, b in zip(wp, rows["wasmpool_again"])),
+                   max(b / a for a, b in zip(wp, rows["wasmpool_again"]))],
+            "wasmpool_errors": errors,
+            "wasmpool_peak_instances": peak,
+        }
+        if with_native:
+            res["vs_native"] = statistics.median(a / b for a, b in zip(wp, rows["native"]))
+            res["wasmtime_vs_native"] = statistics.median(a / b for a, b in zip(rows["wasmtime"], rows["native"]))
+        results.append(res)
+        log(f"  -> {res['vs_wasmtime']:.2f}x wasmtime serve" + (f", {res['vs_native']:.2f}x native" if with_native else "")
+            + f" (A/A {res['aa'][0]:.2f}..{res['aa'][1]:.2f})")
+    return results
+
+
+def first_response_ms(start_proc, port, deadline_s=120):
+    """Starts a process (start_proc()) and times until GET / answers 200."""
+    t0 = time.perf_counter()
+    proc = start_proc()
+    try:
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as c:
+                    c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    data = c.recv(64)
+                    if data.startswith(b"HTTP/1.1 200"):
+                        return (time.perf_counter() - t0) * 1000
+            except OSError:
+                pass
+            if time.perf_counter() - t0 > deadline_s:
+                raise SystemExit("no first response")
+            time.sleep(0.001)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait()
+
+
+def listening(port):
+    """Whether something listens on 127.0.0.1:port (without connecting)."""
+    want = f"0100007F:{port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if f[1] == want and f[3] == "0A":
+            return True
+    return False
+
+
+def activated_first_response_ms(bin_, guest, cache, deadline_s=120):
+    """Under systemd-socket-activate: from connecting to the listening
+    socket to the first response; the connection starts wasmpool."""
+    port = free_port()
+    proc = subprocess.Popen(
+        ["systemd-socket-activate", "-l", f"127.0.0.1:{port}",
+         str(bin_), "serve", str(guest), "--cache-dir", str(cache)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, WASMPOOL_LOG="warn"))
+    try:
+        deadline = time.time() + 10
+        while not listening(port):
+            if time.time() > deadline:
+                raise SystemExit("systemd-socket-activate did not listen")
+            time.sleep(0.005)
+        t0 = time.perf_counter()
+        with socket.create_connection(("127.0.0.1", port), timeout=deadline_s) as c:
+            c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = c.recv(64)
+        assert data.startswith(b"HTTP/1.1 200"), data
+        return (time.perf_counter() - t0) * 1000
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait()
+
+
+def cold_start(bin_, guests, reps):
+    out = []
+    for guest in ["p2_hello.wasm", "py_p2.wasm"]:
+        row = {"guest": guest}
+        for label, keep in [("no cache", False), ("with cache", True)]:
+            samples = []
+            cache = Path(tempfile.mkdtemp(prefix="wasmpool-bench-cache."))
+            if keep:  # fill it first
+                port = free_port()
+                first_response_ms(lambda: subprocess.Popen(
+                    wasmpool_cmd(bin_, guests / guest, port, [], cache),
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port)
+            for _ in range(reps):
+                if not keep:
+                    shutil.rmtree(cache, ignore_errors=True)
+                    cache.mkdir()
+                port = free_port()
+                samples.append(first_response_ms(lambda: subprocess.Popen(
+                    wasmpool_cmd(bin_, guests / guest, port, [], cache),
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    env=dict(os.environ, WASMPOOL_LOG="warn")), port))
+            row[label] = statistics.median(samples)
+            if keep:
+                row["socket activation, with cache"] = statistics.median(
+                    activated_first_response_ms(bin_, guests / guest, cache) for _ in range(reps))
+            shutil.rmtree(cache, ignore_errors=True)
+        log(f"cold start {guest}: {row}")
+        out.append(row)
+    return out
+
+
+def memory(bin_, guests, cache, n=48):
+    """RSS per live instance: n concurrent slow requests, one instance each."""
+    out = []
+    for guest in ["p2_suite.wasm", "p3_suite.wasm"]:
+        port, mport = free_port(), free_port()
+        s = Server("wasmpool", wasmpool_cmd(bin_, guests / guest, port, [
+            "--max-instance-concurrent-reuse-count", "1", "--idle-instance-timeout", "30s"],
+            cache, mport), port, metrics_port=mport)
+        time.sleep(0.5)
+        idle_rss, idle_live = s.rss_kib(), s.metric("wasmpool_instances_live")
+        threads = [threading.Thread(target=lambda: http_get(s.url + "/sleep/3000", 10)) for _ in range(n)]
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+        busy_rss, busy_live = s.rss_kib(), s.metric("wasmpool_instances_live")
+        for t in threads:
+            t.join()
+        s.stop()
+        per = (busy_rss - idle_rss) / max(1.0, busy_live - idle_live)
+        out.append({"guest": guest, "live": busy_live, "idle_rss_kib": idle_rss,
+                     "busy_rss_kib": busy_rss, "kib_per_instance": per})
+        log(f"memory {guest}: {per:.0f} KiB per live instance ({busy_live:.0f} live)")
+    return out
+
+
+def latency(bin_, guests, cache, native_bin, rate, seconds):
+    """Constant-rate latency (oha with a rate and latency correction)."""
+    out = []
+    guest = guests / "p2_hello.wasm"
+    flags = ["--max-instance-reuse-count", "128"]
+    servers = []
+    p = free_port()
+    servers.append(("wasmpool", Server("wasmpool", wasmpool_cmd(bin_, guest, p, flags, cache), p)))
+    p = free_port()
+    servers.append(("wasmtime serve", Server("wasmtime", wasmtime_cmd(guest, p, flags), p)))
+    p = free_port()
+    servers.append(("native", Server("native", [str(native_bin), f"127.0.0.1:{p}"], p)))
+    for name, s in servers:
+        wrk(s.url, 1, 16)
+        j = json.loads(subprocess.run(
+            [str(OHA), "-z", f"{seconds}s", "-q", str(rate), "-c", "16", "--latency-correction",
+             "--no-tui", "--output-format", "json", s.url + "/"],
+            capture_output=True, text=True, check=True).stdout)
+        pct = j["latencyPercentiles"]
+        row = {"server": name, "rate": rate, "p50_ms": pct["p50"] * 1000, "p99_ms": pct["p99"] * 1000,
+               "success_rate": j["summary"]["successRate"]}
+        out.append(row)
+        log(f"latency {name} at {rate}/s: p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms")
+    for _, s in servers:
+        s.stop()
+    return out
+
+
+def api_push(bin_dir, guests, cache, rounds):
+    """The C API (push + completion callbacks) against the Rust API."""
+    c_bin = bin_dir / "push_bench"
+    rust_bin = bin_dir / "api_push"
+    rows = {"c": [], "rust": []}
+    for _ in range(rounds):
+        for k, b in [("c", c_bin), ("rust", rust_bin)]:
+            out = subprocess.run([str(b), str(guests / "p3_suite.wasm"), str(cache), "20000", "64"],
+                                 capture_output=True, text=True, check=True).stdout
+            rows[k].append(float(re.search(r"([\d.]+) req/s", out).group(1)))
+        log(f"api push: c {rows['c'][-1]:.0f}, rust {rows['rust'][-1]:.0f}")
+    return {"rounds": rows, "c_rps": statistics.median(rows["c"]),
+            "rust_rps": statistics.median(rows["rust"]),
+            "ratio": statistics.median(a / b for a, b in zip(rows["c"], rows["rust"]))}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", required=True)
+    ap.add_argument("--native", required=True)
+    ap.add_argument("--guests", required=True)
+    ap.add_argument("--api-bins", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--seconds", type=int, default=4)
+    ap.add_argument("--only", help="regex: only these throughput scenarios")
+    a = ap.parse_args()
+    bin_, guests = Path(a.bin), Path(a.guests)
+    cache = Path(tempfile.mkdtemp(prefix="wasmpool-bench-cache."))
+    started = time.time()
+    res = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "cpu": next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                         if l.startswith("model name")), platform.processor()),
+            "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
+            "kernel": platform.release(),
+        },
+        "versions": {
+            "wasmpool": subprocess.run([str(bin_), "--version"], capture_output=True, text=True).stdout.strip(),
+            "wasmtime": subprocess.run([str(WASMTIME), "--version"], capture_output=True, text=True).stdout.strip(),
+            "wrk": "wrk 4.1.0 (Debian)",
+            "oha": subprocess.run([str(OHA), "--version"], capture_output=True, text=True).stdout.strip(),
+        },
+        "rounds": a.rounds, "seconds": a.seconds,
+    }
+    res["throughput"] = throughput(bin_, guests, cache, a.rounds, a.seconds, Path(a.native), a.only)
+    if not a.only:
+        hello = next(r for r in res["throughput"] if r["scenario"] == "p2 hello, reuse 128")
+        rate = int(min(hello["rps"]["wasmpool"], hello["rps"]["wasmtime"]) * 0.5 // 100 * 100)
+        res["latency"] = latency(bin_, guests, cache, Path(a.native), rate, 10)
+        res["cold_start"] = cold_start(bin_, guests, 5)
+        res["memory"] = memory(bin_, guests, cache)
+        res["api_push"] = api_push(Path(a.api_bins), guests, cache, a.rounds)
+    res["duration_s"] = round(time.time() - started)
+    Path(a.out).write_text(json.dumps(res, indent=2))
+    shutil.rmtree(cache, ignore_errors=True)
+    log(f"wrote {a.out} in {res['duration_s']} s")
+
+
+if __name__ == "__main__":
+    main()

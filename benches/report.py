@@ -1,0 +1,198 @@
+#!/usr/bin/env python3
+"""Turns a benchmark run (results.json from benches/bench.py and the
+Criterion output) into docs/benchmarks.md and an SVG chart.
+
+    report.py RESULTS.json CRITERION.txt OUT.md OUT.svg
+"""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+TARGETS = {
+    "vs_wasmtime": 1.1,
+    "vs_native": 0.6,
+}
+
+
+def fmt(x, nd=0):
+    return f"{x:,.{nd}f}"
+
+
+def ok(flag):
+    return "yes" if flag else "**no**"
+
+
+def svg_chart(rows, path):
+    """Grouped bars: requests/s per scenario for the three servers."""
+    servers = [("wasmpool", "#2b6cb0"), ("wasmtime", "#dd6b20"), ("native", "#718096")]
+    w_label, bar, gap, group_gap = 330, 16, 2, 14
+    top = max(max(r["rps"].get(k, 0) for k, _ in servers) for r in rows)
+    width = 900
+    scale = (width - w_label - 90) / top
+    height = 40 + len(rows) * (3 * (bar + gap) + group_gap) + 30
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'font-family="sans-serif" font-size="12">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           '<text x="10" y="20" font-size="14" font-weight="bold">Requests/s per scenario '
+           '(median of interleaved rounds)</text>']
+    y = 40
+    for r in rows:
+        out.append(f'<text x="{w_label - 8}" y="{y + 1.5 * (bar + gap) + 4}" text-anchor="end">'
+                   f'{r["scenario"]}</text>')
+        for k, color in servers:
+            v = r["rps"].get(k)
+            if v is not None:
+                out.append(f'<rect x="{w_label}" y="{y}" width="{v * scale:.1f}" height="{bar}" fill="{color}"/>')
+                out.append(f'<text x="{w_label + v * scale + 4:.1f}" y="{y + bar - 4}">{fmt(v)}</text>')
+            y += bar + gap
+        y += group_gap
+    lx = w_label
+    for k, color in servers:
+        name = {"wasmtime": "wasmtime serve 48.0.8", "native": "native hyper"}.get(k, k)
+        out.append(f'<rect x="{lx}" y="{y}" width="12" height="12" fill="{color}"/>')
+        out.append(f'<text x="{lx + 16}" y="{y + 10}">{name}</text>')
+        lx += 190
+    out.append("</svg>")
+    Path(path).write_text("\n".join(out) + "\n")
+
+
+def criterion_rows(text):
+    rows = []
+    for m in re.finditer(r"^(\S[^\n]*?)\s*\n?\s+time:\s+\[([^\]]+)\]", text, re.M):
+        name = m.group(1).strip()
+        parts = m.group(2).split()
+        rows.append((name, f"{parts[2]} {parts[3]}"))  # the estimate
+    return rows
+
+
+def main():
+    res = json.loads(Path(sys.argv[1]).read_text())
+    crit = Path(sys.argv[2]).read_text() if Path(sys.argv[2]).exists() else ""
+    md, svg = sys.argv[3], sys.argv[4]
+    m = res["machine"]
+    L = []
+    L.append("# Benchmarks\n")
+    L.append("Produced by `benches/run.sh` (the whole file, including the chart); "
+             "rerun it to replace this page. Everything below comes from one run on one machine.\n")
+    L.append(f"- Date: {res['date']}; run took {res['duration_s'] // 60} min.")
+    L.append(f"- Machine: {m['cpus']} CPUs ({m['cpu']}), {m['mem_gib']} GiB, Linux {m['kernel']}; "
+             "shared and noisy, so only ratios measured in the same run are compared.")
+    v = res["versions"]
+    L.append(f"- Servers: {v['wasmpool']}, {v['wasmtime']} (`cargo install --locked wasmtime-cli@48.0.8`), "
+             "native hyper 1 (`benches/native_hello.rs`) answering the same bytes as the hello guest.")
+    L.append(f"- Load: {v['wrk']} `wrk -t1 -cN -dSs` (closed loop) for throughput; {v['oha']} "
+             "with `-q RATE --latency-correction` (constant rate) for latency.")
+    L.append(f"- Method: for each scenario the servers run side by side; each round measures wasmpool, "
+             f"wasmtime serve, native (hello scenarios) and wasmpool again, {res['seconds']} s each, "
+             f"{res['rounds']} rounds; figures are medians, ratios are medians of per-round ratios. "
+             "The A/A column is wasmpool's second measurement over its first in the same round "
+             "(min..max): a ratio inside that spread is noise.")
+    L.append("- Identical knobs: the flags in the table are passed to both wasmpool and `wasmtime serve` "
+             "(they share the names); everything else is each server's default.\n")
+    L.append("![requests/s per scenario](benchmarks.svg)\n")
+    L.append("## Throughput\n")
+    L.append("| scenario | flags | conns | wasmpool req/s | wasmtime serve req/s | native req/s | "
+             "wasmpool / wasmtime | wasmpool / native | wasmtime / native | A/A spread | "
+             "wasmpool errors | peak instances |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in res["throughput"]:
+        rps = r["rps"]
+        L.append(
+            f"| {r['scenario']} | `{' '.join(r['flags']) or 'defaults'}` {r['path']} | {r['connections']} | "
+            f"{fmt(rps['wasmpool'])} | {fmt(rps['wasmtime'])} | {fmt(rps['native']) if 'native' in rps else '–'} | "
+            f"**{r['vs_wasmtime']:.2f}x** | {('%.2fx' % r['vs_native']) if 'vs_native' in r else '–'} | "
+            f"{('%.2fx' % r['wasmtime_vs_native']) if 'wasmtime_vs_native' in r else '–'} | "
+            f"{r['aa'][0]:.2f}..{r['aa'][1]:.2f} | {r['wasmpool_errors']} | {r['wasmpool_peak_instances']:.0f} |")
+    L.append("")
+    L.append("## Targets\n")
+    L.append("| target | result | met |")
+    L.append("|---|---|---|")
+    for r in res["throughput"]:
+        L.append(f"| {r['scenario']}: at least 1.1x wasmtime serve | {r['vs_wasmtime']:.2f}x | "
+                 f"{ok(r['vs_wasmtime'] >= TARGETS['vs_wasmtime'])} |")
+    for r in res["throughput"]:
+        if "vs_native" in r and "fresh" not in r["scenario"]:
+            L.append(f"| {r['scenario']}: at least 0.6x native | {r['vs_native']:.2f}x | "
+                     f"{ok(r['vs_native'] >= TARGETS['vs_native'])} |")
+    io = next((r for r in res["throughput"] if "I/O-bound" in r["scenario"]), None)
+    if io:
+        share = io["wasmpool_peak_instances"] / io["connections"]
+        L.append(f"| I/O-bound 40 ms: peak live instances at most 40% of requests in flight | "
+                 f"{io['wasmpool_peak_instances']:.0f} instances for {io['connections']} in flight "
+                 f"({share:.0%}) | {ok(share <= 0.4)} |")
+    for c in res.get("cold_start", []):
+        limit = 20 if "hello" in c["guest"] else 150
+        L.append(f"| cold start with cache, {c['guest']}: at most {limit} ms | {c['with cache']:.1f} ms | "
+                 f"{ok(c['with cache'] <= limit)} |")
+    if "api_push" in res:
+        a = res["api_push"]
+        L.append(f"| C API push at least 0.9x the Rust API | {a['ratio']:.2f}x | {ok(a['ratio'] >= 0.9)} |")
+    L.append("")
+    if "latency" in res:
+        L.append("## Latency at a constant rate\n")
+        rate = res["latency"][0]["rate"]
+        L.append(f"p2 hello with `--max-instance-reuse-count 128`, {fmt(rate)} requests/s (half of the "
+                 "slower server's closed-loop throughput), 16 connections, 10 s, latency corrected for "
+                 "coordinated omission.\n")
+        L.append("| server | p50 | p99 | success |")
+        L.append("|---|---|---|---|")
+        for r in res["latency"]:
+            L.append(f"| {r['server']} | {r['p50_ms']:.2f} ms | {r['p99_ms']:.2f} ms | {r['success_rate']:.1%} |")
+        L.append("")
+    if "cold_start" in res:
+        L.append("## Cold start\n")
+        L.append("Time from starting the process to the first 200 (median of 5). \"no cache\" compiles "
+                 "the component; \"with cache\" loads it from wasmpool's compile cache; \"socket activation\" "
+                 "is measured from connecting to a socket held by `systemd-socket-activate`, which starts "
+                 "wasmpool on that connection.\n")
+        L.append("| guest | no cache | with cache | socket activation, with cache |")
+        L.append("|---|---|---|---|")
+        for c in res["cold_start"]:
+            L.append(f"| {c['guest']} | {c['no cache']:.1f} ms | {c['with cache']:.1f} ms | "
+                     f"{c['socket activation, with cache']:.1f} ms |")
+        L.append("")
+    if "memory" in res:
+        L.append("## Memory\n")
+        L.append("RSS growth per live instance: 48 concurrent `/sleep/3000` requests with one request per "
+                 "instance at a time, RSS and live instances read while they sleep.\n")
+        L.append("| guest | live instances | idle RSS | busy RSS | per instance |")
+        L.append("|---|---|---|---|---|")
+        for r in res["memory"]:
+            L.append(f"| {r['guest']} | {r['live']:.0f} | {r['idle_rss_kib'] / 1024:.1f} MiB | "
+                     f"{r['busy_rss_kib'] / 1024:.1f} MiB | {r['kib_per_instance']:.0f} KiB |")
+        L.append("")
+    if "api_push" in res:
+        a = res["api_push"]
+        L.append("## C API against the Rust API\n")
+        L.append("20,000 `GET /` to the p3 hello guest, at most 64 in flight, whole bodies collected: "
+                 "`ffi/bench/push_bench.c` (push + completion callbacks on engine threads) against "
+                 f"`benches/api_push.rs` (`Pool::handle` on a tokio runtime of the same size). "
+                 f"Medians of {len(a['rounds']['c'])} interleaved rounds.\n")
+        L.append("| API | req/s |")
+        L.append("|---|---|")
+        L.append(f"| C | {fmt(a['c_rps'])} |")
+        L.append(f"| Rust | {fmt(a['rust_rps'])} |")
+        L.append(f"| C / Rust | {a['ratio']:.2f}x |")
+        L.append("")
+    rows = criterion_rows(crit)
+    if rows:
+        L.append("## Micro-benchmarks (Criterion, `cargo bench --bench engine`)\n")
+        L.append("| benchmark | time |")
+        L.append("|---|---|")
+        for name, t in rows:
+            L.append(f"| {name} | {t} |")
+        L.append("")
+    notes = Path(__file__).with_name("notes.md")
+    if notes.exists():
+        L.append(notes.read_text())
+    L.append("## Commands\n")
+    L.append("```sh\nbenches/run.sh            # everything above (first run: ~25 min more to install wasmtime-cli)\n"
+             "benches/run.sh --only 'p2 hello' --rounds 3   # a subset of the throughput scenarios\n```\n")
+    Path(md).write_text("\n".join(L) + "\n")
+    svg_chart(res["throughput"], svg)
+
+
+if __name__ == "__main__":
+    main()
