@@ -53,6 +53,14 @@ if git rev-parse --git-dir >/dev/null 2>&1; then
   fi
 fi
 
+# The fuzz targets (fuzz/), 30 s each; `tests/fuzz.sh 3600` for long runs.
+tests/fuzz.sh 30
+
+# The soak (a million requests per guest, minutes) only when asked for.
+if [ "${WASMPOOL_SOAK:-}" = 1 ]; then
+  tests/soak.sh
+fi
+
 # The Debian package, installed and driven under a real systemd booted in
 # a container (needs root; set WASMPOOL_SKIP_E2E=1 to leave it out).
 if [ "${WASMPOOL_SKIP_E2E:-}" = 1 ]; then

@@ -148,6 +148,7 @@ static void test_requests(void) {
   CHECK_RESULT(wasmpool_request_add_header(req, "x-empty", NULL, 0), WASMPOOL_OK);
   CHECK_RESULT(wasmpool_request_add_header(req, "x-a", NULL, 3), WASMPOOL_NULL_ARGUMENT);
   CHECK_RESULT(wasmpool_request_add_header(NULL, "x-a", (const uint8_t *)"b", 1), WASMPOOL_NULL_ARGUMENT);
+  CHECK_RESULT(wasmpool_request_add_header(NULL, "bad name", (const uint8_t *)"b", 1), WASMPOOL_NULL_ARGUMENT);
   CHECK_RESULT(wasmpool_request_set_body(req, (const uint8_t *)"abc", 3), WASMPOOL_OK);
   CHECK_RESULT(wasmpool_request_set_body(req, NULL, 0), WASMPOOL_OK);
   CHECK_RESULT(wasmpool_request_set_body(req, NULL, 3), WASMPOOL_NULL_ARGUMENT);

@@ -68,6 +68,10 @@ pub unsafe extern "C" fn wasmpool_request_add_header(
     value_len: usize,
 ) -> wasmpool_result {
     boundary(|| {
+        // The handle first: a NULL request is WASMPOOL_NULL_ARGUMENT
+        // whatever the other arguments are.
+        // SAFETY: see `handle_mut`.
+        let req = unsafe { handle_mut(req, "req") }?;
         // SAFETY: see `str_arg` and `bytes_arg`.
         let (n, v) = unsafe {
             (
@@ -79,10 +83,7 @@ pub unsafe extern "C" fn wasmpool_request_add_header(
             .map_err(|_| Failure::invalid(format!("invalid header name `{n}`")))?;
         let value = http::HeaderValue::from_bytes(v)
             .map_err(|_| Failure::invalid(format!("invalid value for header `{n}`")))?;
-        // SAFETY: see `handle_mut`.
-        unsafe { handle_mut(req, "req") }?
-            .headers
-            .append(name, value);
+        req.headers.append(name, value);
         Ok(())
     })
 }
@@ -96,10 +97,11 @@ pub unsafe extern "C" fn wasmpool_request_set_body(
     len: usize,
 ) -> wasmpool_result {
     boundary(|| {
+        // SAFETY: see `handle_mut`.
+        let req = unsafe { handle_mut(req, "req") }?;
         // SAFETY: see `bytes_arg`.
         let b = unsafe { bytes_arg(body, len, "body") }?;
-        // SAFETY: see `handle_mut`.
-        unsafe { handle_mut(req, "req") }?.body = Bytes::copy_from_slice(b);
+        req.body = Bytes::copy_from_slice(b);
         Ok(())
     })
 }

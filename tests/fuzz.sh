@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs the cargo-fuzz targets in fuzz/ (libFuzzer + AddressSanitizer):
+#   tests/fuzz.sh [SECONDS per target, default 30]
+# cargo-fuzz needs nightly compiler flags; RUSTC_BOOTSTRAP=1 lets the one
+# stable toolchain here accept them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-30}
+command -v cargo-fuzz >/dev/null || cargo install --locked --quiet cargo-fuzz@0.13.2
+export RUSTC_BOOTSTRAP=1
+# A build directory outside the checkout when there is one (an instrumented
+# release build of wasmtime takes minutes).
+if [ -z "${CARGO_TARGET_DIR:-}" ] && [ -d /var/tmp/wasmpool-target ]; then
+  export CARGO_TARGET_DIR=/var/tmp/wasmpool-fuzz-target
+fi
+for t in config capi_request; do
+  corpus=$(mktemp -d)
+  log=$(mktemp)
+  seeds=fuzz/seeds/$t
+  mkdir -p "$seeds"
+  if cargo fuzz run --fuzz-dir fuzz "$t" "$corpus" "$seeds" -- \
+    -max_total_time="$secs" -max_len=4096 -print_final_stats=1 >"$log" 2>&1; then
+    echo "fuzz $t: $(grep -E '^Done [0-9]+ runs' "$log")"
+  else
+    echo "fuzz $t FAILED:" >&2
+    grep -E 'ERROR|SUMMARY|panicked|Test unit written|deadly signal' "$log" >&2 || true
+    tail -n 60 "$log" >&2
+    exit 1
+  fi
+  rm -rf "$corpus" "$log"
+done
