@@ -8,10 +8,14 @@ cd "$(dirname "$0")/.."
 secs=${1:-30}
 command -v cargo-fuzz >/dev/null || cargo install --locked --quiet cargo-fuzz@0.13.2
 export RUSTC_BOOTSTRAP=1
-# A build directory outside the checkout when there is one (an instrumented
-# release build of wasmtime takes minutes).
-if [ -z "${CARGO_TARGET_DIR:-}" ] && [ -d /var/tmp/wasmpool-target ]; then
+# Where the reused build directory exists, the instrumented build gets one
+# of its own beside it (its flags differ from every other build, and an
+# instrumented release build of wasmtime takes minutes); otherwise
+# fuzz/target.
+if [ -d /var/tmp/wasmpool-target ]; then
   export CARGO_TARGET_DIR=/var/tmp/wasmpool-fuzz-target
+else
+  unset CARGO_TARGET_DIR
 fi
 for t in config capi_request; do
   corpus=$(mktemp -d)
