@@ -3,7 +3,6 @@
 //! ffi/bench/push_bench.c, which does the same through the C API).
 //!
 //! `cargo bench --bench api_push -- COMPONENT CACHE_DIR N INFLIGHT`
-use bytes::Bytes;
 use http_body_util::BodyExt;
 use std::sync::Arc;
 use std::time::Instant;
@@ -36,16 +35,7 @@ fn main() {
         .build()
         .unwrap();
     let pool = Arc::new(Pool::load(knobs, &Source::File(component.into())).unwrap());
-    let get = || {
-        http::Request::builder()
-            .uri("http://localhost/")
-            .body(
-                http_body_util::Empty::<Bytes>::new()
-                    .map_err(|never| match never {})
-                    .boxed_unsync(),
-            )
-            .unwrap()
-    };
+    let get = wasmpool::pool::get_root;
     rt.block_on(async {
         for _ in 0..100 {
             let r = pool.handle(get()).await.unwrap();

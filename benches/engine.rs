@@ -6,9 +6,9 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http_body_util::BodyExt;
+use wasmpool::pool::get_root;
 use wasmpool::{KnobArgs, Pool, Source};
 
 fn pool(bytes: Vec<u8>, reuse: u32) -> Pool {
@@ -29,17 +29,6 @@ fn pool(bytes: Vec<u8>, reuse: u32) -> Pool {
     .unwrap()
 }
 
-fn get() -> http::Request<wasmtime_wasi_http::WasiBody> {
-    http::Request::builder()
-        .uri("http://localhost/")
-        .body(
-            http_body_util::Empty::<Bytes>::new()
-                .map_err(|never| match never {})
-                .boxed_unsync(),
-        )
-        .unwrap()
-}
-
 fn engine(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -56,7 +45,7 @@ fn engine(c: &mut Criterion) {
         c.bench_function(&format!("request/{name}/fresh instance"), |b| {
             b.iter(|| {
                 rt.block_on(async {
-                    let r = fresh.handle(get()).await.unwrap();
+                    let r = fresh.handle(get_root()).await.unwrap();
                     r.into_body().collect().await.unwrap()
                 })
             })
@@ -65,7 +54,7 @@ fn engine(c: &mut Criterion) {
         c.bench_function(&format!("request/{name}/reused instance"), |b| {
             b.iter(|| {
                 rt.block_on(async {
-                    let r = reused.handle(get()).await.unwrap();
+                    let r = reused.handle(get_root()).await.unwrap();
                     r.into_body().collect().await.unwrap()
                 })
             })

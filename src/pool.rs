@@ -453,15 +453,7 @@ impl Pool {
     /// tells whether the component answers on a reused instance. Needs a
     /// tokio runtime.
     pub async fn probe_reuse(&self) -> ReuseProbe {
-        fn get() -> http::Request<WasiBody> {
-            use http_body_util::BodyExt as _;
-            let body = http_body_util::Empty::<Bytes>::new()
-                .map_err(|never| match never {})
-                .boxed_unsync();
-            let mut r = http::Request::new(body);
-            *r.uri_mut() = http::Uri::from_static("http://localhost/");
-            r
-        }
+        let get = get_root;
         async fn finish(r: http::Response<ResponseBody>) -> Result<(), String> {
             use http_body_util::BodyExt as _;
             r.into_body()
@@ -504,6 +496,21 @@ impl Pool {
     pub fn reuse_disabled(&self) -> bool {
         self.handler.state().switch.is_confirmed()
     }
+}
+
+/// An empty request body.
+pub fn empty_body() -> WasiBody {
+    use http_body_util::BodyExt as _;
+    http_body_util::Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// `GET http://localhost/` without a body, as probes and benchmarks send.
+pub fn get_root() -> http::Request<WasiBody> {
+    let mut r = http::Request::new(empty_body());
+    *r.uri_mut() = http::Uri::from_static("http://localhost/");
+    r
 }
 
 /// What [`Pool::probe_reuse`] found.

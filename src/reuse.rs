@@ -85,12 +85,8 @@ impl Replay {
     /// the untouched original if the guest never got a frame of it, else
     /// `None` (the request cannot be replayed).
     pub(crate) fn take(&self) -> Option<WasiBody> {
-        use http_body_util::BodyExt as _;
         if self.end_stream {
-            let empty = http_body_util::Empty::<Bytes>::new()
-                .map_err(|never| match never {})
-                .boxed_unsync();
-            return Some(empty);
+            return Some(crate::pool::empty_body());
         }
         if self.consumed.load(Relaxed) {
             return None;
@@ -168,10 +164,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_empty_body_is_always_replayable() {
-        let empty = http_body_util::Empty::<Bytes>::new()
-            .map_err(|never| match never {})
-            .boxed_unsync();
-        let (body, replay) = ReplayableBody::wrap(empty);
+        let (body, replay) = ReplayableBody::wrap(crate::pool::empty_body());
         assert!(http_body::Body::is_end_stream(&body));
         let again = replay.take().expect("replayable");
         assert!(again.collect().await.unwrap().to_bytes().is_empty());
