@@ -14,6 +14,8 @@ export RUSTC_BOOTSTRAP=1
 # fuzz/target.
 if [ -d /var/tmp/wasmpool-target ]; then
   export CARGO_TARGET_DIR=/var/tmp/wasmpool-fuzz-target
+  # Shared with other checkouts: rebuild this checkout's crates.
+  cargo clean --quiet --manifest-path fuzz/Cargo.toml -p wasmpool -p wasmpool-fuzz 2>/dev/null || true
 else
   unset CARGO_TARGET_DIR
 fi

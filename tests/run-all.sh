@@ -39,6 +39,10 @@ npm install --prefix tests/guests/js --no-audit --no-fund --loglevel=error
 # wasmtime take minutes); without it, cargo builds in ./target as usual.
 if [ -z "${CARGO_TARGET_DIR:-}" ] && [ -d /var/tmp/wasmpool-target ]; then
   export CARGO_TARGET_DIR=/var/tmp/wasmpool-target
+  # Other checkouts build into it too, and the library's files carry no
+  # hash (it is also a cdylib): rebuild this checkout's crate, keep the
+  # dependencies.
+  cargo clean --quiet -p wasmpool
 fi
 
 cargo clippy --locked --all-targets -- -D warnings
