@@ -15,7 +15,8 @@ export RUSTC_BOOTSTRAP=1
 if [ -d /var/tmp/wasmpool-target ]; then
   export CARGO_TARGET_DIR=/var/tmp/wasmpool-fuzz-target
   # Shared with other checkouts: rebuild this checkout's crates.
-  cargo clean --quiet --manifest-path fuzz/Cargo.toml -p wasmpool -p wasmpool-fuzz 2>/dev/null || true
+  cargo clean --quiet --manifest-path fuzz/Cargo.toml --release \
+    --target "$(rustc -vV | sed -n 's/^host: //p')" -p wasmpool -p wasmpool-fuzz 2>/dev/null || true
 else
   unset CARGO_TARGET_DIR
 fi
