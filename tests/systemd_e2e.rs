@@ -146,6 +146,17 @@ impl Container {
             .to_string()
     }
 
+    /// Waits until the unit's status text (sd_notify STATUS=) contains
+    /// `needle`, and returns it.
+    fn wait_status(&self, unit: &str, needle: &str, timeout: Duration) -> String {
+        self.wait_for(
+            &format!("{needle:?} in the status of {unit}"),
+            timeout,
+            |c| c.show(unit, "StatusText").contains(needle),
+        );
+        self.show(unit, "StatusText")
+    }
+
     fn wait_for(&self, what: &str, timeout: Duration, mut f: impl FnMut(&Container) -> bool) {
         let deadline = Instant::now() + timeout;
         while !f(self) {
@@ -348,13 +359,10 @@ fn package_under_real_systemd() {
         status.starts_with("Serving /usr/share/wasmpool/hello.wasm"),
         "{status}"
     );
-    c.wait_for(
-        "the status to count the request",
+    c.wait_status(
+        "wasmpool@hello.service",
+        "1 requests served",
         Duration::from_secs(10),
-        |c| {
-            c.show("wasmpool@hello.service", "StatusText")
-                .contains("1 requests served")
-        },
     );
 
     // Reload under load: no request fails.
@@ -421,13 +429,10 @@ fn package_under_real_systemd() {
     c.ok("rm -f /root/e2e/slow.*; for i in 1 2 3; do \
           (curl -s -o /dev/null -w '%{http_code}' --max-time 30 --unix-socket /run/wasmpool/suite.sock \
            http://localhost/sleep/3000 >/root/e2e/slow.$i) & done");
-    c.wait_for(
-        "the slow requests to be running",
+    c.wait_status(
+        "wasmpool@suite.service",
+        "3 live instances",
         Duration::from_secs(30),
-        |c| {
-            c.show("wasmpool@suite.service", "StatusText")
-                .contains("3 live instances")
-        },
     );
     c.ok("systemctl stop wasmpool@suite.service");
     c.ok("while [ $(ls /root/e2e/slow.* | wc -l) -lt 3 ] || [ -n \"$(find /root/e2e -name 'slow.*' -empty)\" ]; do sleep 0.1; done");
@@ -454,15 +459,11 @@ fn package_under_real_systemd() {
     // status says why.
     write(&c, "/srv/suite.wasm", b"this is not wasm");
     c.ok("systemctl reload wasmpool@suite.service");
-    c.wait_for(
-        "the failed reload in the status",
+    let status = c.wait_status(
+        "wasmpool@suite.service",
+        "last reload: FAILED",
         Duration::from_secs(30),
-        |c| {
-            c.show("wasmpool@suite.service", "StatusText")
-                .contains("last reload: FAILED")
-        },
     );
-    let status = c.show("wasmpool@suite.service", "StatusText");
     assert!(status.contains("not a WebAssembly"), "{status}");
     let (code, body) = c.get(SUITE_SOCK, "/");
     assert_eq!((code.as_str(), body.as_str()), ("200", "hello from p2\n"));
