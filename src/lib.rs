@@ -8,6 +8,7 @@ pub mod capi;
 pub mod cli;
 pub mod component;
 pub mod config;
+mod direct;
 pub mod error;
 pub mod host;
 pub mod logging;

@@ -8,6 +8,7 @@
 use crate::admission::{Admission, Permit, Rejection};
 use crate::component::{self, EPOCH_TICK, Loaded, Source, World};
 use crate::config::{Knobs, OutboundRule, ReuseMode, defaults};
+use crate::direct::{self, Answer, Idle, Live};
 use crate::error::LoadError;
 use crate::host::Host;
 use crate::reuse::{Replay, ReplayableBody, ReuseSwitch};
@@ -23,7 +24,7 @@ use wasmtime::component::GuestTaskId;
 use wasmtime::{Engine, Store, StoreContextMut};
 use wasmtime_wasi_http::WasiBody;
 use wasmtime_wasi_http::handler::{
-    ExpirationError, HandlerState, Instance, InstantiationError, ProxyHandler, ProxyPre,
+    ExpirationError, HandlerState, Instance, InstantiationError, Proxy, ProxyHandler, ProxyPre,
     ShouldAccept, TrapOrPanicError, WorkerExpiration, WorkerState, WorkerStatus,
 };
 
@@ -162,6 +163,8 @@ impl http_body::Body for ResponseBody {
 /// A component being served.
 pub struct Pool {
     handler: ProxyHandler<PoolState>,
+    /// WASIp2 components bypass the handler's workers (see [`direct`]).
+    direct: Option<Arc<Idle>>,
     admission: Admission,
     knobs: Arc<Knobs>,
     world: World,
@@ -233,6 +236,7 @@ impl Pool {
         };
         Pool {
             handler: ProxyHandler::new(state),
+            direct: (!p3).then(Arc::default),
             admission: Admission::new(
                 knobs.max_concurrent_requests,
                 knobs.queue_limit(),
@@ -427,6 +431,9 @@ impl Pool {
         ticket: &Arc<Ticket>,
         timeout: Duration,
     ) -> Result<http::Response<WasiBody>, RequestError> {
+        if let Some(idle) = &self.direct {
+            return self.attempt_direct(idle, request, ticket, timeout).await;
+        }
         let call = self.handler.handle(ticket.clone(), request);
         match tokio::time::timeout(timeout, call).await {
             Ok(Ok(response)) => Ok(response),
@@ -444,6 +451,61 @@ impl Pool {
             }),
             Err(_elapsed) => {
                 ticket.expire();
+                Err(RequestError::Timeout)
+            }
+        }
+    }
+
+    /// [`Pool::attempt`] for WASIp2: the guest runs on this task.
+    async fn attempt_direct(
+        &self,
+        idle: &Arc<Idle>,
+        request: http::Request<WasiBody>,
+        ticket: &Arc<Ticket>,
+        timeout: Duration,
+    ) -> Result<http::Response<WasiBody>, RequestError> {
+        let state = self.handler.state();
+        let deadline = Instant::now() + timeout;
+        let work = async {
+            // Under `reuse = auto` with reuse switched off, instances that
+            // served once are never picked again (and no longer kept).
+            let reusable = if state.switch.is_off() {
+                idle.clear();
+                None
+            } else {
+                idle.take()
+            };
+            let mut live = match reusable {
+                Some(live) => live,
+                None => state
+                    .create_p2()
+                    .await
+                    .map_err(|e| RequestError::Instantiate(format!("{e:#}")))?,
+            };
+            if live.served > 0 {
+                self.stats.instances_reused.fetch_add(1, Relaxed);
+                ticket.reused.store(true, Relaxed);
+            }
+            live.served += 1;
+            let finish = state.finish_p2(idle.clone(), self.handler.clone());
+            // The guest may run on after answering, as long as the worker
+            // deadline of the handler path allows.
+            let rest_deadline = deadline + TEARDOWN_GRACE;
+            match direct::call(live, request, rest_deadline, finish).await {
+                Answer::Response(r) => Ok(r),
+                Answer::ErrorCode(code) => Err(RequestError::Guest(format!(
+                    "the guest answered with an error: {code:?}"
+                ))),
+                Answer::NoResponse => Err(RequestError::Guest(
+                    "guest never invoked `response-outparam::set` method".into(),
+                )),
+                Answer::Trap(msg) => Err(RequestError::Trap(msg)),
+            }
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(r) => r,
+            Err(_elapsed) => {
+                tracing::warn!("request timed out; its instance, if it had one, is discarded");
                 Err(RequestError::Timeout)
             }
         }
@@ -608,6 +670,35 @@ impl HandlerState for PoolState {
     type WorkerState = WorkerPolicy;
 
     async fn instantiate(&self) -> wasmtime::Result<Instance<Host, Expiration, WorkerPolicy>> {
+        let (id, store, proxy) = self.create().await?;
+        let worker_deadline = self.knobs.request_timeout + TEARDOWN_GRACE;
+        Ok(Instance {
+            store,
+            proxy,
+            view: <Host as wasmtime_wasi_http::WasiHttpView>::http,
+            expiration: Expiration {
+                idle_timeout: self.knobs.idle_instance_timeout,
+                busy_timeout: worker_deadline,
+                sleep: Box::pin(tokio::time::sleep(Duration::MAX / 4)),
+            },
+            state: WorkerPolicy {
+                id,
+                reuse: self.reuse,
+                concurrent: self.concurrent,
+                switch: self.switch.clone(),
+                deadline: worker_deadline,
+                shared: Arc::default(),
+                served: AtomicU64::new(0),
+                stats: self.stats.clone(),
+            },
+        })
+    }
+}
+
+impl PoolState {
+    /// A new store and instance, counted as live; instantiation is bounded
+    /// by the request timeout.
+    async fn create(&self) -> wasmtime::Result<(u64, Store<Host>, Proxy)> {
         let id = self.next_instance.fetch_add(1, Relaxed);
         let mut store = self.new_store(id);
         // The embedder bounds instantiation time (see `HandlerState`).
@@ -631,26 +722,51 @@ impl HandlerState for PoolState {
         };
         self.stats.instance_started();
         tracing::debug!(instance = id, "instance created");
-        let worker_deadline = self.knobs.request_timeout + TEARDOWN_GRACE;
-        Ok(Instance {
+        Ok((id, store, proxy))
+    }
+
+    /// A new WASIp2 instance for the direct path.
+    async fn create_p2(&self) -> wasmtime::Result<Live> {
+        let (id, store, proxy) = self.create().await?;
+        let Proxy::P2(proxy) = proxy else {
+            // `Pool` takes the direct path only for WASIp2 components.
+            return Err(wasmtime::format_err!("not a WASIp2 component"));
+        };
+        Ok(Live {
             store,
             proxy,
-            view: <Host as wasmtime_wasi_http::WasiHttpView>::http,
-            expiration: Expiration {
-                idle_timeout: self.knobs.idle_instance_timeout,
-                busy_timeout: worker_deadline,
-                sleep: Box::pin(tokio::time::sleep(Duration::MAX / 4)),
-            },
-            state: WorkerPolicy {
-                id,
-                reuse: self.reuse,
-                concurrent: self.concurrent,
-                switch: self.switch.clone(),
-                deadline: worker_deadline,
-                shared: Arc::default(),
-                served: AtomicU64::new(0),
-                stats: self.stats.clone(),
-            },
+            id,
+            served: 0,
+            stats: self.stats.clone(),
+        })
+    }
+
+    /// What the direct path does with an instance once `handle` returned:
+    /// keep it for another request while the reuse policy allows, drop it
+    /// otherwise. `handler` keeps the epoch ticker running meanwhile.
+    fn finish_p2(&self, idle: Arc<Idle>, handler: ProxyHandler<PoolState>) -> direct::Finish {
+        Box::new(move |live: Live, result: wasmtime::Result<()>| {
+            let state = handler.state();
+            match result {
+                Ok(()) => {
+                    let keep = live.served < state.reuse as u64
+                        && !state.switch.is_off()
+                        && !state.knobs.idle_instance_timeout.is_zero();
+                    if keep {
+                        idle.put(live, state.knobs.idle_instance_timeout);
+                    } else {
+                        tracing::debug!(
+                            instance = live.id,
+                            served = live.served,
+                            "instance retired"
+                        );
+                    }
+                }
+                Err(e) => {
+                    state.stats.traps.fetch_add(1, Relaxed);
+                    tracing::warn!(instance = live.id, "instance discarded after a trap: {e:#}");
+                }
+            }
         })
     }
 }

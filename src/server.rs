@@ -110,7 +110,7 @@ pub struct Front {
     activity: Activity,
 }
 
-/// Open connections and the time of the last connection or request event,
+/// Open connections and the time a connection last opened or closed,
 /// for exiting when idle.
 pub struct Activity {
     connections: AtomicUsize,
@@ -137,7 +137,7 @@ impl Activity {
         self.connections.load(Relaxed)
     }
 
-    /// Time since a connection opened or closed or a request started or ended.
+    /// Time since a connection opened or closed.
     pub fn idle_for(&self) -> Duration {
         self.epoch
             .elapsed()
@@ -193,14 +193,16 @@ impl Front {
     }
 
     /// Handles one request (everything but the connection handling).
+    ///
+    /// Requests do not touch [`Activity`]: they run on open connections,
+    /// and idleness is only ever judged with none open (the last one to
+    /// close records the time).
     pub async fn handle(&self, req: http::Request<Incoming>) -> Response<Body> {
-        self.activity.touch();
-        let start = Instant::now();
+        let start = self.metrics.as_ref().map(|_| Instant::now());
         let response = guarded(self.respond(req)).await;
-        if let Some(m) = &self.metrics {
+        if let (Some(m), Some(start)) = (&self.metrics, start) {
             m.observe(response.status(), start.elapsed());
         }
-        self.activity.touch();
         response
     }
 

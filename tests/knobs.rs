@@ -109,28 +109,28 @@ async fn concurrent_reuse_count_changes_live_instances() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_instance_timeout() {
-    let s = TestServer::start(
-        p3_suite(),
-        KnobArgs {
-            idle_instance_timeout: Some(Duration::from_millis(200)),
-            ..Default::default()
-        },
-    )
-    .await;
+    check_idle_instance_timeout(p3_suite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_instance_timeout_p2() {
+    check_idle_instance_timeout(p2_suite()).await;
+}
+
+async fn check_idle_instance_timeout(guest: Vec<u8>) {
+    let knobs = |idle| KnobArgs {
+        idle_instance_timeout: Some(idle),
+        max_instance_reuse_count: Some(128),
+        ..Default::default()
+    };
+    let s = TestServer::start(guest.clone(), knobs(Duration::from_millis(200))).await;
     assert_eq!(s.get("/").await.status, 200);
     assert!(
         eventually(Duration::from_secs(3), || s.stats().instances_live == 0).await,
         "idle instance not dropped"
     );
     s.stop().await;
-    let s = TestServer::start(
-        p3_suite(),
-        KnobArgs {
-            idle_instance_timeout: Some(Duration::from_secs(30)),
-            ..Default::default()
-        },
-    )
-    .await;
+    let s = TestServer::start(guest, knobs(Duration::from_secs(30))).await;
     assert_eq!(s.get("/").await.status, 200);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(

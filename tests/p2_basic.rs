@@ -23,3 +23,50 @@ async fn p2_hello_and_echo() {
     assert!(t.ends_with("\n\nthe body"), "{t}");
     s.stop().await;
 }
+
+/// A body too large for the response channel makes the guest answer before
+/// `handle` returns: the rest of the call runs on after the head went out,
+/// and the instance still comes back for the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p2_streamed_answer_then_reuse() {
+    let s = TestServer::start(
+        p2_suite(),
+        KnobArgs {
+            max_instance_reuse_count: Some(128),
+            ..Default::default()
+        },
+    )
+    .await;
+    let body: Vec<u8> = (0..1_000_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let r = send(
+        s.addr,
+        "POST",
+        "/echo",
+        &[],
+        bytes::Bytes::from(body.clone()),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.body.ends_with(&body),
+        "echoed body differs ({} bytes)",
+        r.body.len()
+    );
+    assert!(
+        eventually(std::time::Duration::from_secs(3), || s
+            .stats()
+            .instances_live
+            == 1)
+        .await,
+        "the instance was not kept: {:?}",
+        s.stats()
+    );
+    assert_eq!(s.get("/").await.status, 200);
+    let st = s.stats();
+    assert_eq!(
+        (st.instances_created, st.instances_reused),
+        (1, 1),
+        "{st:?}"
+    );
+    s.stop().await;
+}
