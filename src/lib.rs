@@ -17,6 +17,7 @@ pub mod pool;
 mod reuse;
 pub mod server;
 pub mod service;
+mod spare;
 pub mod stats;
 pub mod units;
 

@@ -1,9 +1,11 @@
-//! The pool: a loaded component served through wasmtime's
-//! [`ProxyHandler`], which owns the workers, reuse and idle expiry. This
-//! module supplies the policy it asks of an embedder (when an instance takes
-//! a request, when it expires, how one is made) and what it leaves out:
-//! admission control, a hard request timeout, and classification of
-//! failures.
+//! The pool: a loaded component and the instances serving it. WASIp3
+//! components go through wasmtime's [`ProxyHandler`], which owns the
+//! workers, reuse and idle expiry; this module supplies the policy it asks
+//! of an embedder (when an instance takes a request, when it expires, how
+//! one is made, and, through [`crate::spare`], when none should be made).
+//! WASIp2 components run on the request's own task ([`crate::direct`]).
+//! Both get what the handler leaves out: admission control, a hard request
+//! timeout, and classification of failures.
 
 use crate::admission::{Admission, Permit, Rejection};
 use crate::component::{self, EPOCH_TICK, Loaded, Source, World};
@@ -12,6 +14,7 @@ use crate::direct::{self, Answer, Idle, Live};
 use crate::error::LoadError;
 use crate::host::Host;
 use crate::reuse::{Replay, ReplayableBody, ReuseSwitch};
+use crate::spare::{Gate, Spare};
 use crate::stats::{Snapshot, Stats};
 use bytes::Bytes;
 use std::pin::Pin;
@@ -231,6 +234,7 @@ impl Pool {
             mode: knobs.reuse,
             switch: Arc::default(),
             next_instance: AtomicU64::new(1),
+            gate: Arc::new(Gate::new(concurrent as usize)),
             stats: stats.clone(),
             _epoch: EpochTicker::spawn(engine),
         };
@@ -434,8 +438,34 @@ impl Pool {
         if let Some(idle) = &self.direct {
             return self.attempt_direct(idle, request, ticket, timeout).await;
         }
-        let call = self.handler.handle(ticket.clone(), request);
-        match tokio::time::timeout(timeout, call).await {
+        let gate = &self.handler.state().gate;
+        let sent = Instant::now();
+        let call = async {
+            let mut request = request;
+            let mut refused_since = None;
+            loop {
+                match self.handler.handle(ticket.clone(), request).await {
+                    // Refused by the gate (see `spare`): send it again once
+                    // a worker has room.
+                    Err(e) => match spare_refusal(e) {
+                        Ok(back) => {
+                            request = back;
+                            let since = *refused_since.get_or_insert_with(Instant::now);
+                            if since.elapsed() >= crate::spare::STARVED {
+                                gate.starved();
+                                refused_since = None;
+                            }
+                            gate.wait().await;
+                        }
+                        Err(e) => break Err(e),
+                    },
+                    Ok(response) => break Ok(response),
+                }
+            }
+        };
+        let result = tokio::time::timeout(timeout, call).await;
+        gate.observe(sent.elapsed());
+        match result {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) => Err(match classify(e) {
                 // A trap ends the instance's whole event loop; its requests
@@ -614,6 +644,21 @@ impl RequestHead {
     }
 }
 
+/// The request back, if `e` is the gate's refusal to make an instance.
+fn spare_refusal(e: wasmtime::Error) -> Result<http::Request<WasiBody>, wasmtime::Error> {
+    let refused = e
+        .downcast_ref::<InstantiationError<Arc<Ticket>>>()
+        .is_some_and(|ie| ie.error.is::<Spare>());
+    if !refused {
+        return Err(e);
+    }
+    let ie = e.downcast::<InstantiationError<Arc<Ticket>>>()?;
+    Ok(ie
+        .request
+        .into_inner()
+        .unwrap_or_else(|poisoned| poisoned.into_inner()))
+}
+
 fn classify(e: wasmtime::Error) -> RequestError {
     if e.downcast_ref::<ExpirationError>().is_some() {
         RequestError::Timeout
@@ -642,6 +687,8 @@ struct PoolState {
     mode: ReuseMode,
     switch: Arc<ReuseSwitch>,
     next_instance: AtomicU64,
+    /// Holds WASIp3 instances to what the requests in flight need.
+    gate: Arc<Gate>,
     stats: Arc<Stats>,
     /// Lives as long as any worker does (workers hold the handler), so
     /// guests of a pool that was swapped out by a reload still yield.
@@ -670,7 +717,16 @@ impl HandlerState for PoolState {
     type WorkerState = WorkerPolicy;
 
     async fn instantiate(&self) -> wasmtime::Result<Instance<Host, Expiration, WorkerPolicy>> {
-        let (id, store, proxy) = self.create().await?;
+        self.gate
+            .reserve(self.stats.in_flight.load(Relaxed) as usize)
+            .map_err(wasmtime::Error::new)?;
+        let (id, store, proxy) = match self.create().await {
+            Ok(made) => made,
+            Err(e) => {
+                self.gate.stopped_accepting();
+                return Err(e);
+            }
+        };
         let worker_deadline = self.knobs.request_timeout + TEARDOWN_GRACE;
         Ok(Instance {
             store,
@@ -689,6 +745,8 @@ impl HandlerState for PoolState {
                 deadline: worker_deadline,
                 shared: Arc::default(),
                 served: AtomicU64::new(0),
+                gate: self.gate.clone(),
+                accepting: AtomicBool::new(true),
                 stats: self.stats.clone(),
             },
         })
@@ -780,7 +838,26 @@ struct WorkerPolicy {
     deadline: Duration,
     shared: Arc<WorkerShared>,
     served: AtomicU64,
+    gate: Arc<Gate>,
+    /// Counted in the gate's accepting instances.
+    accepting: AtomicBool,
     stats: Arc<Stats>,
+}
+
+impl WorkerPolicy {
+    fn stop_accepting(&self) {
+        if self.accepting.swap(false, Relaxed) {
+            self.gate.stopped_accepting();
+        }
+    }
+}
+
+impl Drop for WorkerPolicy {
+    /// The gate's count stays right even if the handler never called
+    /// `WorkerState::drop` (a panic in the worker).
+    fn drop(&mut self) {
+        self.stop_accepting();
+    }
 }
 
 impl WorkerState for WorkerPolicy {
@@ -792,10 +869,12 @@ impl WorkerState for WorkerPolicy {
             || total >= self.reuse
             || (total > 0 && self.switch.is_off())
         {
+            self.stop_accepting();
             ShouldAccept::Never
         } else if concurrent >= self.concurrent {
             ShouldAccept::No
         } else {
+            self.gate.has_room();
             ShouldAccept::Yes
         }
     }
@@ -830,6 +909,7 @@ impl WorkerState for WorkerPolicy {
     }
 
     fn drop(&self, store: Store<Host>, result: wasmtime::Result<()>) {
+        self.stop_accepting();
         self.stats.instances_live.fetch_sub(1, Relaxed);
         if let Err(e) = result {
             let msg = format!("{e:#}");

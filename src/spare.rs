@@ -1,0 +1,199 @@
+//! Keeps WASIp3 instances few: a new instance only when the live ones
+//! cannot take the requests in flight.
+//!
+//! [`ProxyHandler`](wasmtime_wasi_http::handler::ProxyHandler) starts a
+//! worker (and an instance) whenever no worker is *available at that
+//! instant*, and a worker is available only while its event loop has
+//! nothing ready to run. Under a burst (say 64 requests that sleep 40 ms,
+//! all answered at once) every worker is busy for a moment, so nearly every
+//! request gets a new instance although each could take 16.
+//!
+//! The gate sits in `HandlerState::instantiate`: it refuses to make an
+//! instance while the instances that still accept requests could hold every
+//! request in flight (`ceil(in_flight / concurrent)`, and never fewer than
+//! one per CPU so CPU-bound guests still use them all). The handler then
+//! hands the request back in an `InstantiationError` — the recovery its
+//! documentation describes — and the pool sends it again once a worker says
+//! it can take more, or after [`RETRY_AFTER`] at the latest.
+//!
+//! The gate applies only to slow requests (a typical time to answer of
+//! [`SLOW`] or more, mostly waiting on I/O): for those an instance's busy
+//! moments are short beside a request's life, so waiting for one costs
+//! little. Fast requests would wait on instances as long as they run, and
+//! keep the handler's eagerness.
+//!
+//! Live instances may have room yet take nothing for a while (a guest
+//! busy-looping until its request times out keeps its whole instance
+//! busy). So a request refused for [`STARVED`] asks for an instance
+//! regardless, as the handler alone would have made one at once.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// Longest wait before a refused request is sent again, should no worker
+/// report spare capacity (a lost wake-up costs at most this).
+pub(crate) const RETRY_AFTER: Duration = Duration::from_millis(1);
+
+/// How long a refused request waits before it may have a new instance
+/// whatever the live ones could hold.
+pub(crate) const STARVED: Duration = Duration::from_millis(10);
+
+/// Typical time to answer from which the gate applies.
+pub(crate) const SLOW: Duration = Duration::from_millis(10);
+
+/// The instance was not made: live instances have room (see the module
+/// documentation). Never reaches a client.
+#[derive(Debug, thiserror::Error)]
+#[error("live instances have spare capacity")]
+pub(crate) struct Spare;
+
+/// Shared by a pool's instantiation gate, its workers and refused requests.
+#[derive(Debug)]
+pub(crate) struct Gate {
+    /// Requests one instance takes at once; the gate is off at 1.
+    concurrent: usize,
+    /// Fewest instances the gate allows before refusing.
+    floor: usize,
+    /// Moving average of the time to answer, in microseconds.
+    answer_us: AtomicU64,
+    /// Instances alive that still accept requests (or are being made).
+    accepting: AtomicUsize,
+    /// Refused requests waiting for capacity.
+    waiting: AtomicUsize,
+    /// Instances owed to starved requests, made whatever the load.
+    owed: AtomicUsize,
+    capacity: Notify,
+}
+
+impl Gate {
+    pub fn new(concurrent: usize) -> Gate {
+        Gate {
+            concurrent,
+            floor: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            answer_us: AtomicU64::new(0),
+            accepting: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            owed: AtomicUsize::new(0),
+            capacity: Notify::new(),
+        }
+    }
+
+    /// Reserves a place for a new instance, or refuses with [`Spare`].
+    /// `in_flight` counts the requests admitted and not finished. A
+    /// reservation is released with [`Gate::stopped_accepting`].
+    pub fn reserve(&self, in_flight: usize) -> Result<(), Spare> {
+        if self.concurrent <= 1 || self.answer_us.load(Relaxed) < SLOW.as_micros() as u64 {
+            self.accepting.fetch_add(1, Relaxed);
+            return Ok(());
+        }
+        // Half as much room again as the requests need: a worker that is
+        // full, or busy for a moment, does not make the others wait.
+        let needed = (in_flight + in_flight / 2)
+            .div_ceil(self.concurrent)
+            .max(self.floor);
+        let granted = self
+            .accepting
+            .fetch_update(Relaxed, Relaxed, |n| (n < needed).then_some(n + 1))
+            .is_ok()
+            || (self
+                .owed
+                .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+                && {
+                    self.accepting.fetch_add(1, Relaxed);
+                    true
+                });
+        if granted { Ok(()) } else { Err(Spare) }
+    }
+
+    /// A request got its answer (or failed) `took` after it was sent.
+    pub fn observe(&self, took: Duration) {
+        let sample = took.as_micros().min(u64::MAX as u128) as u64;
+        // An average over about the last 8 requests; racing updates lose
+        // a sample, which does not matter.
+        let old = self.answer_us.load(Relaxed);
+        self.answer_us.store(old - old / 8 + sample / 8, Relaxed);
+    }
+
+    /// A request has been refused for [`STARVED`]: the next instantiation
+    /// goes ahead whatever the load.
+    pub fn starved(&self) {
+        self.owed.fetch_add(1, Relaxed);
+    }
+
+    /// An instance (or a reservation) stopped accepting requests; called
+    /// once per reservation.
+    pub fn stopped_accepting(&self) {
+        self.accepting.fetch_sub(1, Relaxed);
+        self.wake();
+    }
+
+    /// A worker may take another request.
+    pub fn has_room(&self) {
+        self.wake();
+    }
+
+    fn wake(&self) {
+        if self.waiting.load(Relaxed) > 0 {
+            self.capacity.notify_waiters();
+        }
+    }
+
+    /// Waits until a worker reports room (or [`RETRY_AFTER`]).
+    pub async fn wait(&self) {
+        self.waiting.fetch_add(1, Relaxed);
+        let _ = tokio::time::timeout(RETRY_AFTER, self.capacity.notified()).await;
+        self.waiting.fetch_sub(1, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_only_while_live_instances_hold_the_requests() {
+        let g = Gate {
+            floor: 2,
+            ..Gate::new(16)
+        };
+        for _ in 0..64 {
+            g.observe(Duration::from_millis(40));
+        }
+        // The floor: two instances whatever the load.
+        assert!(g.reserve(1).is_ok());
+        assert!(g.reserve(1).is_ok());
+        assert!(g.reserve(1).is_err());
+        assert!(g.reserve(21).is_err());
+        // 32 requests (and half as much room again) need three of 16.
+        assert!(g.reserve(32).is_ok());
+        assert!(g.reserve(32).is_err());
+        // One stops accepting (reuse count reached): room for another.
+        g.stopped_accepting();
+        assert!(g.reserve(32).is_ok());
+        // A starved request gets one instance whatever the load.
+        g.starved();
+        assert!(g.reserve(1).is_ok());
+        assert!(g.reserve(1).is_err());
+    }
+
+    #[test]
+    fn off_for_fast_requests() {
+        let g = Gate::new(16);
+        for _ in 0..64 {
+            g.observe(Duration::from_micros(300));
+        }
+        for _ in 0..100 {
+            assert!(g.reserve(16).is_ok());
+        }
+    }
+
+    #[test]
+    fn off_for_one_request_per_instance() {
+        let g = Gate::new(1);
+        for _ in 0..100 {
+            assert!(g.reserve(0).is_ok());
+        }
+    }
+}
