@@ -440,6 +440,11 @@ impl Pool {
         }
         let gate = &self.handler.state().gate;
         let sent = Instant::now();
+        let mut abandoned = ExpireIfAbandoned {
+            ticket,
+            deadline: sent + timeout + TEARDOWN_GRACE,
+            armed: true,
+        };
         let call = async {
             let mut request = request;
             let mut refused_since = None;
@@ -464,6 +469,7 @@ impl Pool {
             }
         };
         let result = tokio::time::timeout(timeout, call).await;
+        abandoned.armed = false;
         gate.observe(sent.elapsed());
         match result {
             Ok(Ok(response)) => Ok(response),
@@ -644,6 +650,33 @@ impl RequestHead {
     }
 }
 
+/// Tells the worker a request is over once its deadline passes, if the
+/// caller went away before the answer (the client hung up). The worker's
+/// expiration future waits only for the ticket, so that a request costs one
+/// timer (the caller's timeout), not two.
+struct ExpireIfAbandoned<'a> {
+    ticket: &'a Arc<Ticket>,
+    deadline: Instant,
+    armed: bool,
+}
+
+impl Drop for ExpireIfAbandoned<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let ticket = self.ticket.clone();
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn(async move {
+                tokio::time::sleep(left).await;
+                ticket.expire();
+            })),
+            Err(_) => ticket.expire(),
+        }
+    }
+}
+
 /// The request back, if `e` is the gate's refusal to make an instance.
 fn spare_refusal(e: wasmtime::Error) -> Result<http::Request<WasiBody>, wasmtime::Error> {
     let refused = e
@@ -742,7 +775,6 @@ impl HandlerState for PoolState {
                 reuse: self.reuse,
                 concurrent: self.concurrent,
                 switch: self.switch.clone(),
-                deadline: worker_deadline,
                 shared: Arc::default(),
                 served: AtomicU64::new(0),
                 gate: self.gate.clone(),
@@ -835,7 +867,6 @@ struct WorkerPolicy {
     reuse: usize,
     concurrent: usize,
     switch: Arc<ReuseSwitch>,
-    deadline: Duration,
     shared: Arc<WorkerShared>,
     served: AtomicU64,
     gate: Arc<Gate>,
@@ -893,7 +924,8 @@ impl WorkerState for WorkerPolicy {
         if ticket.expired.load(Relaxed) {
             self.shared.poisoned.store(true, Relaxed);
         }
-        let deadline = self.deadline;
+        // The caller expires the ticket: when its timeout fires, or once
+        // the deadline passed if it went away (`ExpireIfAbandoned`).
         Box::pin(async move {
             let notified = ticket.notify.notified();
             tokio::pin!(notified);
@@ -901,10 +933,7 @@ impl WorkerState for WorkerPolicy {
             if ticket.expired.load(Relaxed) {
                 return;
             }
-            tokio::select! {
-                _ = tokio::time::sleep(deadline) => {}
-                _ = notified => {}
-            }
+            notified.await
         })
     }
 

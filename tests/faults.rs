@@ -114,3 +114,37 @@ async fn instantiation_failure_is_503_and_the_server_recovers() {
     let _ = tx.send(());
     server.await.unwrap();
 }
+
+/// A client that hangs up does not leave its guest running: once the
+/// request's deadline passes, the instance is told and retired, for WASIp3
+/// (ProxyHandler's workers) and WASIp2 (the request's own task).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up() {
+    for guest in [p3_suite(), p2_suite()] {
+        let s = TestServer::start(
+            guest,
+            KnobArgs {
+                request_timeout: Some(Duration::from_millis(500)),
+                max_instance_reuse_count: Some(16),
+                ..Default::default()
+            },
+        )
+        .await;
+        let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(
+            &mut c,
+            b"GET /sleep/60000 HTTP/1.1\r\nhost: x\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        assert!(eventually(Duration::from_secs(2), || s.stats().instances_live == 1).await);
+        drop(c);
+        assert!(
+            eventually(Duration::from_secs(3), || s.stats().instances_live == 0).await,
+            "the abandoned guest kept its instance: {:?}",
+            s.stats()
+        );
+        assert_eq!(s.get("/").await.status, 200);
+        s.stop().await;
+    }
+}
