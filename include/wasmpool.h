@@ -335,6 +335,13 @@ wasmpool_result wasmpool_config_set_max_queue_wait_ms(struct wasmpool_config *cf
 wasmpool_result wasmpool_config_set_max_memory_size(struct wasmpool_config *cfg, uint64_t bytes);
 
 /**
+ * Bytes of each linear memory kept resident (zeroed in place) when an
+ * instance ends (default 1 MiB; at most the maximum memory size is kept).
+ */
+wasmpool_result wasmpool_config_set_memory_keep_resident(struct wasmpool_config *cfg,
+                                                         uint64_t bytes);
+
+/**
  * Directory of the compile cache (a copy of the string is kept). The
  * default follows the command line: $CACHE_DIRECTORY, else
  * $XDG_CACHE_HOME/wasmpool, else ~/.cache/wasmpool. An empty string is

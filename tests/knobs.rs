@@ -593,3 +593,36 @@ async fn requests_without_host_are_served() {
         s.stop().await;
     }
 }
+
+/// Memory kept resident between instances is zeroed: a fresh instance in a
+/// slot that served before sees none of its predecessor's data, whether the
+/// byte lies in the part kept resident or in the part given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_keep_resident_starts_instances_clean() {
+    for keep in [0, 64 << 10, 1 << 20] {
+        let s = TestServer::start(
+            p2_suite(),
+            KnobArgs {
+                memory_keep_resident: Some(keep),
+                ..Default::default()
+            },
+        )
+        .await;
+        for _ in 0..6 {
+            assert_eq!(s.get("/stain").await.text(), "0", "keep {keep}");
+        }
+        s.stop().await;
+    }
+    // The same instance does see its own writes (the probe works).
+    let s = TestServer::start(
+        p2_suite(),
+        KnobArgs {
+            max_instance_reuse_count: Some(8),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(s.get("/stain").await.text(), "0");
+    assert_eq!(s.get("/stain").await.text(), "1");
+    s.stop().await;
+}

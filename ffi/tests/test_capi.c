@@ -49,6 +49,7 @@ static wasmpool_config *small_config(void) {
   /* Small pools keep the address-space reservation modest (valgrind). */
   CHECK_RESULT(wasmpool_config_set_max_concurrent_requests(cfg, 16), WASMPOOL_OK);
   CHECK_RESULT(wasmpool_config_set_max_memory_size(cfg, 16u << 20), WASMPOOL_OK);
+  CHECK_RESULT(wasmpool_config_set_memory_keep_resident(cfg, 256u << 10), WASMPOOL_OK);
   CHECK_RESULT(wasmpool_config_set_cache_dir(cfg, cache_dir), WASMPOOL_OK);
   CHECK_RESULT(wasmpool_config_set_engine_threads(cfg, 2), WASMPOOL_OK);
   return cfg;
@@ -108,6 +109,7 @@ static void test_config(void) {
   CHECK_RESULT(wasmpool_config_set_max_memory_size(cfg, 1u << 20), WASMPOOL_OK);
   CHECK_RESULT(wasmpool_config_set_max_memory_size(cfg, 0), WASMPOOL_INVALID_ARGUMENT);
   CHECK_RESULT(wasmpool_config_set_max_memory_size(cfg, 8ull << 30), WASMPOOL_INVALID_ARGUMENT);
+  CHECK_RESULT(wasmpool_config_set_memory_keep_resident(NULL, 0), WASMPOOL_NULL_ARGUMENT);
   CHECK_RESULT(wasmpool_config_set_cache_dir(cfg, "/tmp/x"), WASMPOOL_OK);
   CHECK_RESULT(wasmpool_config_set_cache_dir(cfg, ""), WASMPOOL_INVALID_ARGUMENT);
   CHECK_RESULT(wasmpool_config_set_cache_dir(cfg, NULL), WASMPOOL_NULL_ARGUMENT);

@@ -168,6 +168,16 @@ pub unsafe extern "C" fn wasmpool_config_set_max_memory_size(
     set(cfg, |k| k.max_memory_size = bytes)
 }
 
+/// Bytes of each linear memory kept resident (zeroed in place) when an
+/// instance ends (default 1 MiB; at most the maximum memory size is kept).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wasmpool_config_set_memory_keep_resident(
+    cfg: *mut wasmpool_config,
+    bytes: u64,
+) -> wasmpool_result {
+    set(cfg, |k| k.memory_keep_resident = bytes)
+}
+
 /// Directory of the compile cache (a copy of the string is kept). The
 /// default follows the command line: $CACHE_DIRECTORY, else
 /// $XDG_CACHE_HOME/wasmpool, else ~/.cache/wasmpool. An empty string is

@@ -12,6 +12,8 @@
 ;;   /env       the environment, one KEY=VALUE per line
 ;;   /once      like /echo on a fresh instance; on a reused one it returns
 ;;              without answering (as componentize-js guests do)
+;;   /stain     the byte count at address 60000, then adds one to it (0 on a
+;;              fresh instance: memory must be clean whatever the slot served)
 ;;   anything else: "hello from p2"
 ;; Memory: 0..1024 return areas, 1024..4096 constant data, heap from 64 KiB
 ;; (a bump allocator reset at each request: WASIp2 instances run one request
@@ -71,6 +73,7 @@
   (data (i32.const 1400) "/env")
   (data (i32.const 1410) "grown\n")
   (data (i32.const 1420) "/once")
+  (data (i32.const 1430) "/stain")
 
   (func $cabi_realloc (export "cabi_realloc") (param $old i32) (param $old_size i32) (param $align i32) (param $size i32) (result i32)
     (local $ptr i32) (local $end i32)
@@ -273,6 +276,12 @@
           (call $respond (local.get $out) (i32.const 200) (i32.const 1410) (i32.const 6)) (br $routed)))
       (if (call $starts_with (local.get $p) (local.get $n) (i32.const 1400) (i32.const 4))
         (then (call $env (local.get $out)) (br $routed)))
+      (if (call $starts_with (local.get $p) (local.get $n) (i32.const 1430) (i32.const 6))
+        (then
+          (call $respond (local.get $out) (i32.const 200) (i32.const 512)
+            (call $itoa (i32.load (i32.const 60000))))
+          (i32.store (i32.const 60000) (i32.add (i32.load (i32.const 60000)) (i32.const 1)))
+          (br $routed)))
       (call $respond (local.get $out) (i32.const 200) (i32.const 1300) (i32.const 14)))
     (call $drop_req (local.get $req)))
 
