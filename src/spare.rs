@@ -16,11 +16,12 @@
 //! documentation describes — and the pool sends it again once a worker says
 //! it can take more, or after [`RETRY_AFTER`] at the latest.
 //!
-//! The gate applies only to slow requests (a typical time to answer of
-//! [`SLOW`] or more, mostly waiting on I/O): for those an instance's busy
-//! moments are short beside a request's life, so waiting for one costs
-//! little. Fast requests would wait on instances as long as they run, and
-//! keep the handler's eagerness.
+//! The gate applies to slow requests only: from start-up until answers
+//! show otherwise, and while the typical time to answer is [`SLOW`] or
+//! more (mostly waiting on I/O). For those an instance's busy moments are
+//! short beside a request's life, so waiting for one costs little. Fast
+//! requests would wait on instances as long as they run, and keep the
+//! handler's eagerness.
 //!
 //! Live instances may have room yet take nothing for a while (a guest
 //! busy-looping until its request times out keeps its whole instance
@@ -71,7 +72,9 @@ impl Gate {
         Gate {
             concurrent,
             floor: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            answer_us: AtomicU64::new(0),
+            // On until the first answers say requests are fast: the first
+            // burst of slow requests would otherwise meet an open gate.
+            answer_us: AtomicU64::new(SLOW.as_micros() as u64),
             accepting: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             owed: AtomicUsize::new(0),
@@ -176,6 +179,26 @@ mod tests {
         g.starved();
         assert!(g.reserve(1).is_ok());
         assert!(g.reserve(1).is_err());
+    }
+
+    #[test]
+    fn on_before_any_answer() {
+        let g = Gate {
+            floor: 2,
+            ..Gate::new(16)
+        };
+        assert!(g.reserve(64).is_ok());
+        for _ in 0..6 {
+            let _ = g.reserve(64);
+        }
+        assert!(g.reserve(64).is_err(), "64 requests need 6 instances of 16");
+        // One slow answer keeps it on, one fast one turns it off.
+        g.observe(Duration::from_millis(40));
+        assert!(g.reserve(64).is_err());
+        g.observe(Duration::from_micros(300));
+        g.observe(Duration::from_micros(300));
+        g.observe(Duration::from_micros(300));
+        assert!(g.reserve(64).is_ok());
     }
 
     #[test]
