@@ -456,7 +456,7 @@ impl Pool {
                         Ok(back) => {
                             request = back;
                             let since = *refused_since.get_or_insert_with(Instant::now);
-                            if since.elapsed() >= crate::spare::STARVED {
+                            if since.elapsed() >= gate.starved_after() {
                                 gate.starved();
                                 refused_since = None;
                             }
