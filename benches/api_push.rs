@@ -35,7 +35,7 @@ fn main() {
         .build()
         .unwrap();
     let pool = Arc::new(Pool::load(knobs, &Source::File(component.into())).unwrap());
-    let get = wasmpool::pool::get_root;
+    let get = wasmpool::engine::pool::get_root;
     rt.block_on(async {
         for _ in 0..100 {
             let r = pool.handle(get()).await.unwrap();

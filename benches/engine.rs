@@ -8,7 +8,7 @@ mod common;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use http_body_util::BodyExt;
-use wasmpool::pool::get_root;
+use wasmpool::engine::pool::get_root;
 use wasmpool::{KnobArgs, Pool, Source};
 
 fn pool(bytes: Vec<u8>, reuse: u32) -> Pool {

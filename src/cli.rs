@@ -1,11 +1,11 @@
 //! Command-line interface: `serve`, `compile` and `check`. Errors leave as
 //! one line on stderr and a non-zero exit code.
 
-use crate::component::Source;
+use crate::engine::component::Source;
 use crate::config::{KnobArgs, Knobs, ReuseMode};
 use crate::logging::LogFormat;
-use crate::pool::{Pool, ReuseProbe};
-use crate::server::ListenAddr;
+use crate::engine::pool::{Pool, ReuseProbe};
+use crate::http::ListenAddr;
 use crate::service::ServeOptions;
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
@@ -145,7 +145,7 @@ fn compile(a: ComponentArgs) -> Result<()> {
     let dir = knobs
         .cache_dir
         .clone()
-        .or_else(crate::cache::default_dir)
+        .or_else(crate::engine::cache::default_dir)
         .context("no cache directory: set --cache-dir, $XDG_CACHE_HOME or $HOME")?;
     knobs.cache_dir = Some(dir.clone());
     let pool = Pool::load(knobs, &Source::File(component.clone()))?;

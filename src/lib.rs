@@ -1,27 +1,24 @@
 //! wasmpool: serve `wasi:http` WebAssembly components (WASIp2 and WASIp3)
 //! from a pool of reused instances, with backpressure, hard timeouts,
 //! limits and a compile cache.
+//!
+//! - [`engine`]: the component, its pool of instances, admission, stats.
+//! - [`http`]: the HTTP front (listeners, connection limits, timeouts).
+//! - [`service`]: `wasmpool serve` as a managed service (systemd).
+//! - [`capi`]: the C API.
+//! - [`config`], [`units`], [`error`]: knobs shared by all of them.
 
-pub mod admission;
-pub mod cache;
 pub mod capi;
 pub mod cli;
-pub mod component;
 pub mod config;
-mod direct;
+pub mod engine;
 pub mod error;
-pub mod host;
+pub mod http;
 pub mod logging;
 pub mod metrics;
-pub mod pool;
-mod reuse;
-pub mod server;
 pub mod service;
-mod spare;
-pub mod stats;
 pub mod units;
 
-pub use component::{Source, World};
 pub use config::{KnobArgs, Knobs};
+pub use engine::{Pool, RequestError, ResponseBody, Source, World};
 pub use error::{ConfigError, LoadError};
-pub use pool::{Pool, RequestError, ResponseBody};

@@ -1,7 +1,7 @@
 //! Prometheus metrics: what the HTTP front observes (status classes,
 //! latency) plus the pool's live counters, read at scrape time.
 
-use crate::stats::Stats;
+use crate::engine::stats::Stats;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};

@@ -3,7 +3,7 @@
 mod common;
 use common::*;
 use std::path::Path;
-use wasmpool::cache::{CacheOutcome, CompileCache};
+use wasmpool::engine::cache::{CacheOutcome, CompileCache};
 use wasmpool::{KnobArgs, Pool, Source};
 
 fn entries(dir: &Path) -> Vec<std::path::PathBuf> {
@@ -146,7 +146,7 @@ fn stale_entries_are_recompiled() {
     // engine configuration: wasmtime refuses it, the cache recompiles.
     let dir = tempfile::tempdir().unwrap();
     let bytes = p2_suite();
-    let other = wasmpool::component::engine(
+    let other = wasmpool::engine::component::engine(
         &KnobArgs {
             max_memory_size: Some(1 << 20),
             ..Default::default()
@@ -160,7 +160,7 @@ fn stale_entries_are_recompiled() {
         .serialize()
         .unwrap();
     let knobs = KnobArgs::default().resolve().unwrap();
-    let engine = wasmpool::component::engine(&knobs).unwrap();
+    let engine = wasmpool::engine::component::engine(&knobs).unwrap();
     let cache = CompileCache::new(dir.path().to_path_buf());
     let path = cache.entry_path(&engine, &bytes);
     let mut data = b"wasmpool-cwasm1\n".to_vec();

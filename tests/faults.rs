@@ -8,7 +8,7 @@ use bytes::Bytes;
 use common::*;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use wasmpool::server::{Front, ListenAddr, Listener};
+use wasmpool::http::{Front, ListenAddr, Listener};
 use wasmpool::{KnobArgs, Pool, Source};
 
 fn start_trap() -> Vec<u8> {
@@ -86,7 +86,7 @@ async fn instantiation_failure_is_503_and_the_server_recovers() {
     };
     let front = Front::new(Arc::new(broken));
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(wasmpool::server::serve(
+    let server = tokio::spawn(wasmpool::http::serve(
         front.clone(),
         vec![listener],
         async move {

@@ -4,7 +4,7 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use wasmpool::config::FileConfig;
-use wasmpool::server::ListenAddr;
+use wasmpool::http::ListenAddr;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

@@ -3,10 +3,10 @@
 use super::wasmpool_result::{self, *};
 use super::{Failure, boundary, bytes_arg, handle_ref, str_arg};
 use super::{wasmpool_completion_mode, wasmpool_config, wasmpool_request, wasmpool_response};
-use crate::admission::Rejection;
-use crate::component::Source;
+use crate::engine::admission::Rejection;
+use crate::engine::component::Source;
 use crate::error::LoadError;
-use crate::pool::{Pool, RequestError};
+use crate::engine::pool::{Pool, RequestError};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use std::cell::Cell;

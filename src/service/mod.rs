@@ -5,12 +5,12 @@
 pub mod notify;
 pub mod sockets;
 
-use crate::component::Source;
+use crate::engine::component::Source;
 use crate::config::{FileConfig, KnobArgs, Knobs, defaults};
 use crate::metrics::Metrics;
-use crate::pool::Pool;
-use crate::server::{self, Front, ListenAddr, Listener};
-use crate::stats::Stats;
+use crate::engine::pool::Pool;
+use crate::http::{self as front, Front, ListenAddr, Listener};
+use crate::engine::stats::Stats;
 use anyhow::{Context as _, Result, bail};
 use notify::Notifier;
 use sockets::Inherited;
@@ -162,7 +162,7 @@ async fn serve(opts: ServeOptions, settled: Settled, inherited: Vec<Inherited>) 
         }
         None => None,
     };
-    let mut server = tokio::spawn(server::serve(
+    let mut server = tokio::spawn(front::serve(
         front.clone(),
         listeners,
         async move {
@@ -391,9 +391,9 @@ async fn serve_metrics(
     use http_body_util::Full;
     let front_metrics = metrics;
     loop {
-        let io: Box<dyn server::Io> = tokio::select! {
+        let io: Box<dyn front::Io> = tokio::select! {
             _ = stop.changed() => break,
-            a = server::accept(&listener) => match a { Ok(io) => io, Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue } },
+            a = front::accept(&listener) => match a { Ok(io) => io, Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue } },
         };
         let m = front_metrics.clone();
         tokio::spawn(async move {

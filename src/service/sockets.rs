@@ -2,7 +2,7 @@
 //! `LISTEN_FDS` protocol. Read once, before any thread starts, because it
 //! unsets the variables.
 
-use crate::server::{ListenAddr, Listener};
+use crate::http::{ListenAddr, Listener};
 use socket2::{Domain, Socket, Type};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 

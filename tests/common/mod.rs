@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use wasmpool::server::{Front, ListenAddr, Listener};
+use wasmpool::http::{Front, ListenAddr, Listener};
 use wasmpool::{KnobArgs, Pool, Source};
 
 pub fn root() -> PathBuf {
@@ -108,7 +108,7 @@ impl TestServer {
         };
         let front = Front::new(Arc::new(pool));
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(wasmpool::server::serve(
+        let task = tokio::spawn(wasmpool::http::serve(
             front.clone(),
             vec![listener],
             async move {
@@ -124,7 +124,7 @@ impl TestServer {
         }
     }
 
-    pub fn stats(&self) -> wasmpool::stats::Snapshot {
+    pub fn stats(&self) -> wasmpool::engine::stats::Snapshot {
         self.front.pool().stats()
     }
 

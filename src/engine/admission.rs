@@ -3,7 +3,7 @@
 //! at most `max-queue-wait`; the rest are refused at once. Nothing piles up
 //! without bound.
 
-use crate::stats::Stats;
+use crate::engine::stats::Stats;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::time::Duration;

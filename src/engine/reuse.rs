@@ -86,7 +86,7 @@ impl Replay {
     /// `None` (the request cannot be replayed).
     pub(crate) fn take(&self) -> Option<WasiBody> {
         if self.end_stream {
-            return Some(crate::pool::empty_body());
+            return Some(crate::engine::pool::empty_body());
         }
         if self.consumed.load(Relaxed) {
             return None;
@@ -164,7 +164,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_empty_body_is_always_replayable() {
-        let (body, replay) = ReplayableBody::wrap(crate::pool::empty_body());
+        let (body, replay) = ReplayableBody::wrap(crate::engine::pool::empty_body());
         assert!(http_body::Body::is_end_stream(&body));
         let again = replay.take().expect("replayable");
         assert!(again.collect().await.unwrap().to_bytes().is_empty());

@@ -14,8 +14,8 @@
 //! Invariants: an instance is either in the idle list, or owned by exactly
 //! one call; each [`Live`] counts once in `instances_live` until dropped.
 
-use crate::host::Host;
-use crate::stats::Stats;
+use crate::engine::host::Host;
+use crate::engine::stats::Stats;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;

@@ -4,7 +4,7 @@
 
 use crate::config::Knobs;
 use crate::metrics::Metrics;
-use crate::pool::{Pool, RequestError, ResponseBody};
+use crate::engine::pool::{Pool, RequestError, ResponseBody};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Response, StatusCode, header};

@@ -2,20 +2,20 @@
 //! components go through wasmtime's [`ProxyHandler`], which owns the
 //! workers, reuse and idle expiry; this module supplies the policy it asks
 //! of an embedder (when an instance takes a request, when it expires, how
-//! one is made, and, through [`crate::spare`], when none should be made).
-//! WASIp2 components run on the request's own task ([`crate::direct`]).
+//! one is made, and, through [`crate::engine::spare`], when none should be made).
+//! WASIp2 components run on the request's own task ([`crate::engine::p2`]).
 //! Both get what the handler leaves out: admission control, a hard request
 //! timeout, and classification of failures.
 
-use crate::admission::{Admission, Permit, Rejection};
-use crate::component::{self, EPOCH_TICK, Loaded, Source, World};
+use crate::engine::admission::{Admission, Permit, Rejection};
+use crate::engine::component::{self, EPOCH_TICK, Loaded, Source, World};
 use crate::config::{Knobs, OutboundRule, ReuseMode, defaults};
-use crate::direct::{self, Answer, Idle, Live};
+use crate::engine::p2::{self, Answer, Idle, Live};
 use crate::error::LoadError;
-use crate::host::Host;
-use crate::reuse::{Replay, ReplayableBody, ReuseSwitch};
-use crate::spare::{Gate, Spare};
-use crate::stats::{Snapshot, Stats};
+use crate::engine::host::Host;
+use crate::engine::reuse::{Replay, ReplayableBody, ReuseSwitch};
+use crate::engine::spare::{Gate, Spare};
+use crate::engine::stats::{Snapshot, Stats};
 use bytes::Bytes;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -166,14 +166,14 @@ impl http_body::Body for ResponseBody {
 /// A component being served.
 pub struct Pool {
     handler: ProxyHandler<PoolState>,
-    /// WASIp2 components bypass the handler's workers (see [`direct`]).
+    /// WASIp2 components bypass the handler's workers (see [`p2`]).
     direct: Option<Arc<Idle>>,
     admission: Admission,
     knobs: Arc<Knobs>,
     world: World,
     stats: Arc<Stats>,
     name: String,
-    cache: crate::cache::CacheOutcome,
+    cache: crate::engine::cache::CacheOutcome,
 }
 
 impl Pool {
@@ -289,7 +289,7 @@ impl Pool {
     }
 
     /// How the component was obtained (cache hit, compiled ...).
-    pub fn cache_outcome(&self) -> crate::cache::CacheOutcome {
+    pub fn cache_outcome(&self) -> crate::engine::cache::CacheOutcome {
         self.cache
     }
 
@@ -527,7 +527,7 @@ impl Pool {
             // The guest may run on after answering, as long as the worker
             // deadline of the handler path allows.
             let rest_deadline = deadline + TEARDOWN_GRACE;
-            match direct::call(live, request, rest_deadline, finish).await {
+            match p2::call(live, request, rest_deadline, finish).await {
                 Answer::Response(r) => Ok(r),
                 Answer::ErrorCode(code) => Err(RequestError::Guest(format!(
                     "the guest answered with an error: {code:?}"
@@ -834,7 +834,7 @@ impl PoolState {
     /// What the direct path does with an instance once `handle` returned:
     /// keep it for another request while the reuse policy allows, drop it
     /// otherwise. `handler` keeps the epoch ticker running meanwhile.
-    fn finish_p2(&self, idle: Arc<Idle>, handler: ProxyHandler<PoolState>) -> direct::Finish {
+    fn finish_p2(&self, idle: Arc<Idle>, handler: ProxyHandler<PoolState>) -> p2::Finish {
         Box::new(move |live: Live, result: wasmtime::Result<()>| {
             let state = handler.state();
             match result {

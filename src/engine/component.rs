@@ -2,10 +2,10 @@
 //! the linker with the full WASIp2 and WASIp3 interfaces, world detection,
 //! and compilation through the compile cache.
 
-use crate::cache::{CacheOutcome, CompileCache};
+use crate::engine::cache::{CacheOutcome, CompileCache};
 use crate::config::Knobs;
 use crate::error::LoadError;
-use crate::host::Host;
+use crate::engine::host::Host;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use wasmtime::component::{Component, Linker};
@@ -219,7 +219,7 @@ pub fn load(
     let cache_dir = if knobs.no_cache {
         None
     } else {
-        knobs.cache_dir.clone().or_else(crate::cache::default_dir)
+        knobs.cache_dir.clone().or_else(crate::engine::cache::default_dir)
     };
     let (component, cache) = match cache_dir {
         Some(dir) => CompileCache::new(dir).load_or_compile(engine, bytes, compile),
