@@ -342,6 +342,18 @@ wasmpool_result wasmpool_config_set_memory_keep_resident(struct wasmpool_config 
                                                          uint64_t bytes);
 
 /**
+ * Most memory all instances of the handler may hold together, in bytes
+ * (linear memories and fiber stacks): a `memory.grow` that would cross it
+ * waits briefly for memory to be freed and then fails for that guest only
+ * (WASMPOOL_TRAP for its request); while no new instance fits, requests
+ * wait in the queue and then fail with WASMPOOL_OVERLOADED. 0 (the
+ * default) follows the process's cgroup memory limit, else physical
+ * memory, less what the process needs itself. At least 64 KiB; more than
+ * the process may use at all is invalid.
+ */
+wasmpool_result wasmpool_config_set_memory_budget(struct wasmpool_config *cfg, uint64_t bytes);
+
+/**
  * Directory of the compile cache (a copy of the string is kept). The
  * default follows the command line: $CACHE_DIRECTORY, else
  * $XDG_CACHE_HOME/wasmpool, else ~/.cache/wasmpool. An empty string is

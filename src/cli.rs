@@ -1,11 +1,11 @@
 //! Command-line interface: `serve`, `compile` and `check`. Errors leave as
 //! one line on stderr and a non-zero exit code.
 
-use crate::engine::component::Source;
 use crate::config::{KnobArgs, Knobs, ReuseMode};
-use crate::logging::LogFormat;
+use crate::engine::component::Source;
 use crate::engine::pool::{Pool, ReuseProbe};
 use crate::http::ListenAddr;
+use crate::logging::LogFormat;
 use crate::service::ServeOptions;
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};

@@ -32,6 +32,28 @@ pub mod defaults {
     pub const MAX_REQUEST_HEADERS: u32 = 100;
     pub const MAX_REQUEST_HEADER_SIZE: u64 = 16 << 10;
     pub const MAX_REQUEST_BODY_SIZE: u64 = 16 << 20;
+    /// nginx's `client_body_timeout` is 60s, Apache's mod_reqtimeout 20s.
+    pub const CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Apache's mod_reqtimeout `MinRate` is 500 bytes/s.
+    pub const CLIENT_BODY_MIN_RATE: u64 = 1 << 10;
+    pub const CLIENT_BODY_BUFFER_SIZE: u64 = 64 << 10;
+    /// nginx's `send_timeout` is 60s.
+    pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const SEND_MIN_RATE: u64 = 1 << 10;
+    pub const RESPONSE_BUFFER_SIZE: u64 = 256 << 10;
+    /// nginx's `keepalive_timeout` is 75s, Apache's 5s.
+    pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Share of `max-concurrent-connections` one client address may take
+    /// by default...
+    pub const PER_CLIENT_SHARE: u32 = 4;
+    /// ... when that share is at least this much; smaller servers get no
+    /// per-client split by default.
+    pub const PER_CLIENT_FLOOR: u32 = 64;
+    /// Requests one client address may have in flight by default (when
+    /// `max-concurrent-requests` is at least four times this): enough for
+    /// a browser or a busy API client, few enough that one client's
+    /// requests cannot queue everyone else behind them on the CPUs.
+    pub const MAX_REQUESTS_PER_CLIENT: u32 = 64;
     /// Address served when neither `--listen` nor inherited sockets say otherwise.
     pub const LISTEN: &str = "127.0.0.1:8080";
 }
@@ -42,6 +64,39 @@ pub const MIN_REQUEST_HEADER_SIZE: u64 = 8 << 10;
 pub const MAX_MAX_MEMORY_SIZE: u64 = 4 << 30;
 /// One wasm page: the smallest useful `max-memory-size`.
 pub const MIN_MAX_MEMORY_SIZE: u64 = 64 << 10;
+/// Largest minimum transfer rate a knob may ask of a client.
+pub const MAX_MIN_RATE: u64 = 100 << 20;
+/// Largest `client-body-buffer-size` and `response-buffer-size`.
+pub const MAX_BUFFER_SIZE: u64 = 16 << 20;
+
+/// The `memory-budget` knob.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryBudgetArg {
+    /// Follow the cgroup memory limit, else physical memory.
+    #[default]
+    Auto,
+    Bytes(u64),
+}
+
+impl MemoryBudgetArg {
+    pub fn parse(s: &str) -> Result<MemoryBudgetArg, String> {
+        if s.trim().eq_ignore_ascii_case("auto") {
+            return Ok(MemoryBudgetArg::Auto);
+        }
+        units::parse_positive_size(s)
+            .map(MemoryBudgetArg::Bytes)
+            .map_err(|e| format!("{e} (or `auto`)"))
+    }
+}
+
+impl std::fmt::Display for MemoryBudgetArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MemoryBudgetArg::Auto => f.write_str("auto"),
+            MemoryBudgetArg::Bytes(b) => f.write_str(&units::format_size(*b)),
+        }
+    }
+}
 
 /// How instances of a component are reused (the `reuse` knob).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
@@ -158,6 +213,79 @@ pub struct KnobArgs {
     #[serde(default, deserialize_with = "de::size")]
     pub max_request_body_size: Option<u64>,
 
+    /// Longest a client may pause while sending a request body; then 408
+    /// and the connection is closed (stops slow-body attacks) [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = units::parse_positive_duration)]
+    #[serde(default, deserialize_with = "de::positive_duration")]
+    pub client_body_timeout: Option<Duration>,
+
+    /// Slowest a request body may arrive, in bytes per second: after
+    /// client-body-timeout, each second of waiting must have brought this
+    /// much on average, else 408; 0 for no minimum [default: 1KiB/s].
+    #[arg(long, value_name = "RATE", value_parser = units::parse_rate)]
+    #[serde(default, deserialize_with = "de::rate")]
+    pub client_body_min_rate: Option<u64>,
+
+    /// Request bodies up to this size are received in full before the
+    /// request takes an admission slot or an instance, so a slow sender
+    /// costs a buffer, not a guest; larger bodies stream in once this much
+    /// has arrived [default: 64KiB, at most 16MiB].
+    #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
+    #[serde(default, deserialize_with = "de::size")]
+    pub client_body_buffer_size: Option<u64>,
+
+    /// Longest writing a response to a client may make no progress; then
+    /// the connection is closed and the request's instance and slot are
+    /// freed (stops slow-reader attacks) [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = units::parse_positive_duration)]
+    #[serde(default, deserialize_with = "de::positive_duration")]
+    pub send_timeout: Option<Duration>,
+
+    /// Slowest a client may read a response, in bytes per second, once
+    /// its socket is full: after send-timeout each second of waiting must
+    /// have taken this much on average, else the connection is closed; 0
+    /// for no minimum [default: 1KiB/s].
+    #[arg(long, value_name = "RATE", value_parser = units::parse_rate)]
+    #[serde(default, deserialize_with = "de::rate")]
+    pub send_min_rate: Option<u64>,
+
+    /// Most of a response read ahead of a client that does not keep up, so
+    /// the guest can finish and free its instance and slot; 0 to let the
+    /// guest wait for the client [default: 256KiB, at most 16MiB].
+    #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
+    #[serde(default, deserialize_with = "de::size")]
+    pub response_buffer_size: Option<u64>,
+
+    /// How long an idle keep-alive connection stays open waiting for its
+    /// next request [default: 30s]. Idle connections are also the first
+    /// closed when max-concurrent-connections is reached.
+    #[arg(long, value_name = "DURATION", value_parser = units::parse_positive_duration)]
+    #[serde(default, deserialize_with = "de::positive_duration")]
+    pub keepalive_timeout: Option<Duration>,
+
+    /// Connections one client address may hold open on TCP listeners
+    /// (unix-socket listeners are exempt: a proxy in front speaks for many
+    /// clients) [default: a quarter of max-concurrent-connections when
+    /// that is 64 or more, else no limit].
+    #[arg(long, value_name = "N", value_parser = units::parse_positive_count)]
+    #[serde(default, deserialize_with = "de::positive_count")]
+    pub max_connections_per_client: Option<u32>,
+
+    /// Requests one client address may have in flight on TCP listeners;
+    /// more get 429 [default: 64; no limit when max-concurrent-requests is
+    /// below 256].
+    #[arg(long, value_name = "N", value_parser = units::parse_positive_count)]
+    #[serde(default, deserialize_with = "de::positive_count")]
+    pub max_requests_per_client: Option<u32>,
+
+    /// Most memory all guests together may hold (linear memories and
+    /// buffered request bodies): a size, or `auto` for the service's
+    /// cgroup memory limit (MemoryMax=) or else physical memory, less
+    /// headroom for the process [default: auto].
+    #[arg(long, value_name = "SIZE|auto", value_parser = MemoryBudgetArg::parse)]
+    #[serde(default, deserialize_with = "de::memory_budget")]
+    pub memory_budget: Option<MemoryBudgetArg>,
+
     /// Directory of the compile cache [default: $CACHE_DIRECTORY, else
     /// $XDG_CACHE_HOME/wasmpool, else ~/.cache/wasmpool].
     #[arg(long, value_name = "DIR")]
@@ -272,6 +400,16 @@ impl KnobArgs {
             max_request_headers,
             max_request_header_size,
             max_request_body_size,
+            client_body_timeout,
+            client_body_min_rate,
+            client_body_buffer_size,
+            send_timeout,
+            send_min_rate,
+            response_buffer_size,
+            keepalive_timeout,
+            max_connections_per_client,
+            max_requests_per_client,
+            memory_budget,
             cache_dir
         );
         self.no_cache |= other.no_cache;
@@ -309,6 +447,18 @@ impl KnobArgs {
             max_request_body_size: self
                 .max_request_body_size
                 .unwrap_or(d.max_request_body_size),
+            client_body_timeout: self.client_body_timeout.unwrap_or(d.client_body_timeout),
+            client_body_min_rate: self.client_body_min_rate.unwrap_or(d.client_body_min_rate),
+            client_body_buffer_size: self
+                .client_body_buffer_size
+                .unwrap_or(d.client_body_buffer_size),
+            send_timeout: self.send_timeout.unwrap_or(d.send_timeout),
+            send_min_rate: self.send_min_rate.unwrap_or(d.send_min_rate),
+            response_buffer_size: self.response_buffer_size.unwrap_or(d.response_buffer_size),
+            keepalive_timeout: self.keepalive_timeout.unwrap_or(d.keepalive_timeout),
+            max_connections_per_client: self.max_connections_per_client,
+            max_requests_per_client: self.max_requests_per_client,
+            memory_budget: self.memory_budget.unwrap_or_default(),
             cache_dir: self.cache_dir.clone(),
             no_cache: self.no_cache,
             env: {
@@ -353,6 +503,20 @@ pub struct Knobs {
     pub max_request_headers: u32,
     pub max_request_header_size: u64,
     pub max_request_body_size: u64,
+    pub client_body_timeout: Duration,
+    /// Bytes per second; 0 for no minimum.
+    pub client_body_min_rate: u64,
+    pub client_body_buffer_size: u64,
+    pub send_timeout: Duration,
+    /// Bytes per second; 0 for no minimum.
+    pub send_min_rate: u64,
+    pub response_buffer_size: u64,
+    pub keepalive_timeout: Duration,
+    /// `None`: a quarter of `max_concurrent_connections`.
+    pub max_connections_per_client: Option<u32>,
+    /// `None`: a quarter of `max_concurrent_requests`.
+    pub max_requests_per_client: Option<u32>,
+    pub memory_budget: MemoryBudgetArg,
     pub cache_dir: Option<PathBuf>,
     pub no_cache: bool,
     pub env: Vec<(String, String)>,
@@ -377,6 +541,16 @@ impl Default for Knobs {
             max_request_headers: defaults::MAX_REQUEST_HEADERS,
             max_request_header_size: defaults::MAX_REQUEST_HEADER_SIZE,
             max_request_body_size: defaults::MAX_REQUEST_BODY_SIZE,
+            client_body_timeout: defaults::CLIENT_BODY_TIMEOUT,
+            client_body_min_rate: defaults::CLIENT_BODY_MIN_RATE,
+            client_body_buffer_size: defaults::CLIENT_BODY_BUFFER_SIZE,
+            send_timeout: defaults::SEND_TIMEOUT,
+            send_min_rate: defaults::SEND_MIN_RATE,
+            response_buffer_size: defaults::RESPONSE_BUFFER_SIZE,
+            keepalive_timeout: defaults::KEEPALIVE_TIMEOUT,
+            max_connections_per_client: None,
+            max_requests_per_client: None,
+            memory_budget: MemoryBudgetArg::Auto,
             cache_dir: None,
             no_cache: false,
             env: Vec::new(),
@@ -415,6 +589,82 @@ impl Knobs {
         )?;
         nonzero("header-read-timeout", !self.header_read_timeout.is_zero())?;
         nonzero("max-request-headers", self.max_request_headers > 0)?;
+        nonzero("client-body-timeout", !self.client_body_timeout.is_zero())?;
+        nonzero("send-timeout", !self.send_timeout.is_zero())?;
+        nonzero("keepalive-timeout", !self.keepalive_timeout.is_zero())?;
+        nonzero(
+            "max-connections-per-client",
+            self.max_connections_per_client != Some(0),
+        )?;
+        nonzero(
+            "max-requests-per-client",
+            self.max_requests_per_client != Some(0),
+        )?;
+        for (key, rate) in [
+            ("client-body-min-rate", self.client_body_min_rate),
+            ("send-min-rate", self.send_min_rate),
+        ] {
+            // Faster than any link: every client would be cut off.
+            if rate > MAX_MIN_RATE {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: format!(
+                        "{}/s would cut off every client; at most {}/s",
+                        units::format_size(rate),
+                        units::format_size(MAX_MIN_RATE)
+                    ),
+                });
+            }
+        }
+        for (key, size) in [
+            ("client-body-buffer-size", self.client_body_buffer_size),
+            ("response-buffer-size", self.response_buffer_size),
+        ] {
+            if size > MAX_BUFFER_SIZE {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: format!(
+                        "{} is more than {}: every connection may hold a buffer this large",
+                        units::format_size(size),
+                        units::format_size(MAX_BUFFER_SIZE)
+                    ),
+                });
+            }
+        }
+        for (key, n, of_key, total) in [
+            (
+                "max-connections-per-client",
+                self.max_connections_per_client,
+                "max-concurrent-connections",
+                self.max_concurrent_connections,
+            ),
+            (
+                "max-requests-per-client",
+                self.max_requests_per_client,
+                "max-concurrent-requests",
+                self.max_concurrent_requests,
+            ),
+        ] {
+            if let Some(n) = n
+                && n > total
+            {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: format!("{n} is more than {of_key} ({total})"),
+                });
+            }
+        }
+        if let MemoryBudgetArg::Bytes(b) = self.memory_budget
+            && b < MIN_MAX_MEMORY_SIZE
+        {
+            return Err(ConfigError::Invalid {
+                key: "memory-budget",
+                reason: format!(
+                    "{} cannot hold a single 64KiB memory",
+                    units::format_size(b)
+                ),
+            });
+        }
         if !(MIN_MAX_MEMORY_SIZE..=MAX_MAX_MEMORY_SIZE).contains(&self.max_memory_size) {
             return Err(ConfigError::Invalid {
                 key: "max-memory-size",
@@ -441,6 +691,9 @@ impl Knobs {
             ("request-timeout", self.request_timeout),
             ("max-queue-wait", self.max_queue_wait),
             ("header-read-timeout", self.header_read_timeout),
+            ("client-body-timeout", self.client_body_timeout),
+            ("send-timeout", self.send_timeout),
+            ("keepalive-timeout", self.keepalive_timeout),
         ] {
             if d > YEAR {
                 return Err(ConfigError::Invalid {
@@ -452,10 +705,37 @@ impl Knobs {
         Ok(())
     }
 
+    /// Effective per-client connection limit.
+    pub fn connections_per_client(&self) -> u32 {
+        self.max_connections_per_client
+            .unwrap_or_else(|| per_client_share(self.max_concurrent_connections))
+    }
+
+    /// Effective per-client limit of requests in flight.
+    pub fn requests_per_client(&self) -> u32 {
+        self.max_requests_per_client.unwrap_or({
+            let d = defaults::MAX_REQUESTS_PER_CLIENT;
+            if self.max_concurrent_requests >= 4 * d {
+                d
+            } else {
+                u32::MAX
+            }
+        })
+    }
+
     /// Effective queue bound.
     pub fn queue_limit(&self) -> u32 {
         self.max_queued_requests
             .unwrap_or(self.max_concurrent_requests)
+    }
+}
+
+/// The default share of `total` one client may hold: a quarter when that
+/// is at least [`defaults::PER_CLIENT_FLOOR`], else no limit (`u32::MAX`).
+pub fn per_client_share(total: u32) -> u32 {
+    match total / defaults::PER_CLIENT_SHARE {
+        share if share >= defaults::PER_CLIENT_FLOOR => share,
+        _ => u32::MAX,
     }
 }
 
@@ -547,6 +827,12 @@ mod de {
     via!(size, u64, units::parse_size);
     via!(positive_size, u64, units::parse_positive_size);
     via!(count, u32, units::parse_count);
+    via!(rate, u64, units::parse_rate);
+    via!(
+        memory_budget,
+        crate::config::MemoryBudgetArg,
+        crate::config::MemoryBudgetArg::parse
+    );
     via!(positive_count, u32, units::parse_positive_count);
 }
 
@@ -635,6 +921,30 @@ mod tests {
         assert_eq!(k.max_concurrent_requests, 7);
         assert_eq!(k.request_timeout, Duration::from_secs(9));
         assert_eq!(k.queue_limit(), 7);
+    }
+
+    #[test]
+    fn per_client_defaults() {
+        assert_eq!(per_client_share(1000), 250);
+        assert_eq!(per_client_share(256), 64);
+        assert_eq!(per_client_share(255), u32::MAX);
+        assert_eq!(per_client_share(1), u32::MAX);
+        let k = KnobArgs::default().resolve().unwrap();
+        assert_eq!(
+            (k.connections_per_client(), k.requests_per_client()),
+            (250, 64)
+        );
+        let bad = KnobArgs {
+            max_concurrent_connections: Some(10),
+            max_connections_per_client: Some(11),
+            ..Default::default()
+        };
+        assert!(
+            bad.resolve()
+                .unwrap_err()
+                .to_string()
+                .contains("max-concurrent-connections")
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Prometheus metrics: what the HTTP front observes (status classes,
 //! latency) plus the pool's live counters, read at scrape time.
 
-use crate::engine::stats::Stats;
+use crate::engine::stats::Shared;
+use crate::http::HttpStats;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -25,12 +26,13 @@ pub struct Metrics {
     /// request (a lookup takes the family's lock and hashes the label).
     by_class: [OnceLock<Counter>; 5],
     latency: Histogram,
+    http: Arc<HttpStats>,
 }
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 impl Metrics {
-    pub fn new(stats: Arc<Stats>) -> Arc<Metrics> {
+    pub fn new(shared: Shared) -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("wasmpool");
         let requests = Family::<ClassLabel, Counter>::default();
         registry.register(
@@ -47,13 +49,21 @@ impl Metrics {
             "Time from receiving a request to sending its response head",
             latency.clone(),
         );
-        registry.register_collector(Box::new(StatsCollector(stats)));
+        let http = Arc::<HttpStats>::default();
+        registry.register_collector(Box::new(StatsCollector(shared)));
+        registry.register_collector(Box::new(HttpCollector(http.clone())));
         Arc::new(Metrics {
             registry,
             requests,
             by_class: Default::default(),
             latency,
+            http,
         })
+    }
+
+    /// The HTTP front's counters (connections, client timeouts, limits).
+    pub fn http_stats(&self) -> &Arc<HttpStats> {
+        &self.http
     }
 
     /// Records one answered request.
@@ -85,12 +95,13 @@ impl Metrics {
 }
 
 #[derive(Debug)]
-struct StatsCollector(Arc<Stats>);
+struct StatsCollector(Shared);
 
 impl Collector for StatsCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let s = self.0.snapshot();
-        let counters: [(&str, &str, u64); 10] = [
+        let s = self.0.stats.snapshot();
+        let budget = &self.0.budget;
+        let counters: [(&str, &str, u64); 11] = [
             (
                 "instances_created",
                 "Instances created",
@@ -129,6 +140,11 @@ impl Collector for StatsCollector {
                 s.retries,
             ),
             (
+                "memory_refusals",
+                "Memory growths and instantiations refused because the memory budget was spent",
+                budget.refused(),
+            ),
+            (
                 "reuse_fallbacks",
                 "Times reuse = auto stopped reusing instances of a component that fails on them",
                 s.reuse_fallbacks,
@@ -138,7 +154,17 @@ impl Collector for StatsCollector {
             let c = ConstCounter::new(v);
             c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
         }
-        let gauges: [(&str, &str, u64); 4] = [
+        let gauges: [(&str, &str, u64); 6] = [
+            (
+                "memory_budget_bytes",
+                "Most memory the guests may hold (memory-budget)",
+                budget.limit(),
+            ),
+            (
+                "memory_used_bytes",
+                "Memory the guests hold now: linear memories and buffered request bodies",
+                budget.used(),
+            ),
             ("instances_live", "Instances alive now", s.instances_live),
             ("queue_depth", "Requests waiting for a free slot", s.queued),
             (
@@ -156,6 +182,66 @@ impl Collector for StatsCollector {
             let g = ConstGauge::new(v as i64);
             g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
         }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct HttpCollector(Arc<HttpStats>);
+
+impl Collector for HttpCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let h = &self.0;
+        let counters = [
+            ("connections", "Connections accepted", &h.connections),
+            (
+                "connections_evicted",
+                "Idle connections closed to make room for new ones",
+                &h.evicted,
+            ),
+            (
+                "connections_refused_per_client",
+                "Connections refused because their client held max-connections-per-client",
+                &h.refused_per_client,
+            ),
+            (
+                "requests_refused_per_client",
+                "Requests refused (429) because their client had max-requests-per-client in flight",
+                &h.requests_refused_per_client,
+            ),
+            (
+                "header_timeouts",
+                "Connections closed because a request head did not arrive within header-read-timeout",
+                &h.header_timeouts,
+            ),
+            (
+                "body_timeouts",
+                "Requests ended (408) because their body arrived too slowly",
+                &h.body_timeouts,
+            ),
+            (
+                "send_timeouts",
+                "Connections closed because the client read too slowly (send-timeout, send-min-rate)",
+                &h.send_timeouts,
+            ),
+            (
+                "keepalive_closes",
+                "Idle keep-alive connections closed after keepalive-timeout",
+                &h.keepalive_closes,
+            ),
+        ];
+        for (name, help, v) in counters {
+            let c = ConstCounter::new(v.load(Relaxed));
+            c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        let g = ConstGauge::new(h.connections_open.load(Relaxed) as i64);
+        g.encode(encoder.encode_descriptor(
+            "connections_open",
+            "Connections open now",
+            None,
+            g.metric_type(),
+        )?)?;
         Ok(())
     }
 }

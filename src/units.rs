@@ -114,6 +114,37 @@ pub fn parse_count(s: &str) -> Result<u32, String> {
         .map_err(|_| format!("invalid number `{s}`: expected a whole number"))
 }
 
+/// Formats a size the way the parsers accept it back, in the largest
+/// binary unit that keeps one decimal (`1.5GiB`, `640KiB`, `12B`).
+pub fn format_size(n: u64) -> String {
+    const UNITS: [(&str, u64); 4] = [
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ];
+    for (unit, size) in UNITS {
+        if n >= size {
+            let tenths = (n as u128 * 10 / size as u128) as u64;
+            return if tenths.is_multiple_of(10) {
+                format!("{}{unit}", tenths / 10)
+            } else {
+                format!("{}.{}{unit}", tenths / 10, tenths % 10)
+            };
+        }
+    }
+    format!("{n}B")
+}
+
+/// Parses a transfer rate: a size per second, written `1KiB/s` or as a
+/// plain size (`1KiB`, `500`), meaning that much per second; `0` is
+/// "no minimum".
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let size = t.strip_suffix("/s").unwrap_or(t);
+    parse_size(size).map_err(|e| e.replace("size", "rate"))
+}
+
 /// Formats a duration the way the parsers accept it back.
 pub fn format_duration(d: Duration) -> String {
     humantime::format_duration(d).to_string()
@@ -158,6 +189,16 @@ mod tests {
                 .contains("too large")
         );
         assert!(parse_positive_size("0B").is_err());
+    }
+
+    #[test]
+    fn formatted_sizes() {
+        assert_eq!(format_size(12), "12B");
+        assert_eq!(format_size(640 << 10), "640KiB");
+        assert_eq!(format_size(1536 << 20), "1.5GiB");
+        assert_eq!(parse_rate("1KiB/s").unwrap(), 1024);
+        assert_eq!(parse_rate("500").unwrap(), 500);
+        assert!(parse_rate("fast").unwrap_err().contains("rate"));
     }
 
     #[test]

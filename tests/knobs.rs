@@ -401,10 +401,10 @@ async fn max_concurrent_connections() {
         },
     )
     .await;
-    // The first connection holds the only slot.
+    // The first connection holds the only slot with a running request.
     let mut first = tokio::net::TcpStream::connect(s.addr).await.unwrap();
     first
-        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .write_all(b"GET /sleep/1500 HTTP/1.1\r\nhost: x\r\n\r\n")
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -415,12 +415,23 @@ async fn max_concurrent_connections() {
         !second.is_finished(),
         "second connection served while the first holds the only slot"
     );
-    drop(first);
+    // Once its request is done the first is an idle keep-alive connection:
+    // it is closed to let the waiting one in, although it stays open.
     let r = tokio::time::timeout(Duration::from_secs(5), second)
         .await
-        .expect("served after the first closed")
+        .expect("served once the first went idle")
         .unwrap();
     assert_eq!(r.status, 200);
+    assert_eq!(
+        s.front
+            .http_stats()
+            .evicted
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    let (text, closed) = raw_read(&mut first, Duration::from_secs(2)).await;
+    assert_eq!(status_of(&text), Some(200), "{text}");
+    assert!(closed, "the idle connection was closed");
     s.stop().await;
 }
 

@@ -17,6 +17,36 @@ plus \fBcomponent\fR, \fBlisten\fR, \fBmetrics\-listen\fR,
 line override the file. Unknown keys and bad values are errors.
 Durations need a unit (\fB500ms\fR, \fB10s\fR, \fB5min\fR); sizes take
 \fBKiB\fR, \fBMiB\fR or \fBGiB\fR.
+.SH HOSTILE CLIENTS
+Each defence is a knob (see OPTIONS); \fIdocs/reliability.md\fR lists the
+attacks and the figures of the last run.
+.TP
+Slow headers (slowloris)
+\fB\-\-header\-read\-timeout\fR for the first request head from the accept
+and for later heads from their first byte; \fB\-\-keepalive\-timeout\fR
+between requests.
+.TP
+Slow bodies (R\-U\-Dead\-Yet)
+\fB\-\-client\-body\-timeout\fR and \fB\-\-client\-body\-min\-rate\fR
+answer 408 and close the connection; bodies up to
+\fB\-\-client\-body\-buffer\-size\fR arrive before the request takes a slot
+or an instance.
+.TP
+Slow readers
+\fB\-\-send\-timeout\fR and \fB\-\-send\-min\-rate\fR close the
+connection; \fB\-\-response\-buffer\-size\fR reads the answer ahead so the
+guest finishes and frees its instance and slot.
+.TP
+One client against all
+\fB\-\-max\-connections\-per\-client\fR and
+\fB\-\-max\-requests\-per\-client\fR (429) on TCP listeners; at
+\fB\-\-max\-concurrent\-connections\fR idle connections are closed first.
+.TP
+Memory storms
+\fB\-\-memory\-budget\fR (default \fBauto\fR: the cgroup limit set by
+\fBMemoryMax=\fR, else physical memory, less what the process needs) caps
+the memory of all guests together: a growth past it fails for that guest
+only, and new requests wait in the queue, then get 503.
 .SH SIGNALS
 .TP
 \fBSIGTERM\fR, \fBSIGINT\fR

@@ -110,6 +110,12 @@ static void test_config(void) {
   CHECK_RESULT(wasmpool_config_set_max_memory_size(cfg, 0), WASMPOOL_INVALID_ARGUMENT);
   CHECK_RESULT(wasmpool_config_set_max_memory_size(cfg, 8ull << 30), WASMPOOL_INVALID_ARGUMENT);
   CHECK_RESULT(wasmpool_config_set_memory_keep_resident(NULL, 0), WASMPOOL_NULL_ARGUMENT);
+  CHECK_RESULT(wasmpool_config_set_memory_budget(cfg, 64u << 20), WASMPOOL_OK);
+  CHECK_RESULT(wasmpool_config_set_memory_budget(cfg, 0), WASMPOOL_OK); /* auto */
+  CHECK_RESULT(wasmpool_config_set_memory_budget(cfg, 1000), WASMPOOL_INVALID_ARGUMENT);
+  CHECK_RESULT(wasmpool_config_set_memory_budget(cfg, UINT64_MAX), WASMPOOL_INVALID_ARGUMENT);
+  CHECK(strstr(wasmpool_last_error(), "memory-budget") != NULL);
+  CHECK_RESULT(wasmpool_config_set_memory_budget(NULL, 0), WASMPOOL_NULL_ARGUMENT);
   CHECK_RESULT(wasmpool_config_set_cache_dir(cfg, "/tmp/x"), WASMPOOL_OK);
   CHECK_RESULT(wasmpool_config_set_cache_dir(cfg, ""), WASMPOOL_INVALID_ARGUMENT);
   CHECK_RESULT(wasmpool_config_set_cache_dir(cfg, NULL), WASMPOOL_NULL_ARGUMENT);
@@ -389,6 +395,22 @@ static void test_timeout_and_overload(void) {
   waiter_destroy(&w);
 }
 
+static void test_memory_budget(void) {
+  wasmpool_config *cfg = small_config();
+  /* Room for a few instances (stack and start-up memory), not for one
+   * that grows by 8 MiB; a grow over the budget waits no more than this. */
+  CHECK_RESULT(wasmpool_config_set_memory_budget(cfg, 6u << 20), WASMPOOL_OK);
+  CHECK_RESULT(wasmpool_config_set_max_queue_wait_ms(cfg, 100), WASMPOOL_OK);
+  wasmpool_handler *h = new_handler(cfg, p2_path);
+  wasmpool_config_free(cfg);
+  wasmpool_response *resp = NULL;
+  CHECK_RESULT(wasmpool_handler_call(h, wasmpool_request_new("GET", "/grow/128"), &resp), WASMPOOL_TRAP);
+  CHECK(resp == NULL);
+  CHECK_RESULT(wasmpool_handler_call(h, wasmpool_request_new("GET", "/grow/8"), &resp), WASMPOOL_OK);
+  wasmpool_response_free(resp);
+  CHECK_RESULT(wasmpool_handler_free(h), WASMPOOL_OK);
+}
+
 static void test_poll_mode(void) {
   wasmpool_config *cfg = small_config();
   CHECK_RESULT(wasmpool_config_set_completion_mode(cfg, WASMPOOL_COMPLETION_POLL), WASMPOOL_OK);
@@ -472,6 +494,7 @@ int main(int argc, char **argv) {
   CHECK_RESULT(wasmpool_handler_free(h3), WASMPOOL_OK);
 
   test_timeout_and_overload();
+  test_memory_budget();
   test_poll_mode();
   test_free_with_requests_in_flight(0);
   test_free_with_requests_in_flight(1);

@@ -178,6 +178,33 @@ pub unsafe extern "C" fn wasmpool_config_set_memory_keep_resident(
     set(cfg, |k| k.memory_keep_resident = bytes)
 }
 
+/// Most memory all instances of the handler may hold together, in bytes
+/// (linear memories and fiber stacks): a `memory.grow` that would cross it
+/// waits briefly for memory to be freed and then fails for that guest only
+/// (WASMPOOL_TRAP for its request); while no new instance fits, requests
+/// wait in the queue and then fail with WASMPOOL_OVERLOADED. 0 (the
+/// default) follows the process's cgroup memory limit, else physical
+/// memory, less what the process needs itself. At least 64 KiB; more than
+/// the process may use at all is invalid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wasmpool_config_set_memory_budget(
+    cfg: *mut wasmpool_config,
+    bytes: u64,
+) -> wasmpool_result {
+    use crate::config::MemoryBudgetArg;
+    let arg = match bytes {
+        0 => MemoryBudgetArg::Auto,
+        b => MemoryBudgetArg::Bytes(b),
+    };
+    if let MemoryBudgetArg::Bytes(_) = arg
+        && !cfg.is_null()
+        && let Err(e) = crate::engine::budget::resolve(arg, 0)
+    {
+        return boundary(|| Err(Failure::invalid(e.to_string())));
+    }
+    set(cfg, |k| k.memory_budget = arg)
+}
+
 /// Directory of the compile cache (a copy of the string is kept). The
 /// default follows the command line: $CACHE_DIRECTORY, else
 /// $XDG_CACHE_HOME/wasmpool, else ~/.cache/wasmpool. An empty string is

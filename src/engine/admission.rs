@@ -18,6 +18,9 @@ pub enum Rejection {
     QueueTimeout,
     #[error("server is shutting down")]
     Closed,
+    /// Raised where an instance would be made (see `budget`).
+    #[error("server overloaded: the memory budget stayed spent for the queue wait")]
+    MemoryBudget,
 }
 
 pub struct Admission {

@@ -2,10 +2,10 @@
 //! the linker with the full WASIp2 and WASIp3 interfaces, world detection,
 //! and compilation through the compile cache.
 
-use crate::engine::cache::{CacheOutcome, CompileCache};
 use crate::config::Knobs;
-use crate::error::LoadError;
+use crate::engine::cache::{CacheOutcome, CompileCache};
 use crate::engine::host::Host;
+use crate::error::LoadError;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use wasmtime::component::{Component, Linker};
@@ -60,6 +60,23 @@ pub const EPOCH_TICK: std::time::Duration = std::time::Duration::from_millis(10)
 /// knob sets this up to here).
 const TABLE_KEEP_RESIDENT: usize = 256 << 10;
 
+/// Idle instance slots the pooling allocator keeps warm.
+const WARM_SLOTS: u32 = 64;
+
+/// Bytes of fiber stack kept resident (zeroed in place) when a stack goes
+/// back to the pool; the rest is released, so stacks that a deep guest
+/// touched do not stay resident for good.
+const STACK_KEEP_RESIDENT: usize = 64 << 10;
+
+/// The fiber stack of each instance (wasmtime's default).
+pub const STACK_SIZE: u64 = 2 << 20;
+
+/// Memory that idle instance slots keep resident (`memory-keep-resident`
+/// for each warm slot's memory).
+pub fn warm_slot_bytes(knobs: &Knobs) -> u64 {
+    WARM_SLOTS as u64 * knobs.memory_keep_resident.min(knobs.max_memory_size)
+}
+
 /// Instances the pooling allocator has room for, given the knobs: every
 /// admitted request may need one, and instances that are idle (kept for
 /// reuse), finishing a response body or being torn down after a timeout
@@ -89,7 +106,8 @@ pub fn engine(knobs: &Knobs) -> Result<Engine, LoadError> {
         .total_stacks(slots)
         .max_memories_per_component(16)
         .max_memory_size(knobs.max_memory_size as usize)
-        .max_unused_warm_slots(64)
+        .max_unused_warm_slots(WARM_SLOTS)
+        .async_stack_keep_resident(STACK_KEEP_RESIDENT)
         // Zeroing a small memory in place when its instance ends is much
         // cheaper than madvise and the page faults the next instance in
         // the slot then takes (p2 hello with a fresh instance per request:
@@ -104,6 +122,8 @@ pub fn engine(knobs: &Knobs) -> Result<Engine, LoadError> {
         .wasm_component_model_async_stackful(true)
         .wasm_component_model_error_context(true)
         .epoch_interruption(true)
+        .async_stack_size(STACK_SIZE as usize)
+        .async_stack_zeroing(true)
         // Linear memories never grow past `max-memory-size`, so reserving
         // exactly that much (plus the guard) keeps the address space the
         // pool needs proportional to the knobs instead of 4 GiB per slot.
@@ -127,6 +147,15 @@ pub fn linker(engine: &Engine) -> Result<Linker<Host>, LoadError> {
     })();
     r.map_err(|e| LoadError::Engine(format!("linker: {e:#}")))?;
     Ok(l)
+}
+
+/// Returns freed heap memory to the operating system.
+fn release_free_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory of the allocator.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Reads a component file.
@@ -219,7 +248,10 @@ pub fn load(
     let cache_dir = if knobs.no_cache {
         None
     } else {
-        knobs.cache_dir.clone().or_else(crate::engine::cache::default_dir)
+        knobs
+            .cache_dir
+            .clone()
+            .or_else(crate::engine::cache::default_dir)
     };
     let (component, cache) = match cache_dir {
         Some(dir) => CompileCache::new(dir).load_or_compile(engine, bytes, compile),
@@ -229,6 +261,11 @@ pub fn load(
         what: name.clone(),
         reason: format!("{e:#}"),
     })?;
+    if cache != CacheOutcome::Hit {
+        // Compiling leaves hundreds of MB of freed heap behind; give it
+        // back, or it counts against the service's memory limit for good.
+        release_free_heap();
+    }
     let world = detect_world(engine, &name, &component)?;
     let link_err = |e: wasmtime::Error| LoadError::Link {
         what: name.clone(),

@@ -4,12 +4,14 @@
 //! instance id.
 
 use crate::config::{Knobs, OutboundRule};
+use crate::engine::budget::{Held, MemoryBudget};
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 use tokio::io::AsyncWrite;
-use wasmtime::StoreLimits;
+use wasmtime::ResourceLimiterAsync;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
@@ -20,11 +22,16 @@ pub struct Host {
     wasi: WasiCtx,
     http: WasiHttpCtx,
     hooks: OutboundPolicy,
-    pub(crate) limits: StoreLimits,
+    pub(crate) limits: GuestLimits,
 }
 
 impl Host {
-    pub fn new(knobs: &Knobs, policy: Arc<[OutboundRule]>, instance_id: u64) -> Host {
+    pub fn new(
+        knobs: &Knobs,
+        policy: Arc<[OutboundRule]>,
+        instance_id: u64,
+        budget: Arc<MemoryBudget>,
+    ) -> Host {
         let mut b = WasiCtxBuilder::new();
         // Nothing is granted: no preopened directories, no sockets, no name
         // lookups, no inherited environment or stdin.
@@ -35,9 +42,13 @@ impl Host {
         b.envs(&knobs.env);
         b.stdout(GuestLog::new(instance_id, Stream::Stdout));
         b.stderr(GuestLog::new(instance_id, Stream::Stderr));
-        let limits = wasmtime::StoreLimitsBuilder::new()
-            .memory_size(knobs.max_memory_size as usize)
-            .build();
+        budget.holder(true);
+        let limits = GuestLimits {
+            max_memory_size: knobs.max_memory_size as usize,
+            id: instance_id,
+            grow_wait: knobs.max_queue_wait,
+            held: Held::new(budget),
+        };
         Host {
             table: ResourceTable::new(),
             wasi: b.build(),
@@ -45,6 +56,91 @@ impl Host {
             hooks: OutboundPolicy { rules: policy },
             limits,
         }
+    }
+}
+
+/// The store's resource limiter: no linear memory larger than
+/// `max-memory-size`, and every byte of linear memory (and the fiber
+/// stack) taken from the process's [`MemoryBudget`] (given back when the
+/// store is dropped).
+pub(crate) struct GuestLimits {
+    max_memory_size: usize,
+    /// The instance's id (older instances have smaller ones).
+    id: u64,
+    /// How long a growth waits for memory when the budget is spent.
+    grow_wait: Duration,
+    /// A growth approved here that then fails (the OS refused the pages)
+    /// stays counted until the store is dropped: rare, and on the safe side.
+    held: Held,
+}
+
+impl GuestLimits {
+    /// Bytes of the budget this store holds (its linear memories and its
+    /// stack).
+    pub fn memory(&self) -> u64 {
+        self.held.bytes()
+    }
+
+    /// Counts the instance's fiber stack (`create` checked there is room).
+    pub fn count_stack(&mut self, bytes: u64) {
+        self.held.force_grow(bytes);
+    }
+}
+
+impl Drop for GuestLimits {
+    fn drop(&mut self) {
+        let budget = self.held.budget();
+        budget.saw_peak(self.held.peak());
+        budget.holder(false);
+    }
+}
+
+#[async_trait::async_trait]
+impl ResourceLimiterAsync for GuestLimits {
+    async fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.max_memory_size || maximum.is_some_and(|m| desired > m) {
+            return Ok(false);
+        }
+        let more = desired.saturating_sub(current) as u64;
+        if self.held.grow(more) {
+            return Ok(true);
+        }
+        let budget = self.held.budget();
+        let why = format!(
+            "memory budget spent: {} of {} in use, {} more asked",
+            crate::units::format_size(budget.used()),
+            crate::units::format_size(budget.limit()),
+            crate::units::format_size(more)
+        );
+        if current == 0 {
+            // A memory being created: the instance cannot start.
+            return Err(wasmtime::format_err!("{why}"));
+        }
+        // Others may give memory back (see `budget`).
+        let budget = std::sync::Arc::clone(self.held.budget_arc());
+        let held = &mut self.held;
+        if budget
+            .wait_to_grow(self.id, self.grow_wait, || held.grow(more))
+            .await
+        {
+            return Ok(true);
+        }
+        tracing::debug!(instance = self.id, "memory.grow refused: {why}");
+        Ok(false)
+    }
+
+    async fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(maximum.is_none_or(|m| desired <= m))
     }
 }
 

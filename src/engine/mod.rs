@@ -18,6 +18,7 @@
 //! that grants nothing by default. [`stats`] counts what happens.
 
 pub mod admission;
+pub mod budget;
 pub mod cache;
 pub mod component;
 pub mod host;

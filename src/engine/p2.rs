@@ -64,6 +64,19 @@ impl Idle {
             .get_or_init(|| spawn_reaper(Arc::downgrade(self), idle_timeout));
     }
 
+    /// Drops the instance idle longest; false if there is none.
+    pub fn drop_oldest(&self) -> bool {
+        let mut list = self.list.lock().unwrap();
+        if list.is_empty() {
+            return false;
+        }
+        let (live, _) = list.remove(0);
+        drop(list);
+        tracing::debug!(instance = live.id, "idle instance dropped to free memory");
+        drop(live);
+        true
+    }
+
     /// Drops every idle instance (their component stops being reused).
     pub fn clear(&self) {
         let gone = std::mem::take(&mut *self.list.lock().unwrap());
@@ -88,6 +101,12 @@ impl Idle {
                 "idle instance retired"
             );
         }
+    }
+}
+
+impl crate::engine::budget::Reclaim for Idle {
+    fn reclaim_one(&self) -> bool {
+        self.drop_oldest()
     }
 }
 

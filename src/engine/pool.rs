@@ -7,15 +7,16 @@
 //! Both get what the handler leaves out: admission control, a hard request
 //! timeout, and classification of failures.
 
-use crate::engine::admission::{Admission, Permit, Rejection};
-use crate::engine::component::{self, EPOCH_TICK, Loaded, Source, World};
 use crate::config::{Knobs, OutboundRule, ReuseMode, defaults};
-use crate::engine::p2::{self, Answer, Idle, Live};
-use crate::error::LoadError;
+use crate::engine::admission::{Admission, Permit, Rejection};
+use crate::engine::budget::MemoryBudget;
+use crate::engine::component::{self, EPOCH_TICK, Loaded, Source, World};
 use crate::engine::host::Host;
+use crate::engine::p2::{self, Answer, Idle, Live};
 use crate::engine::reuse::{Replay, ReplayableBody, ReuseSwitch};
 use crate::engine::spare::{Gate, Spare};
-use crate::engine::stats::{Snapshot, Stats};
+use crate::engine::stats::{Shared, Snapshot, Stats};
+use crate::error::LoadError;
 use bytes::Bytes;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -183,24 +184,25 @@ impl Pool {
     /// This does CPU-heavy work; from async code call it in
     /// `spawn_blocking`.
     pub fn load(knobs: Knobs, source: &Source) -> Result<Pool, LoadError> {
-        Pool::load_with_stats(knobs, source, Arc::default())
+        knobs.validate()?;
+        let shared = Shared::new(&knobs)?;
+        let pool = Pool::load_shared(knobs, source, &shared)?;
+        shared.apply(pool.knobs())?;
+        Ok(pool)
     }
 
-    /// Like [`Pool::load`], counting into `stats` (which a service keeps
-    /// across reloads, so its counters never go backwards).
-    pub fn load_with_stats(
-        knobs: Knobs,
-        source: &Source,
-        stats: Arc<Stats>,
-    ) -> Result<Pool, LoadError> {
+    /// Like [`Pool::load`], counting into `shared` and drawing on its
+    /// memory budget (a service keeps one across reloads).
+    pub fn load_shared(knobs: Knobs, source: &Source, shared: &Shared) -> Result<Pool, LoadError> {
         knobs.validate()?;
         let engine = component::engine(&knobs)?;
         let linker = component::linker(&engine)?;
         let loaded = component::load(&engine, &linker, &knobs, source)?;
-        Ok(Pool::from_loaded(engine, knobs, loaded, stats))
+        Ok(Pool::from_loaded(engine, knobs, loaded, shared.clone()))
     }
 
-    fn from_loaded(engine: Engine, knobs: Knobs, loaded: Loaded, stats: Arc<Stats>) -> Pool {
+    fn from_loaded(engine: Engine, knobs: Knobs, loaded: Loaded, shared: Shared) -> Pool {
+        let Shared { stats, budget, .. } = shared;
         let p3 = loaded.world.is_p3();
         let mut reuse = knobs.max_instance_reuse_count.unwrap_or(if p3 {
             defaults::P3_MAX_INSTANCE_REUSE_COUNT
@@ -224,6 +226,11 @@ impl Pool {
             concurrent
         };
         let knobs = Arc::new(knobs);
+        let idle: Option<Arc<Idle>> = (!p3).then(Arc::default);
+        if let Some(idle) = &idle {
+            let weak = Arc::downgrade(idle);
+            budget.add_reclaimer(weak);
+        }
         let state = PoolState {
             engine: engine.clone(),
             pre: loaded.pre,
@@ -236,11 +243,12 @@ impl Pool {
             next_instance: AtomicU64::new(1),
             gate: Arc::new(Gate::new(concurrent as usize)),
             stats: stats.clone(),
+            budget: budget.clone(),
             _epoch: EpochTicker::spawn(engine),
         };
         Pool {
             handler: ProxyHandler::new(state),
-            direct: (!p3).then(Arc::default),
+            direct: idle,
             admission: Admission::new(
                 knobs.max_concurrent_requests,
                 knobs.queue_limit(),
@@ -266,7 +274,10 @@ impl Pool {
         )
         .await;
         let reason = match r {
-            Ok(Ok(_)) => return Ok(()),
+            Ok(Ok(_)) => {
+                state.budget.saw_instance(store.data().limits.memory());
+                return Ok(());
+            }
             Ok(Err(e)) => format!("{e:#}"),
             Err(_) => "timed out".to_string(),
         };
@@ -305,6 +316,11 @@ impl Pool {
 
     pub fn stats_handle(&self) -> Arc<Stats> {
         self.stats.clone()
+    }
+
+    /// The memory budget the pool's guests draw on.
+    pub fn budget(&self) -> &Arc<MemoryBudget> {
+        &self.handler.state().budget
     }
 
     /// Refuses every later request with [`Rejection::Closed`].
@@ -516,7 +532,7 @@ impl Pool {
                 None => state
                     .create_p2()
                     .await
-                    .map_err(|e| RequestError::Instantiate(format!("{e:#}")))?,
+                    .map_err(|e| instantiate_failure(&e))?,
             };
             if live.served > 0 {
                 self.stats.instances_reused.fetch_add(1, Relaxed);
@@ -692,11 +708,26 @@ fn spare_refusal(e: wasmtime::Error) -> Result<http::Request<WasiBody>, wasmtime
         .unwrap_or_else(|poisoned| poisoned.into_inner()))
 }
 
+/// No instance was made: the memory budget could not hold one more, even
+/// after waiting `max-queue-wait` for memory to be freed.
+#[derive(Debug, thiserror::Error)]
+#[error("the memory budget cannot hold another instance")]
+struct BudgetSpent;
+
+/// A failure to make an instance, as a request error.
+fn instantiate_failure(e: &wasmtime::Error) -> RequestError {
+    if e.is::<BudgetSpent>() {
+        RequestError::Rejected(Rejection::MemoryBudget)
+    } else {
+        RequestError::Instantiate(format!("{e:#}"))
+    }
+}
+
 fn classify(e: wasmtime::Error) -> RequestError {
     if e.downcast_ref::<ExpirationError>().is_some() {
         RequestError::Timeout
     } else if let Some(ie) = e.downcast_ref::<InstantiationError<Arc<Ticket>>>() {
-        RequestError::Instantiate(format!("{:#}", ie.error))
+        instantiate_failure(&ie.error)
     } else if e.downcast_ref::<TrapOrPanicError>().is_some()
         // A WASIp2 trap arrives as the cause of "guest never invoked
         // response-outparam::set".
@@ -723,6 +754,7 @@ struct PoolState {
     /// Holds WASIp3 instances to what the requests in flight need.
     gate: Arc<Gate>,
     stats: Arc<Stats>,
+    budget: Arc<MemoryBudget>,
     /// Lives as long as any worker does (workers hold the handler), so
     /// guests of a pool that was swapped out by a reload still yield.
     _epoch: EpochTicker,
@@ -732,9 +764,16 @@ impl PoolState {
     fn new_store(&self, instance_id: u64) -> Store<Host> {
         let mut store = Store::new(
             &self.engine,
-            Host::new(&self.knobs, self.rules.clone(), instance_id),
+            Host::new(
+                &self.knobs,
+                self.rules.clone(),
+                instance_id,
+                self.budget.clone(),
+            ),
         );
-        store.limiter(|h| &mut h.limits);
+        store.limiter_async(|h| &mut h.limits);
+        // Its fiber stack, which a deep guest may touch all of.
+        store.data_mut().limits.count_stack(component::STACK_SIZE);
         // Each epoch tick makes running guest code yield to the executor, so
         // a busy loop cannot keep its thread: timers (request timeout,
         // expiration) still fire and other tasks still run.
@@ -789,6 +828,16 @@ impl PoolState {
     /// A new store and instance, counted as live; instantiation is bounded
     /// by the request timeout.
     async fn create(&self) -> wasmtime::Result<(u64, Store<Host>, Proxy)> {
+        if !self.budget.has_room_for_instance() {
+            // Idle instances go first: their memory serves nobody.
+            self.budget
+                .reclaim_until(|| self.budget.has_room_for_instance());
+            if !self.budget.has_room_for_instance()
+                && !self.budget.wait_for_room(self.knobs.max_queue_wait).await
+            {
+                return Err(wasmtime::Error::new(BudgetSpent));
+            }
+        }
         let id = self.next_instance.fetch_add(1, Relaxed);
         let mut store = self.new_store(id);
         // The embedder bounds instantiation time (see `HandlerState`).
@@ -811,6 +860,7 @@ impl PoolState {
             }
         };
         self.stats.instance_started();
+        self.budget.saw_instance(store.data().limits.memory());
         tracing::debug!(instance = id, "instance created");
         Ok((id, store, proxy))
     }

@@ -2,7 +2,52 @@
 //! C API. All relaxed atomics: each figure is exact, their combination is a
 //! snapshot taken without a lock.
 
+use crate::config::Knobs;
+use crate::engine::budget::{self, MemoryBudget};
+use crate::error::ConfigError;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// What outlives one pool: the counters and the memory budget. A service
+/// keeps one across reloads (its counters never go backwards, and guests
+/// of the old and the new pool draw on one budget).
+#[derive(Debug, Clone)]
+pub struct Shared {
+    pub stats: Arc<Stats>,
+    pub budget: Arc<MemoryBudget>,
+    /// Whether [`Shared::apply`] ran (it logs the budget the first time).
+    applied: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// What the process needs besides its guests under `knobs`.
+fn base(knobs: &Knobs) -> u64 {
+    budget::process_base(crate::engine::component::warm_slot_bytes(knobs))
+}
+
+impl Shared {
+    /// Counters from zero and the budget the knobs ask for, as far as it
+    /// can be known before a component is loaded (see [`Shared::apply`]).
+    pub fn new(knobs: &Knobs) -> Result<Shared, ConfigError> {
+        let (limit, _) = budget::resolve(knobs.memory_budget, base(knobs))?;
+        Ok(Shared {
+            stats: Arc::default(),
+            budget: Arc::new(MemoryBudget::new(limit)),
+            applied: Arc::default(),
+        })
+    }
+
+    /// Sets the budget the knobs ask for, now that the process holds its
+    /// component (an automatic budget leaves the process what it uses).
+    /// Called once a component is loaded, and again on every reload.
+    pub fn apply(&self, knobs: &Knobs) -> Result<(), ConfigError> {
+        let (limit, how) = budget::resolve(knobs.memory_budget, base(knobs))?;
+        if limit != self.budget.limit() || !self.applied.swap(true, Relaxed) {
+            tracing::info!("memory budget {how}");
+            self.budget.set_limit(limit);
+        }
+        Ok(())
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct Stats {

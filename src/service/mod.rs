@@ -5,12 +5,12 @@
 pub mod notify;
 pub mod sockets;
 
-use crate::engine::component::Source;
 use crate::config::{FileConfig, KnobArgs, Knobs, defaults};
-use crate::metrics::Metrics;
+use crate::engine::component::Source;
 use crate::engine::pool::Pool;
+use crate::engine::stats::Shared;
 use crate::http::{self as front, Front, ListenAddr, Listener};
-use crate::engine::stats::Stats;
+use crate::metrics::Metrics;
 use anyhow::{Context as _, Result, bail};
 use notify::Notifier;
 use sockets::Inherited;
@@ -96,12 +96,49 @@ pub fn run(opts: ServeOptions, inherited: Vec<Inherited>) -> Result<()> {
             "--exit-idle-after needs socket activation (LISTEN_FDS): without a service manager holding the socket, connections after the exit would be refused"
         );
     }
+    raise_fd_limit(settled.knobs.max_concurrent_connections);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("wasmpool")
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(serve(opts, settled, inherited))
+}
+
+/// Descriptors besides connections: listeners, the compile cache, the
+/// runtime's own, a reload's files.
+const SPARE_FDS: u64 = 64;
+
+/// Raises the soft limit on open files to the hard limit (the soft one
+/// is often 1024, fewer than `max-concurrent-connections` needs), and warns
+/// when even the hard limit is too low for the connections allowed.
+fn raise_fd_limit(connections: u32) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write one struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim = raised;
+        }
+    }
+    let need = connections as u64 + SPARE_FDS;
+    if lim.rlim_cur < need {
+        tracing::warn!(
+            "open-file limit {} is below max-concurrent-connections + {SPARE_FDS} ({need}): \
+             connections beyond it fail to be accepted (raise LimitNOFILE= or ulimit -n)",
+            lim.rlim_cur
+        );
+    }
 }
 
 async fn serve(opts: ServeOptions, settled: Settled, inherited: Vec<Inherited>) -> Result<()> {
@@ -111,15 +148,17 @@ async fn serve(opts: ServeOptions, settled: Settled, inherited: Vec<Inherited>) 
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let notifier = Notifier;
-    let stats = Arc::new(Stats::default());
+    let shared = Shared::new(&settled.knobs)?;
+    let stats = shared.stats.clone();
 
     let pool = load(
         settled.knobs.clone(),
         settled.component.clone(),
-        stats.clone(),
+        shared.clone(),
         notifier,
     )
     .await?;
+    shared.apply(pool.knobs())?;
     tracing::info!(component = pool.name(), world = %pool.world(), cache = ?pool.cache_outcome(), "component ready");
 
     let mut listeners = Vec::new();
@@ -148,7 +187,7 @@ async fn serve(opts: ServeOptions, settled: Settled, inherited: Vec<Inherited>) 
         }
     }
 
-    let metrics = Metrics::new(stats.clone());
+    let metrics = Metrics::new(shared.clone());
     let front = Front::with_metrics(Arc::new(pool), Some(metrics.clone()));
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let metrics_task = match &settled.metrics_listen {
@@ -198,7 +237,7 @@ async fn serve(opts: ServeOptions, settled: Settled, inherited: Vec<Inherited>) 
                 if reload.is_some() {
                     reload_again = true;
                 } else {
-                    reload = Some(start_reload(&opts, &stats, notifier));
+                    reload = Some(start_reload(&opts, &shared, notifier));
                 }
             }
             done = async { reload.as_mut().expect("guarded").await }, if reload.is_some() => {
@@ -206,7 +245,7 @@ async fn serve(opts: ServeOptions, settled: Settled, inherited: Vec<Inherited>) 
                 status.last_reload = Some(finish_reload(done, &front, &stats));
                 notifier.ready(&status.text());
                 if std::mem::take(&mut reload_again) {
-                    reload = Some(start_reload(&opts, &stats, notifier));
+                    reload = Some(start_reload(&opts, &shared, notifier));
                 }
             }
             _ = watchdog_tick.tick(), if watchdog.is_some() => {
@@ -253,7 +292,7 @@ async fn serve(opts: ServeOptions, settled: Settled, inherited: Vec<Inherited>) 
 async fn load(
     knobs: Knobs,
     component: PathBuf,
-    stats: Arc<Stats>,
+    shared: Shared,
     notifier: Notifier,
 ) -> Result<Pool> {
     let extender = notifier.enabled().then(|| {
@@ -267,7 +306,7 @@ async fn load(
     });
     let source = Source::File(component);
     let result =
-        tokio::task::spawn_blocking(move || Pool::load_with_stats(knobs, &source, stats)).await;
+        tokio::task::spawn_blocking(move || Pool::load_shared(knobs, &source, &shared)).await;
     if let Some(e) = extender {
         e.abort();
     }
@@ -278,16 +317,19 @@ async fn load(
 
 fn start_reload(
     opts: &ServeOptions,
-    stats: &Arc<Stats>,
+    shared: &Shared,
     notifier: Notifier,
 ) -> tokio::task::JoinHandle<Result<Pool>> {
     tracing::info!("SIGHUP: reloading");
     notifier.reloading();
     let opts = opts.clone();
-    let stats = stats.clone();
+    let shared = shared.clone();
     tokio::spawn(async move {
         let settled = opts.settle()?;
-        load(settled.knobs, settled.component, stats, notifier).await
+        let knobs = settled.knobs.clone();
+        let pool = load(settled.knobs, settled.component, shared.clone(), notifier).await?;
+        shared.apply(&knobs)?;
+        Ok(pool)
     })
 }
 
@@ -296,7 +338,7 @@ fn start_reload(
 fn finish_reload(
     done: Result<Result<Pool>, tokio::task::JoinError>,
     front: &Front,
-    stats: &Stats,
+    stats: &crate::engine::Stats,
 ) -> ReloadResult {
     match done.map_err(anyhow::Error::from).and_then(|r| r) {
         Ok(pool) => {
@@ -355,13 +397,16 @@ impl Status {
         } else {
             ""
         };
+        let budget = pool.budget();
         format!(
-            "Serving {} ({}): {} requests served, {} live instances, {} queued; last reload: {reload}{reuse}",
+            "Serving {} ({}): {} requests served, {} live instances, {} queued, memory {} of {}; last reload: {reload}{reuse}",
             pool.name(),
             pool.world(),
             s.responses,
             s.instances_live,
-            s.queued
+            s.queued,
+            crate::units::format_size(budget.used()),
+            crate::units::format_size(budget.limit()),
         )
     }
 
@@ -393,7 +438,7 @@ async fn serve_metrics(
     loop {
         let io: Box<dyn front::Io> = tokio::select! {
             _ = stop.changed() => break,
-            a = front::accept(&listener) => match a { Ok(io) => io, Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue } },
+            a = listener.accept() => match a { Ok(a) => a.io, Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue } },
         };
         let m = front_metrics.clone();
         tokio::spawn(async move {

@@ -225,9 +225,16 @@ pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool 
 /// Sends raw bytes on a new connection and reads until the server closes
 /// it or `timeout` passes. Returns what was read and whether it closed.
 pub async fn raw(addr: SocketAddr, data: &[u8], timeout: Duration) -> (String, bool) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let _ = s.write_all(data).await;
+    raw_read(&mut s, timeout).await
+}
+
+/// Reads from `s` until the server closes it or `timeout` passes. Returns
+/// what was read and whether it closed.
+pub async fn raw_read(s: &mut tokio::net::TcpStream, timeout: Duration) -> (String, bool) {
+    use tokio::io::AsyncReadExt;
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
     let end = tokio::time::Instant::now() + timeout;

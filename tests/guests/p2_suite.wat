@@ -9,6 +9,8 @@
 ;;   /log       writes a line to stdout, then answers
 ;;   /silent    returns without answering
 ;;   /grow/N    grows memory by N pages (64 KiB each); traps if refused
+;;   /hold/N    like /grow/N, then sleeps 1 s before answering (the memory
+;;              stays held meanwhile)
 ;;   /env       the environment, one KEY=VALUE per line
 ;;   /once      like /echo on a fresh instance; on a reused one it returns
 ;;              without answering (as componentize-js guests do)
@@ -74,6 +76,7 @@
   (data (i32.const 1410) "grown\n")
   (data (i32.const 1420) "/once")
   (data (i32.const 1430) "/stain")
+  (data (i32.const 1440) "/hold")
 
   (func $cabi_realloc (export "cabi_realloc") (param $old i32) (param $old_size i32) (param $align i32) (param $size i32) (result i32)
     (local $ptr i32) (local $end i32)
@@ -273,6 +276,11 @@
       (if (call $starts_with (local.get $p) (local.get $n) (i32.const 1390) (i32.const 5))
         (then
           (if (i32.eq (memory.grow (call $digits (local.get $p) (local.get $n))) (i32.const -1)) (then unreachable))
+          (call $respond (local.get $out) (i32.const 200) (i32.const 1410) (i32.const 6)) (br $routed)))
+      (if (call $starts_with (local.get $p) (local.get $n) (i32.const 1440) (i32.const 5))
+        (then
+          (if (i32.eq (memory.grow (call $digits (local.get $p) (local.get $n))) (i32.const -1)) (then unreachable))
+          (call $sleep_ms (i32.const 1000))
           (call $respond (local.get $out) (i32.const 200) (i32.const 1410) (i32.const 6)) (br $routed)))
       (if (call $starts_with (local.get $p) (local.get $n) (i32.const 1400) (i32.const 4))
         (then (call $env (local.get $out)) (br $routed)))

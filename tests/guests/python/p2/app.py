@@ -1,7 +1,9 @@
 """WASIp2 test guest built with componentize-py (a real toolchain).
 
 Routes: /counter (per-instance counter), /fetch/PORT (outgoing GET to
-http://127.0.0.1:PORT/), /print (a line on stdout), /env, else a greeting.
+http://127.0.0.1:PORT/), /print (a line on stdout), /env, /echo (the
+request body, received in full before answering), /big/N (N bytes), else a
+greeting.
 """
 
 import asyncio
@@ -61,6 +63,17 @@ async def handle_async(request: IncomingRequest, response_out: ResponseOutparam)
     elif path.startswith("/print"):
         print("python p2 guest says hi", flush=True)
         await respond(response_out, 200, b"printed\n")
+    elif path.startswith("/echo"):
+        stream = poll_loop.Stream(request.consume())
+        chunks = []
+        while True:
+            chunk = await stream.next()
+            if chunk is None:
+                break
+            chunks.append(chunk)
+        await respond(response_out, 200, b"".join(chunks))
+    elif path.startswith("/big/"):
+        await respond(response_out, 200, b"x" * int(path[len("/big/"):]))
     elif path.startswith("/env"):
         lines = "".join(f"{k}={v}\n" for k, v in sorted(os.environ.items()))
         await respond(response_out, 200, lines.encode())

@@ -1,0 +1,481 @@
+//! Hostile and heavy clients: each defence against the attack it stops
+//! (slow bodies, slow readers, idle and silent connections, one client
+//! taking every slot, guests together holding too much memory). The
+//! attacks with real tools (slowhttptest) and the memory storm in a
+//! memory cgroup are in tests/attacks.rs.
+mod common;
+use bytes::Bytes;
+use common::*;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use wasmpool::KnobArgs;
+
+/// A TCP connection to `addr` from the loopback address `from` (any
+/// 127.0.0.0/8 address is local on Linux), with a receive buffer of
+/// `rcvbuf` bytes when given (a slow reader's small window).
+async fn connect_from(from: &str, addr: SocketAddr, rcvbuf: Option<usize>) -> TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    if let Some(n) = rcvbuf {
+        s.set_recv_buffer_size(n).unwrap();
+    }
+    s.bind(&format!("{from}:0").parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    s.set_nonblocking(true).unwrap();
+    let s = tokio::net::TcpSocket::from_std_stream(s.into());
+    s.connect(addr).await.unwrap()
+}
+
+/// `GET path` on a new connection from `from`: the status, or `None` when
+/// no complete answer came within `within`.
+async fn get_from(from: &str, addr: SocketAddr, path: &str, within: Duration) -> Option<u16> {
+    let mut s = connect_from(from, addr, None).await;
+    let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let (text, closed) = raw_read(&mut s, within).await;
+    if !closed {
+        return None;
+    }
+    status_of(&text)
+}
+
+fn stat(
+    s: &TestServer,
+    f: impl Fn(&wasmpool::http::HttpStats) -> &std::sync::atomic::AtomicU64,
+) -> u64 {
+    f(s.front.http_stats()).load(Relaxed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_body_gets_408_and_holds_no_slot_meanwhile() {
+    let s = TestServer::start(
+        p2_suite(),
+        KnobArgs {
+            client_body_timeout: Some(Duration::from_secs(1)),
+            ..Default::default()
+        },
+    )
+    .await;
+    // A body below the read-ahead buffer that stops arriving.
+    let mut c = TcpStream::connect(s.addr).await.unwrap();
+    c.write_all(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 10000\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let st = s.stats();
+    assert_eq!(
+        (st.in_flight, st.instances_live),
+        (0, 0),
+        "waiting for a body holds nothing"
+    );
+    let t = Instant::now();
+    let (text, closed) = raw_read(&mut c, Duration::from_secs(5)).await;
+    assert_eq!(status_of(&text), Some(408), "{text}");
+    assert!(
+        closed && t.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(stat(&s, |h| &h.body_timeouts), 1);
+    assert_eq!(s.stats().requests, 0, "never reached the pool");
+
+    // A body that keeps trickling in below client-body-min-rate is cut
+    // too, although no pause reaches the timeout.
+    let mut c = TcpStream::connect(s.addr).await.unwrap();
+    c.write_all(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 10000\r\n\r\n")
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let trickle = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if c.write_all(b"0123456789").await.is_err() {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                break;
+            }
+        }
+    };
+    trickle.await;
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "cut after {:?}",
+        t.elapsed()
+    );
+    assert_eq!(stat(&s, |h| &h.body_timeouts), 2);
+
+    // A body larger than the buffer streams to the guest; stalling it
+    // there ends the request with 408 as well.
+    let mut c = TcpStream::connect(s.addr).await.unwrap();
+    c.write_all(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 200000\r\n\r\n")
+        .await
+        .unwrap();
+    c.write_all(&[b'a'; 70_000]).await.unwrap();
+    let (text, closed) = raw_read(&mut c, Duration::from_secs(5)).await;
+    assert!(closed, "{text}");
+    assert_eq!(stat(&s, |h| &h.body_timeouts), 3);
+
+    // Everyone else is served throughout.
+    assert_eq!(s.get("/").await.status, 200);
+    let r = send(
+        s.addr,
+        "POST",
+        "/echo",
+        &[],
+        Bytes::from_static(b"whole body"),
+    )
+    .await;
+    assert!(r.text().ends_with("whole body"), "{}", r.text());
+    s.stop().await;
+}
+
+/// A client that sends a large request to the echo route and then never
+/// reads the answer; the connection lives as long as the returned task.
+async fn stalled_reader(addr: SocketAddr, body: usize) -> tokio::task::JoinHandle<()> {
+    let mut c = connect_from("127.0.0.1", addr, Some(4096)).await;
+    let head = format!("POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: {body}\r\n\r\n");
+    c.write_all(head.as_bytes()).await.unwrap();
+    let (r, mut w) = c.into_split();
+    // The server stops reading once its answer cannot be written: the
+    // upload stalls too, so it runs on its own task.
+    tokio::spawn(async move {
+        let _unread = r;
+        let chunk = vec![b'x'; 64 << 10];
+        let mut left = body;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            if w.write_all(&chunk[..n]).await.is_err() {
+                return;
+            }
+            left -= n;
+        }
+        std::future::pending::<()>().await;
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_stop_reading_free_their_slots_within_the_send_timeout() {
+    let s = TestServer::start(
+        p2_suite(),
+        KnobArgs {
+            max_concurrent_requests: Some(4),
+            request_timeout: Some(Duration::from_secs(3)),
+            send_timeout: Some(Duration::from_secs(1)),
+            max_queue_wait: Some(Duration::from_millis(100)),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(stalled_reader(s.addr, 4 << 20).await);
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || s.stats().in_flight == 4).await,
+        "the four uploads are running: {:?}",
+        s.stats()
+    );
+    let full = Instant::now();
+    assert_eq!(s.get("/").await.status, 503, "every slot is held");
+    // Within the send timeout (plus the time to notice) others are served.
+    let served_at = loop {
+        if s.get("/").await.status == 200 {
+            break full.elapsed();
+        }
+        assert!(
+            full.elapsed() < Duration::from_secs(6),
+            "still refused: {:?}",
+            s.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(served_at < Duration::from_secs(3), "{served_at:?}");
+    assert!(stat(&s, |h| &h.send_timeouts) >= 4);
+    assert!(eventually(Duration::from_secs(3), || s.stats().in_flight == 0).await);
+    for h in held {
+        h.abort();
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_takes_a_few_bytes_at_a_time_is_cut_by_the_min_rate() {
+    let s = TestServer::start(
+        p2_suite(),
+        KnobArgs {
+            send_timeout: Some(Duration::from_secs(1)),
+            send_min_rate: Some(64 << 10),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut c = connect_from("127.0.0.1", s.addr, Some(4096)).await;
+    // More than the kernel's send buffer holds (up to 4 MiB): the server
+    // itself waits on the reader.
+    let body = 12 << 20;
+    let head = format!("POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: {body}\r\n\r\n");
+    c.write_all(head.as_bytes()).await.unwrap();
+    let (mut r, mut w) = c.into_split();
+    tokio::spawn(async move {
+        let _ = w.write_all(&vec![b'y'; body]).await;
+        std::future::pending::<()>().await;
+    });
+    // Progress, but about 2 KB/s: never a pause of a whole second.
+    let t = Instant::now();
+    let mut buf = [0u8; 200];
+    let mut got = 0;
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(1), r.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(n)) => got += n,
+            Err(_) => {}
+        }
+        if t.elapsed() > Duration::from_secs(15) {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        closed,
+        "still open after {:?} ({got} bytes read)",
+        t.elapsed()
+    );
+    assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+    assert!(got > 0, "the reader did make progress");
+    assert_eq!(stat(&s, |h| &h.send_timeouts), 1);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_close_after_their_own_timeout() {
+    let s = TestServer::start(
+        p2_suite(),
+        KnobArgs {
+            keepalive_timeout: Some(Duration::from_millis(800)),
+            header_read_timeout: Some(Duration::from_secs(10)),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut c = TcpStream::connect(s.addr).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = c.read(&mut buf).await.unwrap();
+    assert_eq!(status_of(&String::from_utf8_lossy(&buf[..n])), Some(200));
+    let t = Instant::now();
+    let (_, closed) = raw_read(&mut c, Duration::from_secs(5)).await;
+    assert!(closed);
+    let idle = t.elapsed();
+    assert!(
+        idle > Duration::from_millis(600) && idle < Duration::from_secs(3),
+        "{idle:?}"
+    );
+    assert_eq!(stat(&s, |h| &h.keepalive_closes), 1);
+    s.stop().await;
+
+    // A long keep-alive with a short head timeout: idle is fine, but a
+    // head started after the idle time must still arrive in time.
+    let s = TestServer::start(
+        p2_suite(),
+        KnobArgs {
+            keepalive_timeout: Some(Duration::from_secs(30)),
+            header_read_timeout: Some(Duration::from_millis(800)),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut c = TcpStream::connect(s.addr).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let n = c.read(&mut buf).await.unwrap();
+    assert_eq!(status_of(&String::from_utf8_lossy(&buf[..n])), Some(200));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let n = c.read(&mut buf).await.unwrap();
+    assert_eq!(
+        status_of(&String::from_utf8_lossy(&buf[..n])),
+        Some(200),
+        "idle beyond the head timeout is fine"
+    );
+    c.write_all(b"GET / HT").await.unwrap();
+    let t = Instant::now();
+    let (_, closed) = raw_read(&mut c, Duration::from_secs(5)).await;
+    assert!(
+        closed && t.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(stat(&s, |h| &h.header_timeouts), 1);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_over_its_share_leaves_room_for_another() {
+    let s = TestServer::start(
+        p2_suite(),
+        KnobArgs {
+            max_concurrent_connections: Some(20),
+            max_connections_per_client: Some(3),
+            ..Default::default()
+        },
+    )
+    .await;
+    // 127.0.0.1 holds three busy connections.
+    let mut busy = Vec::new();
+    for _ in 0..3 {
+        let mut c = connect_from("127.0.0.1", s.addr, None).await;
+        c.write_all(b"GET /sleep/1500 HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        busy.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Its fourth is answered 429 and closed; another address is served.
+    assert_eq!(
+        get_from("127.0.0.1", s.addr, "/", Duration::from_secs(5)).await,
+        Some(429)
+    );
+    assert_eq!(
+        get_from("127.0.0.2", s.addr, "/", Duration::from_secs(5)).await,
+        Some(200)
+    );
+    assert_eq!(stat(&s, |h| &h.refused_per_client), 1);
+    for mut c in busy {
+        let (text, _) = raw_read(&mut c, Duration::from_millis(2500)).await;
+        assert_eq!(status_of(&text), Some(200), "{text}");
+    }
+    s.stop().await;
+
+    // Requests in flight per client.
+    let s = TestServer::start(
+        p2_suite(),
+        KnobArgs {
+            max_concurrent_requests: Some(20),
+            max_requests_per_client: Some(2),
+            ..Default::default()
+        },
+    )
+    .await;
+    let addr = s.addr;
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            tokio::spawn(async move {
+                get_from("127.0.0.1", addr, "/sleep/1000", Duration::from_secs(5)).await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        get_from("127.0.0.1", addr, "/", Duration::from_secs(5)).await,
+        Some(429)
+    );
+    assert_eq!(
+        get_from("127.0.0.2", addr, "/", Duration::from_secs(5)).await,
+        Some(200)
+    );
+    for t in slow {
+        assert_eq!(t.await.unwrap(), Some(200));
+    }
+    assert_eq!(
+        get_from("127.0.0.1", addr, "/", Duration::from_secs(5)).await,
+        Some(200)
+    );
+    assert_eq!(stat(&s, |h| &h.requests_refused_per_client), 1);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_budget_confines_memory_to_what_it_allows() {
+    // Each /hold/16 instance holds its stack (2 MiB) and 2 + 16 pages of
+    // memory (1152 KiB) for a second; the budget fits three and a bit.
+    let per = 2048 + 1152;
+    let budget = 3 * per + 64;
+    let s = TestServer::start(
+        p2_suite(),
+        KnobArgs {
+            memory_budget: Some(wasmpool::config::MemoryBudgetArg::Bytes(budget << 10)),
+            max_queue_wait: Some(Duration::from_secs(5)),
+            ..Default::default()
+        },
+    )
+    .await;
+    let budget_of = |s: &TestServer| s.front.pool().budget().clone();
+    assert_eq!(budget_of(&s).limit(), budget << 10);
+    // A guest that asks for more than the budget gets its own failure.
+    assert_eq!(s.get("/grow/128").await.status, 500);
+    assert_eq!(s.get("/").await.status, 200);
+    assert!(budget_of(&s).refused() >= 1);
+    // Three holders fill the budget; a fourth request waits for one to
+    // end, then runs.
+    let addr = s.addr;
+    let holders: Vec<_> = (0..3)
+        .map(|_| {
+            tokio::spawn(async move {
+                send(addr, "GET", "/hold/16", &[], Bytes::new())
+                    .await
+                    .status
+            })
+        })
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(3), || budget_of(&s).used()
+            >= 3 * (per << 10))
+        .await,
+        "used {}",
+        budget_of(&s).used()
+    );
+    let t = Instant::now();
+    assert_eq!(s.get("/").await.status, 200);
+    assert!(
+        t.elapsed() > Duration::from_millis(300),
+        "it waited: {:?}",
+        t.elapsed()
+    );
+    for h in holders {
+        assert_eq!(h.await.unwrap(), 200);
+    }
+    assert!(eventually(Duration::from_secs(2), || budget_of(&s).used() == 0).await);
+    s.stop().await;
+
+    // With a short queue wait the answer is 503 with Retry-After instead.
+    let s = TestServer::start(
+        p2_suite(),
+        KnobArgs {
+            memory_budget: Some(wasmpool::config::MemoryBudgetArg::Bytes(budget << 10)),
+            max_queue_wait: Some(Duration::from_millis(100)),
+            ..Default::default()
+        },
+    )
+    .await;
+    let addr = s.addr;
+    let holders: Vec<_> = (0..3)
+        .map(|_| {
+            tokio::spawn(async move {
+                send(addr, "GET", "/hold/16", &[], Bytes::new())
+                    .await
+                    .status
+            })
+        })
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(3), || budget_of(&s).used()
+            >= 3 * (per << 10))
+        .await
+    );
+    let r = s.get("/").await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.headers["retry-after"], "1");
+    for h in holders {
+        assert_eq!(h.await.unwrap(), 200);
+    }
+    assert_eq!(s.get("/").await.status, 200);
+    s.stop().await;
+}
