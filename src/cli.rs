@@ -165,8 +165,9 @@ fn check(a: ComponentArgs) -> Result<()> {
     let rt = runtime()?;
     rt.block_on(pool.probe())?;
     let (reuse, concurrent) = pool.reuse_limits();
+    let requests = if reuse == 1 { "request" } else { "requests" };
     println!(
-        "{}: {}; links and instantiates: ok; reuse: up to {reuse} requests per instance, {concurrent} at a time",
+        "{}: {}; links and instantiates: ok; reuse: up to {reuse} {requests} per instance, {concurrent} at a time",
         component.display(),
         pool.world()
     );

@@ -765,9 +765,9 @@ pub struct FileConfig {
 impl FileConfig {
     /// Reads and parses a TOML config file.
     pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|io| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            io,
         })?;
         let mut cfg = FileConfig::parse(&text).map_err(|e| match e {
             ConfigError::Parse { message, .. } => ConfigError::Parse {
@@ -787,11 +787,57 @@ impl FileConfig {
 
     /// Parses TOML text.
     pub fn parse(text: &str) -> Result<FileConfig, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let fail = |message| ConfigError::Parse {
             path: None,
-            message: e.message().to_string(),
+            message,
+        };
+        // Syntax first: toml knows where those are.
+        let table: toml::Table = toml::from_str(text).map_err(|e| fail(located(text, &e)))?;
+        FileConfig::deserialize(table.clone()).map_err(|e| {
+            // A bad value: through `flatten` serde forgets where it was, so
+            // find the key that fails on its own.
+            let culprit = table.iter().find(|(k, v)| {
+                let mut one = toml::Table::new();
+                one.insert(k.to_string(), (*v).clone());
+                FileConfig::deserialize(one).is_err()
+            });
+            match culprit {
+                Some((key, _)) => fail(format!(
+                    "{}`{key}`: {}",
+                    line_of_key(text, key)
+                        .map(|n| format!("line {n}, "))
+                        .unwrap_or_default(),
+                    e.message()
+                )),
+                None => fail(e.message().to_string()),
+            }
         })
     }
+}
+
+/// A TOML syntax error with its line: "line 3: message".
+fn located(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let start = span.start.min(text.len());
+            let line = text[..start].matches('\n').count() + 1;
+            format!("line {line}: {}", e.message())
+        }
+        None => e.message().to_string(),
+    }
+}
+
+/// The line on which top-level `key` is set.
+fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            let rest = l
+                .strip_prefix(key)
+                .or_else(|| l.strip_prefix(&format!("\"{key}\"")));
+            rest.is_some_and(|r| r.trim_start().starts_with('='))
+        })
+        .map(|i| i + 1)
 }
 
 /// serde helpers that route through the same parsers as the flags.
@@ -904,6 +950,26 @@ mod tests {
             ..Default::default()
         };
         assert!(k.resolve().unwrap_err().to_string().contains("8KiB"));
+    }
+
+    #[test]
+    fn file_errors_name_the_line_and_key() {
+        let err = FileConfig::parse("request-timeout = \"5s\"\nmax-instance-reuse-count = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "line 2, `max-instance-reuse-count`: must be at least 1, not 0"
+        );
+        let err = FileConfig::parse("\n\nno-such-knob = 1")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("line 3") && err.contains("no-such-knob"),
+            "{err}"
+        );
+        let err = FileConfig::parse("x = [").unwrap_err().to_string();
+        assert!(err.starts_with("line 1:"), "{err}");
     }
 
     #[test]

@@ -8,11 +8,8 @@ use std::path::PathBuf;
 pub enum ConfigError {
     #[error("invalid value for `{key}`: {reason}")]
     Invalid { key: &'static str, reason: String },
-    #[error("cannot read config file {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("cannot read config file {}: {io}", path.display())]
+    Read { path: PathBuf, io: std::io::Error },
     #[error("{}{message}", path.as_ref().map(|p| format!("invalid config file {}: ", p.display())).unwrap_or_default())]
     Parse {
         path: Option<PathBuf>,
@@ -30,11 +27,10 @@ impl ConfigError {
 /// Why a component could not be loaded, compiled or linked.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("cannot read component {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    // The I/O error is part of the message, not a `source`: a chain
+    // printed with `{:#}` would say it twice.
+    #[error("cannot read component {}: {io}", path.display())]
+    Read { path: PathBuf, io: std::io::Error },
     #[error(
         "{0}: this is a core WebAssembly module, not a component (wrap it with `wasm-tools component new`)"
     )]

@@ -50,7 +50,7 @@ fn check_names_the_world() {
         "{out}"
     );
     assert!(
-        out.contains("up to 1 requests per instance, 1 at a time"),
+        out.contains("up to 1 request per instance, 1 at a time"),
         "{out}"
     );
     let (code, out, err) = wasmpool(&["check", &p3], &envs);
@@ -126,6 +126,15 @@ fn bad_flags_and_config_get_clear_errors() {
         ("--env", "NOEQUALS", "KEY=VALUE"),
         ("--allow-outbound", "host:http", "HOST or HOST:PORT"),
         ("--listen", "localhost", "invalid listen address"),
+        ("--client-body-timeout", "0s", "greater than zero"),
+        ("--send-timeout", "10", "needs a unit"),
+        ("--keepalive-timeout", "-1s", "negative"),
+        ("--client-body-min-rate", "fast", "invalid rate"),
+        ("--send-min-rate", "1XB/s", "unknown unit"),
+        ("--max-connections-per-client", "0", "at least 1"),
+        ("--max-requests-per-client", "many", "invalid number"),
+        ("--memory-budget", "0", "greater than zero"),
+        ("--memory-budget", "plenty", "or `auto`"),
     ] {
         let (code, _, err) = wasmpool(&["serve", hello, &format!("{flag}={value}")], &[]);
         assert_eq!(code, 2, "{flag} {value}: {err}");
@@ -141,9 +150,66 @@ fn bad_flags_and_config_get_clear_errors() {
     assert_clean_error(code, &err, "max-memory-size");
     let (code, _, err) = wasmpool(&["serve", hello, "--max-request-header-size", "1KiB"], &[]);
     assert_clean_error(code, &err, "8KiB");
+    // Extreme values of the defences' knobs.
+    for (args, needle) in [
+        (
+            &["--send-min-rate", "1GiB"][..],
+            "would cut off every client",
+        ),
+        (
+            &["--client-body-buffer-size", "1GiB"],
+            "every connection may hold",
+        ),
+        (
+            &["--response-buffer-size", "64MiB"],
+            "every connection may hold",
+        ),
+        (
+            &[
+                "--max-concurrent-connections",
+                "10",
+                "--max-connections-per-client",
+                "20",
+            ],
+            "more than max-concurrent-connections",
+        ),
+        (
+            &[
+                "--max-concurrent-requests",
+                "10",
+                "--max-requests-per-client",
+                "20",
+            ],
+            "more than max-concurrent-requests",
+        ),
+        (
+            &["--memory-budget", "100TiB"],
+            "more than this process may use",
+        ),
+        (
+            &["--memory-budget", "1KiB"],
+            "cannot hold a single 64KiB memory",
+        ),
+    ] {
+        let mut all = vec!["serve", hello];
+        all.extend_from_slice(args);
+        let (code, _, err) = wasmpool(&all, &[]);
+        assert_clean_error(code, &err, needle);
+    }
+    // A missing component: the OS error once.
+    let (code, _, err) = wasmpool(&["serve", "/missing.wasm"], &[]);
+    assert_clean_error(code, &err, "No such file or directory");
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
     for (text, needle) in [
         ("no-such-knob = 1", "unknown field `no-such-knob`"),
-        ("max-concurrent-requests = 0", "at least 1"),
+        (
+            "max-concurrent-requests = 0",
+            "line 1, `max-concurrent-requests`: must be at least 1",
+        ),
+        (
+            "\nsend-timeout = \"5\"",
+            "line 2, `send-timeout`: duration `5` needs a unit",
+        ),
         ("request-timeout = \"30\"", "needs a unit"),
         ("request-timeout = 5", "needs a unit"),
         ("max-queue-wait = \"-1s\"", "negative"),

@@ -2,7 +2,7 @@
 //! that everything else keeps working. Traps before the response head,
 //! busy loops, sleeps past the timeout and memory bombs are in
 //! tests/knobs.rs (`trap_*`, `request_timeout_*`, `max_memory_size`);
-//! a host panic is in src/server.rs's unit tests.
+//! a host panic is in src/http/front.rs's unit tests.
 mod common;
 use bytes::Bytes;
 use common::*;

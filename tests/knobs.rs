@@ -94,7 +94,7 @@ async fn peak_for_concurrent_sleeps(concurrent: u32) -> u64 {
 }
 
 /// Slow (I/O-bound) requests go through the spare-capacity gate
-/// (`src/spare.rs`): refused instantiations hand requests back and they are
+/// (`src/engine/spare.rs`): refused instantiations hand requests back and they are
 /// sent again. Every request must still be answered, and refusals must not
 /// count as failures. How many instances the gate saves is a memory figure
 /// and varies with the machine's load: `benches/run.sh` reports it (peak

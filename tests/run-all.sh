@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 # Debian packages the tests use: systemd-socket-activate (hands sockets over
 # exactly as systemd does), a C toolchain with sanitizers, valgrind,
-# pkg-config, libmicrohttpd (the C example host) and curl.
+# pkg-config, libmicrohttpd (the C example host), curl and slowhttptest.
 need=()
 command -v systemd-socket-activate >/dev/null || need+=(systemd)
 command -v cc >/dev/null || need+=(gcc)
@@ -17,6 +17,8 @@ command -v objdump >/dev/null || need+=(binutils)
 command -v curl >/dev/null || need+=(curl)
 command -v npm >/dev/null || need+=(npm)
 pkg-config --exists libmicrohttpd 2>/dev/null || need+=(libmicrohttpd-dev)
+# Attack tools the hostile-traffic tests run (tests/attacks.rs).
+command -v slowhttptest >/dev/null || need+=(slowhttptest)
 # The package's end-to-end test boots a Debian root under systemd-nspawn.
 command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v systemd-nspawn >/dev/null || need+=(systemd-container)

@@ -2,8 +2,8 @@
 //! cached in /var/cache/wasmpool-e2e) booted with systemd-nspawn, the .deb
 //! installed with dpkg, then socket activation, notify status, reload and
 //! restart under load, kill -9 under load, stop during slow requests, a
-//! broken component on reload, the journal, `systemd-analyze security` and
-//! a clean purge.
+//! broken component on reload, the journal, `systemd-analyze security`, a
+//! memory storm against an app with `MemoryMax=`, and a clean purge.
 //!
 //! Needs root, debootstrap and systemd-nspawn; tests/run-all.sh builds the
 //! package and runs this with `WASMPOOL_DEB=... cargo test --test
@@ -46,6 +46,10 @@ fn base_root() -> PathBuf {
 /// its root.
 struct Container {
     nspawn: Child,
+    /// The host's memory cgroup (v1) the container runs in, when there is
+    /// one: systemd-nspawn mounts the v1 memory controller read-only in the
+    /// container, so its systemd cannot apply `MemoryMax=` itself there.
+    memcg: Option<PathBuf>,
     /// The container's systemd (the child of the nspawn process).
     init: u32,
     root: tempfile::TempDir,
@@ -68,7 +72,26 @@ impl Container {
         // A machine id of its own (an empty one makes systemd generate one).
         let _ = std::fs::write(root.path().join("etc/machine-id"), "");
         let log = std::fs::File::create(root.path().join("root/nspawn.log")).unwrap();
-        let nspawn = Command::new("systemd-nspawn")
+        // A cgroup of its own under the v1 memory controller, where it is
+        // mounted (as on these machines), for a limit set from outside.
+        let memcg = PathBuf::from("/sys/fs/cgroup/memory/system.slice");
+        let memcg = memcg
+            .parent()
+            .filter(|m| m.join("memory.limit_in_bytes").exists())
+            .map(|m| m.join(format!("wasmpool-e2e-{}", std::process::id())));
+        let mut cmd = match &memcg {
+            Some(dir) => {
+                let _ = std::fs::remove_dir(dir);
+                std::fs::create_dir(dir).unwrap();
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg("echo $$ > \"$0\" && exec systemd-nspawn \"$@\"")
+                    .arg(dir.join("cgroup.procs"));
+                c
+            }
+            None => Command::new("systemd-nspawn"),
+        };
+        let nspawn = cmd
             .args([
                 "-q",
                 "-b",
@@ -86,6 +109,7 @@ impl Container {
         let mut c = Container {
             init: 0,
             nspawn,
+            memcg,
             root,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -182,12 +206,20 @@ impl Drop for Container {
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.nspawn.try_wait() {
-                return;
+                break;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
         let _ = self.nspawn.kill();
         let _ = self.nspawn.wait();
+        if let Some(dir) = &self.memcg {
+            for _ in 0..50 {
+                if std::fs::remove_dir(dir).is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
     }
 }
 
@@ -469,6 +501,8 @@ fn package_under_real_systemd() {
     assert_eq!((code.as_str(), body.as_str()), ("200", "hello from p2\n"));
     assert_eq!(c.show("wasmpool@suite.service", "ActiveState"), "active");
 
+    memory_storm(&c);
+
     // Hardening.
     for unit in ["wasmpool@hello.service", "wasmpool.service"] {
         let e = exposure(&c, unit);
@@ -477,7 +511,10 @@ fn package_under_real_systemd() {
     }
 
     // Purge leaves nothing behind (the admin removes their own app first).
-    c.ok("rm -f /etc/wasmpool/suite.toml /srv/suite.wasm");
+    c.ok(
+        "rm -rf /etc/wasmpool/suite.toml /srv/suite.wasm /etc/wasmpool/storm.toml /srv/storm.wasm \
+          /etc/systemd/system/wasmpool@storm.service.d",
+    );
     c.ok("dpkg --purge wasmpool");
     let left = c.ok(
         "find / -xdev \\( -path /proc -o -path /root/e2e \\) -prune -o -name '*wasmpool*' -print; \
@@ -487,4 +524,119 @@ fn package_under_real_systemd() {
     assert_eq!(c.show("wasmpool@hello.socket", "ActiveState"), "inactive");
     eprintln!("end-to-end test took {:?}", started.elapsed());
     drop(c);
+}
+
+/// A componentize-py echo app with `MemoryMax=640M` on its unit gets 48
+/// concurrent 12 MiB uploads: it is not killed, every connection gets a
+/// status, and it serves normally afterwards.
+fn memory_storm(c: &Container) {
+    const LIMIT: u64 = 640 << 20;
+    write(c, "/srv/storm.wasm", &python_guest("p2"));
+    write(
+        c,
+        "/etc/wasmpool/storm.toml",
+        b"component = \"/srv/storm.wasm\"\n",
+    );
+    write(
+        c,
+        "/etc/systemd/system/wasmpool@storm.service.d/memory.conf",
+        format!("[Service]\nMemoryMax={LIMIT}\n").as_bytes(),
+    );
+    c.ok("systemctl daemon-reload && systemctl enable --now wasmpool@storm.socket");
+    assert_eq!(
+        c.show("wasmpool@storm.service", "MemoryMax"),
+        LIMIT.to_string()
+    );
+    // The first start compiles the guest (without a limit yet, see below).
+    let (code, _) = c.get("/run/wasmpool/storm.sock", "/");
+    assert_eq!(code, "200");
+    // Where systemd can apply MemoryMax= (cgroup v2, or a writable v1
+    // memory controller) the service's cgroup has the limit. Under
+    // systemd-nspawn on a cgroup v1 host the container's memory controller
+    // is read-only, so the same limit goes on the container's cgroup from
+    // outside: what the service sees is the same file the budget reads.
+    let applied = c
+        .sh("cat /sys/fs/cgroup/system.slice/system-wasmpool.slice/wasmpool@storm.service/memory.max \
+             /sys/fs/cgroup/memory/system.slice/system-wasmpool.slice/wasmpool@storm.service/memory.limit_in_bytes \
+             2>/dev/null")
+        .stdout;
+    let applied = String::from_utf8_lossy(&applied).contains(&LIMIT.to_string());
+    if !applied {
+        let dir = c
+            .memcg
+            .as_ref()
+            .expect("MemoryMax= not applied and no memory cgroup for the container");
+        eprintln!(
+            "MemoryMax= cannot be applied inside this container: limiting the container to it"
+        );
+        std::fs::write(dir.join("memory.limit_in_bytes"), LIMIT.to_string()).unwrap();
+    }
+    c.ok("systemctl restart wasmpool@storm.service");
+    let (code, _) = c.get("/run/wasmpool/storm.sock", "/");
+    assert_eq!(code, "200");
+    let status = c.wait_status("wasmpool@storm.service", "memory ", Duration::from_secs(10));
+    let budget = status
+        .split("memory ")
+        .nth(1)
+        .and_then(|r| r.split(" of ").nth(1))
+        .and_then(|r| r.split(';').next())
+        .expect("the budget in the status")
+        .to_string();
+    let budget_bytes = shown_size(&budget);
+    assert!(
+        budget_bytes < LIMIT && budget_bytes > LIMIT / 3,
+        "the budget follows MemoryMax=: {status}"
+    );
+    let pid = c.show("wasmpool@storm.service", "MainPID");
+    let restarts = c.show("wasmpool@storm.service", "NRestarts");
+    c.ok("head -c 12582912 /dev/urandom > /root/e2e/12m.bin && rm -f /root/e2e/storm.*");
+    c.ok("for i in $(seq 1 48); do \
+          (curl -s -o /dev/null -w '%{http_code}' --max-time 120 --unix-socket /run/wasmpool/storm.sock \
+           --data-binary @/root/e2e/12m.bin http://localhost/echo > /root/e2e/storm.$i) & done; wait");
+    let mut counts = std::collections::BTreeMap::new();
+    for i in 1..=48 {
+        let code = std::fs::read_to_string(c.path(&format!("/root/e2e/storm.{i}"))).unwrap();
+        *counts.entry(code).or_insert(0) += 1;
+    }
+    eprintln!("memory storm under systemd (budget {budget}): {counts:?}");
+    for code in counts.keys() {
+        assert!(
+            ["200", "413", "500", "503"].contains(&code.as_str()),
+            "a connection got {code:?}: {counts:?}"
+        );
+    }
+    assert_eq!(
+        c.show("wasmpool@storm.service", "MainPID"),
+        pid,
+        "the service was killed"
+    );
+    assert_eq!(c.show("wasmpool@storm.service", "NRestarts"), restarts);
+    assert_eq!(c.show("wasmpool@storm.service", "ActiveState"), "active");
+    if let (false, Some(dir)) = (applied, &c.memcg) {
+        let oom = std::fs::read_to_string(dir.join("memory.oom_control")).unwrap();
+        assert!(oom.contains("oom_kill 0"), "{oom}");
+        std::fs::write(dir.join("memory.limit_in_bytes"), "-1").unwrap();
+    }
+    let (code, body) = c.get("/run/wasmpool/storm.sock", "/");
+    assert_eq!(
+        (code.as_str(), body.as_str()),
+        ("200", "hello from python p2\n")
+    );
+    c.ok("systemctl disable --now wasmpool@storm.socket wasmpool@storm.service");
+}
+
+/// A size as the status shows it (`427.9MiB`), in bytes.
+fn shown_size(s: &str) -> u64 {
+    let split = s
+        .find(|ch: char| ch.is_ascii_alphabetic())
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let mult = match unit {
+        "KiB" => 1u64 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        _ => 1,
+    };
+    (num.parse::<f64>().unwrap_or_else(|_| panic!("size {s:?}")) * mult as f64) as u64
 }

@@ -160,9 +160,9 @@ fn release_free_heap() {
 
 /// Reads a component file.
 pub fn read(path: &Path) -> Result<Vec<u8>, LoadError> {
-    std::fs::read(path).map_err(|source| LoadError::Read {
+    std::fs::read(path).map_err(|io| LoadError::Read {
         path: path.to_path_buf(),
-        source,
+        io,
     })
 }
 
