@@ -5,6 +5,7 @@ use crate::config::{KnobArgs, Knobs, ReuseMode};
 use crate::engine::component::Source;
 use crate::engine::pool::{Pool, ReuseProbe};
 use crate::http::ListenAddr;
+use crate::http::listener::ListenSpec;
 use crate::logging::LogFormat;
 use crate::service::ServeOptions;
 use anyhow::{Context as _, Result, bail};
@@ -43,10 +44,11 @@ pub struct ServeArgs {
     #[arg(value_name = "COMPONENT")]
     pub component: Option<PathBuf>,
     /// Address to listen on: HOST:PORT, [V6]:PORT or unix:/path (repeatable)
-    /// [default: 127.0.0.1:8080]. Ignored when the service manager passes
-    /// sockets (LISTEN_FDS).
+    /// [default: 127.0.0.1:8080]. TCP addresses serve TLS when --tls-cert is
+    /// set; https://HOST:PORT or http://HOST:PORT says so for one address.
+    /// Ignored when the service manager passes sockets (LISTEN_FDS).
     #[arg(long, value_name = "ADDR")]
-    pub listen: Vec<ListenAddr>,
+    pub listen: Vec<ListenSpec>,
     /// TOML config file; its keys are the flags' names, and flags override
     /// it. Re-read on SIGHUP.
     #[arg(long, value_name = "FILE")]
@@ -59,11 +61,39 @@ pub struct ServeArgs {
     /// on the next connection.
     #[arg(long, value_name = "DURATION", value_parser = crate::units::parse_positive_duration)]
     pub exit_idle_after: Option<Duration>,
-    /// Serve Prometheus metrics at http://ADDR/metrics (HOST:PORT or unix:/path).
+    /// Serve Prometheus metrics at http://ADDR/metrics, and health for load
+    /// balancers at /healthz and /readyz (HOST:PORT or unix:/path).
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<ListenAddr>,
+    /// PEM certificate chain: TCP listeners serve TLS 1.2/1.3 (ALPN h2,
+    /// http/1.1). Re-read on SIGHUP.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// With socket activation: serve TLS only on the inherited sockets of
+    /// this name (FileDescriptorName=; repeatable) [default: every TCP socket].
+    #[arg(long = "tls-socket", value_name = "NAME")]
+    pub tls_sockets: Vec<String>,
+    /// With socket activation: serve plain HTTP on the inherited socket of
+    /// this name although TLS is configured (repeatable).
+    #[arg(long = "plain-socket", value_name = "NAME")]
+    pub plain_sockets: Vec<String>,
+    /// One log line per request (client, method, target, status, bytes,
+    /// duration, instance) [default: on].
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+    pub access_log: Option<bool>,
     #[command(flatten)]
     pub knobs: KnobArgs,
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("`{s}`: expected on or off")),
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -120,6 +150,11 @@ pub fn run(cli: Cli) -> Result<()> {
                     drain_timeout: a.drain_timeout,
                     exit_idle_after: a.exit_idle_after,
                     metrics_listen: a.metrics_listen,
+                    tls_cert: a.tls_cert,
+                    tls_key: a.tls_key,
+                    tls_sockets: a.tls_sockets,
+                    plain_sockets: a.plain_sockets,
+                    access_log: a.access_log,
                 },
                 inherited,
             )

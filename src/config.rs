@@ -41,6 +41,8 @@ pub mod defaults {
     pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
     pub const SEND_MIN_RATE: u64 = 1 << 10;
     pub const RESPONSE_BUFFER_SIZE: u64 = 256 << 10;
+    /// nginx's `http2_max_concurrent_streams` is 128.
+    pub const MAX_CONCURRENT_STREAMS: u32 = 128;
     /// nginx's `keepalive_timeout` is 75s, Apache's 5s.
     pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(30);
     /// Share of `max-concurrent-connections` one client address may take
@@ -308,6 +310,86 @@ pub struct KnobArgs {
     #[arg(long = "allow-outbound", value_name = "HOST[:PORT]", value_parser = parse_outbound_arg)]
     #[serde(default)]
     pub allow_outbound: Vec<String>,
+
+    /// HTTP/2 streams (requests) one connection may have open at once
+    /// [default: 128].
+    #[arg(long, value_name = "N", value_parser = units::parse_positive_count)]
+    #[serde(default, deserialize_with = "de::positive_count")]
+    pub max_concurrent_streams: Option<u32>,
+
+    /// A host directory the guest may read, at GUEST (default: the same
+    /// path) inside the guest (repeatable); read-only.
+    #[arg(long = "dir", value_name = "HOST[::GUEST]", value_parser = parse_dir_arg)]
+    #[serde(default)]
+    pub dir: Vec<String>,
+
+    /// Like --dir, but the guest may also write to it.
+    #[arg(long = "dir-rw", value_name = "HOST[::GUEST]", value_parser = parse_dir_arg)]
+    #[serde(default)]
+    pub dir_rw: Vec<String>,
+
+    /// A wasi:config/store variable for the guest (repeatable); the guest
+    /// sees no others.
+    #[arg(long = "config-var", value_name = "KEY=VALUE", value_parser = parse_config_var_arg)]
+    #[serde(default)]
+    pub config_var: Vec<String>,
+}
+
+fn parse_dir_arg(s: &str) -> Result<String, String> {
+    Preopen::parse(s, false).map(|_| s.to_string())
+}
+
+fn parse_config_var_arg(s: &str) -> Result<String, String> {
+    parse_config_var(s).map(|_| s.to_string())
+}
+
+/// Splits a wasi:config variable `KEY=VALUE`.
+pub fn parse_config_var(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() && !k.contains('\0') && !v.contains('\0') => {
+            Ok((k.to_string(), v.to_string()))
+        }
+        _ => Err(format!(
+            "invalid config variable `{s}`: expected KEY=VALUE with a non-empty KEY"
+        )),
+    }
+}
+
+/// A directory preopened for the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Preopen {
+    pub host: PathBuf,
+    pub guest: String,
+    pub writable: bool,
+}
+
+impl Preopen {
+    /// Parses `HOST[::GUEST]` (the syntax of `wasmtime run --dir`).
+    pub fn parse(s: &str, writable: bool) -> Result<Preopen, String> {
+        let (host, guest) = match s.split_once("::") {
+            Some((h, g)) => (h, g),
+            None => (s, s),
+        };
+        if host.is_empty() || guest.is_empty() || host.contains('\0') || guest.contains('\0') {
+            return Err(format!(
+                "invalid directory `{s}`: expected HOST or HOST::GUEST"
+            ));
+        }
+        Ok(Preopen {
+            host: PathBuf::from(host),
+            guest: guest.to_string(),
+            writable,
+        })
+    }
+
+    /// The host directory must exist and be a directory.
+    fn check(&self) -> Result<(), String> {
+        match std::fs::metadata(&self.host) {
+            Ok(m) if m.is_dir() => Ok(()),
+            Ok(_) => Err(format!("{} is not a directory", self.host.display())),
+            Err(e) => Err(format!("directory {}: {e}", self.host.display())),
+        }
+    }
 }
 
 fn parse_env_arg(s: &str) -> Result<String, String> {
@@ -415,6 +497,12 @@ impl KnobArgs {
         self.no_cache |= other.no_cache;
         self.env.extend(other.env);
         self.allow_outbound.extend(other.allow_outbound);
+        if other.max_concurrent_streams.is_some() {
+            self.max_concurrent_streams = other.max_concurrent_streams;
+        }
+        self.dir.extend(other.dir);
+        self.dir_rw.extend(other.dir_rw);
+        self.config_var.extend(other.config_var);
         self
     }
 
@@ -470,6 +558,31 @@ impl KnobArgs {
                 }
                 env
             },
+            max_concurrent_streams: self
+                .max_concurrent_streams
+                .unwrap_or(defaults::MAX_CONCURRENT_STREAMS),
+            dirs: {
+                let mut dirs = Vec::new();
+                for (list, writable, key) in
+                    [(&self.dir, false, "dir"), (&self.dir_rw, true, "dir-rw")]
+                {
+                    for d in list {
+                        let p = Preopen::parse(d, writable).map_err(ConfigError::invalid(key))?;
+                        p.check().map_err(ConfigError::invalid(key))?;
+                        dirs.push(p);
+                    }
+                }
+                dirs
+            },
+            config_vars: {
+                let mut vars: Vec<(String, String)> = Vec::new();
+                for v in &self.config_var {
+                    let (k, v) = parse_config_var(v).map_err(ConfigError::invalid("config-var"))?;
+                    vars.retain(|(old, _)| *old != k);
+                    vars.push((k, v));
+                }
+                vars
+            },
             allow_outbound: self
                 .allow_outbound
                 .iter()
@@ -521,6 +634,11 @@ pub struct Knobs {
     pub no_cache: bool,
     pub env: Vec<(String, String)>,
     pub allow_outbound: Vec<OutboundRule>,
+    pub max_concurrent_streams: u32,
+    /// Directories preopened for the guest.
+    pub dirs: Vec<Preopen>,
+    /// wasi:config/store variables.
+    pub config_vars: Vec<(String, String)>,
 }
 
 impl Default for Knobs {
@@ -555,6 +673,9 @@ impl Default for Knobs {
             no_cache: false,
             env: Vec::new(),
             allow_outbound: Vec::new(),
+            max_concurrent_streams: defaults::MAX_CONCURRENT_STREAMS,
+            dirs: Vec::new(),
+            config_vars: Vec::new(),
         }
     }
 }
@@ -758,6 +879,24 @@ pub struct FileConfig {
     /// With socket activation: exit after this long without connections.
     #[serde(default, deserialize_with = "de::positive_duration")]
     pub exit_idle_after: Option<Duration>,
+    /// PEM certificate chain for TLS listeners (relative to the file).
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of the certificate (relative to the file).
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Names (LISTEN_FDNAMES) of inherited sockets that serve TLS.
+    #[serde(default)]
+    pub tls_sockets: Vec<String>,
+    /// Names of inherited sockets that serve plain HTTP.
+    #[serde(default)]
+    pub plain_sockets: Vec<String>,
+    /// One log line per request.
+    #[serde(default)]
+    pub access_log: Option<bool>,
+    /// wasi:config/store variables, as a table.
+    #[serde(default)]
+    pub config_vars: std::collections::BTreeMap<String, String>,
     #[serde(flatten)]
     pub knobs: KnobArgs,
 }
@@ -776,12 +915,17 @@ impl FileConfig {
             },
             other => other,
         })?;
-        if let Some(c) = &cfg.component
-            && c.is_relative()
-            && let Some(dir) = path.parent()
-        {
-            cfg.component = Some(dir.join(c));
+        if let Some(dir) = path.parent() {
+            for p in [&mut cfg.component, &mut cfg.tls_cert, &mut cfg.tls_key]
+                .into_iter()
+                .flatten()
+            {
+                if p.is_relative() {
+                    *p = dir.join(&*p);
+                }
+            }
         }
+
         Ok(cfg)
     }
 
@@ -793,7 +937,7 @@ impl FileConfig {
         };
         // Syntax first: toml knows where those are.
         let table: toml::Table = toml::from_str(text).map_err(|e| fail(located(text, &e)))?;
-        FileConfig::deserialize(table.clone()).map_err(|e| {
+        let mut cfg = FileConfig::deserialize(table.clone()).map_err(|e| {
             // A bad value: through `flatten` serde forgets where it was, so
             // find the key that fails on its own.
             let culprit = table.iter().find(|(k, v)| {
@@ -811,7 +955,14 @@ impl FileConfig {
                 )),
                 None => fail(e.message().to_string()),
             }
-        })
+        })?;
+        // The table's variables, then `config-var` entries (which win).
+        let vars: Vec<String> = std::mem::take(&mut cfg.config_vars)
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        cfg.knobs.config_var = vars.into_iter().chain(cfg.knobs.config_var).collect();
+        Ok(cfg)
     }
 }
 

@@ -79,8 +79,10 @@ where
             Level::DEBUG | Level::TRACE => 7,
         };
         write!(w, "<{priority}>")?;
-        if event.metadata().target() == "guest" {
-            write!(w, "guest: ")?;
+        match event.metadata().target() {
+            "guest" => write!(w, "guest: ")?,
+            "access" => write!(w, "access: ")?,
+            _ => {}
         }
         ctx.field_format().format_fields(w.by_ref(), event)?;
         writeln!(w)

@@ -226,6 +226,11 @@ impl Collector for HttpCollector {
                 &h.send_timeouts,
             ),
             (
+                "tls_handshake_failures",
+                "TLS handshakes that failed or did not finish in time",
+                &h.tls_failures,
+            ),
+            (
                 "keepalive_closes",
                 "Idle keep-alive connections closed after keepalive-timeout",
                 &h.keepalive_closes,

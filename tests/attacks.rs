@@ -300,14 +300,7 @@ fn a_memory_storm_in_a_cgroup_gets_answers_not_an_oom_kill() {
     let addr = sockaddr(&addrs[0]);
     let body: Vec<u8> = (0..12 << 20).map(|i: u32| (i % 251) as u8).collect();
     let body = std::sync::Arc::new(body);
-    let metrics: SocketAddr = p
-        .log()
-        .lines()
-        .find_map(|l| l.strip_prefix("Metrics on http://"))
-        .map(|rest| rest.trim_end_matches("/metrics").to_string())
-        .expect("metrics address")
-        .parse()
-        .unwrap();
+    let metrics: SocketAddr = p.metrics_addr();
     // What the process holds during the storm: anonymous memory (RSS),
     // and the budget's count of guest memory.
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -354,12 +354,14 @@ async fn one_address_over_its_share_leaves_room_for_another() {
     }
     s.stop().await;
 
-    // Requests in flight per client.
+    // Requests in flight per client: one more waits for a place, at most
+    // max-queue-wait, then gets 429.
     let s = TestServer::start(
         p2_suite(),
         KnobArgs {
             max_concurrent_requests: Some(20),
             max_requests_per_client: Some(2),
+            max_queue_wait: Some(Duration::from_millis(200)),
             ..Default::default()
         },
     )
@@ -388,6 +390,23 @@ async fn one_address_over_its_share_leaves_room_for_another() {
         get_from("127.0.0.1", addr, "/", Duration::from_secs(5)).await,
         Some(200)
     );
+    assert_eq!(stat(&s, |h| &h.requests_refused_per_client), 1);
+    // A third that may wait long enough is served once one ends.
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            tokio::spawn(async move {
+                get_from("127.0.0.1", addr, "/sleep/100", Duration::from_secs(5)).await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert_eq!(
+        get_from("127.0.0.1", addr, "/", Duration::from_secs(5)).await,
+        Some(200)
+    );
+    for t in slow {
+        assert_eq!(t.await.unwrap(), Some(200));
+    }
     assert_eq!(stat(&s, |h| &h.requests_refused_per_client), 1);
     s.stop().await;
 }

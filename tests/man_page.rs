@@ -17,6 +17,15 @@ plus \fBcomponent\fR, \fBlisten\fR, \fBmetrics\-listen\fR,
 line override the file. Unknown keys and bad values are errors.
 Durations need a unit (\fB500ms\fR, \fB10s\fR, \fB5min\fR); sizes take
 \fBKiB\fR, \fBMiB\fR or \fBGiB\fR.
+.SH TLS, HTTP/2 AND HEALTH
+With \fB\-\-tls\-cert\fR and \fB\-\-tls\-key\fR, TCP listeners serve
+TLS 1.2 and 1.3 (ALPN \fBh2\fR, \fBhttp/1.1\fR); unix sockets and
+\fBhttp://\fR addresses stay plain; inherited sockets follow
+\fB\-\-tls\-socket\fR and \fB\-\-plain\-socket\fR. The certificate is read
+again on SIGHUP. HTTP/2 is served by ALPN and, in clear text, with prior
+knowledge; every limit applies per stream. On \fB\-\-metrics\-listen\fR,
+\fB/healthz\fR answers while the process lives and \fB/readyz\fR until a
+drain begins. \fB\-\-access\-log\fR writes one line per request.
 .SH HOSTILE CLIENTS
 Each defence is a knob (see OPTIONS); \fIdocs/reliability.md\fR lists the
 attacks and the figures of the last run.

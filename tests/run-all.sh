@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 # Debian packages the tests use: systemd-socket-activate (hands sockets over
 # exactly as systemd does), a C toolchain with sanitizers, valgrind,
-# pkg-config, libmicrohttpd (the C example host), curl and slowhttptest.
+# pkg-config, libmicrohttpd (the C example host), curl, slowhttptest,
+# testssl and h2load.
 need=()
 command -v systemd-socket-activate >/dev/null || need+=(systemd)
 command -v cc >/dev/null || need+=(gcc)
@@ -17,8 +18,11 @@ command -v objdump >/dev/null || need+=(binutils)
 command -v curl >/dev/null || need+=(curl)
 command -v npm >/dev/null || need+=(npm)
 pkg-config --exists libmicrohttpd 2>/dev/null || need+=(libmicrohttpd-dev)
-# Attack tools the hostile-traffic tests run (tests/attacks.rs).
+# Attack tools the hostile-traffic tests run (tests/attacks.rs), and the
+# TLS and HTTP/2 checkers of tests/front.rs.
 command -v slowhttptest >/dev/null || need+=(slowhttptest)
+command -v testssl >/dev/null || need+=(testssl.sh)
+command -v h2load >/dev/null || need+=(nghttp2-client)
 # The package's end-to-end test boots a Debian root under systemd-nspawn.
 command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v systemd-nspawn >/dev/null || need+=(systemd-container)

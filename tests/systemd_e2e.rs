@@ -501,6 +501,7 @@ fn package_under_real_systemd() {
     assert_eq!((code.as_str(), body.as_str()), ("200", "hello from p2\n"));
     assert_eq!(c.show("wasmpool@suite.service", "ActiveState"), "active");
 
+    tls_on_a_tcp_socket(&c);
     memory_storm(&c);
 
     // Hardening.
@@ -639,4 +640,64 @@ fn shown_size(s: &str) -> u64 {
         _ => 1,
     };
     (num.parse::<f64>().unwrap_or_else(|_| panic!("size {s:?}")) * mult as f64) as u64
+}
+
+/// TLS on a TCP socket added to the hello app by drop-ins, the key handed
+/// over with `LoadCredential=` (the service's dynamic user cannot read
+/// /etc/wasmpool/tls): curl over HTTPS (HTTP/2 by ALPN) inside the
+/// container, while the unix socket keeps serving plain HTTP.
+fn tls_on_a_tcp_socket(c: &Container) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "wasmpool e2e");
+    let cert = p.self_signed(&key).unwrap();
+    write(c, "/etc/wasmpool/tls/hello.crt", cert.pem().as_bytes());
+    write(
+        c,
+        "/etc/wasmpool/tls/hello.key",
+        key.serialize_pem().as_bytes(),
+    );
+    c.ok("chmod 600 /etc/wasmpool/tls/hello.key");
+    write(
+        c,
+        "/etc/systemd/system/wasmpool@hello.socket.d/tls.conf",
+        b"[Socket]\nListenStream=127.0.0.1:8443\n",
+    );
+    write(
+        c,
+        "/etc/systemd/system/wasmpool@hello.service.d/tls.conf",
+        b"[Service]\n\
+          LoadCredential=tls.crt:/etc/wasmpool/tls/hello.crt\n\
+          LoadCredential=tls.key:/etc/wasmpool/tls/hello.key\n\
+          ExecStart=\n\
+          ExecStart=/usr/bin/wasmpool serve --config /etc/wasmpool/%i.toml \
+          --tls-cert ${CREDENTIALS_DIRECTORY}/tls.crt --tls-key ${CREDENTIALS_DIRECTORY}/tls.key\n",
+    );
+    c.ok(
+        "systemctl daemon-reload && systemctl stop wasmpool@hello.service wasmpool@hello.socket \
+          && systemctl start wasmpool@hello.socket",
+    );
+    let out = c.ok(
+        "curl -sS --max-time 30 --cacert /etc/wasmpool/tls/hello.crt --resolve localhost:8443:127.0.0.1 \
+         -w ' %{http_code} %{http_version}' https://localhost:8443/",
+    );
+    assert_eq!(out, "Hello from wasmpool!\n 200 2", "{out}");
+    let (code, body) = c.get(HELLO_SOCK, "/");
+    assert_eq!(
+        (code.as_str(), body.as_str()),
+        ("200", "Hello from wasmpool!\n")
+    );
+    let log = c.ok("journalctl -u wasmpool@hello.service -o cat --no-pager");
+    assert!(
+        log.contains("Serving HTTPS on https://127.0.0.1:8443/"),
+        "{log}"
+    );
+    assert!(
+        log.contains("access: "),
+        "the access log reaches the journal: {log}"
+    );
+    // Back to the packaged units.
+    c.ok("rm -rf /etc/systemd/system/wasmpool@hello.socket.d /etc/systemd/system/wasmpool@hello.service.d \
+          /etc/wasmpool/tls && systemctl daemon-reload && systemctl restart wasmpool@hello.socket");
 }

@@ -116,6 +116,18 @@ static void test_config(void) {
   CHECK_RESULT(wasmpool_config_set_memory_budget(cfg, UINT64_MAX), WASMPOOL_INVALID_ARGUMENT);
   CHECK(strstr(wasmpool_last_error(), "memory-budget") != NULL);
   CHECK_RESULT(wasmpool_config_set_memory_budget(NULL, 0), WASMPOOL_NULL_ARGUMENT);
+  CHECK_RESULT(wasmpool_config_add_dir(cfg, "/tmp", "/data", false), WASMPOOL_OK);
+  CHECK_RESULT(wasmpool_config_add_dir(cfg, "/tmp", NULL, true), WASMPOOL_OK);
+  CHECK_RESULT(wasmpool_config_add_dir(cfg, "/nonexistent/dir", "/x", false), WASMPOOL_INVALID_ARGUMENT);
+  CHECK(strstr(wasmpool_last_error(), "/nonexistent/dir") != NULL);
+  CHECK_RESULT(wasmpool_config_add_dir(cfg, "", "/x", false), WASMPOOL_INVALID_ARGUMENT);
+  CHECK_RESULT(wasmpool_config_add_dir(cfg, NULL, "/x", false), WASMPOOL_NULL_ARGUMENT);
+  CHECK_RESULT(wasmpool_config_add_dir(NULL, "/tmp", "/x", false), WASMPOOL_NULL_ARGUMENT);
+  CHECK_RESULT(wasmpool_config_add_config_var(cfg, "greeting", "hi"), WASMPOOL_OK);
+  CHECK_RESULT(wasmpool_config_add_config_var(cfg, "greeting", ""), WASMPOOL_OK);
+  CHECK_RESULT(wasmpool_config_add_config_var(cfg, "", "x"), WASMPOOL_INVALID_ARGUMENT);
+  CHECK_RESULT(wasmpool_config_add_config_var(cfg, "a=b", "x"), WASMPOOL_INVALID_ARGUMENT);
+  CHECK_RESULT(wasmpool_config_add_config_var(cfg, "k", NULL), WASMPOOL_NULL_ARGUMENT);
   CHECK_RESULT(wasmpool_config_set_cache_dir(cfg, "/tmp/x"), WASMPOOL_OK);
   CHECK_RESULT(wasmpool_config_set_cache_dir(cfg, ""), WASMPOOL_INVALID_ARGUMENT);
   CHECK_RESULT(wasmpool_config_set_cache_dir(cfg, NULL), WASMPOOL_NULL_ARGUMENT);

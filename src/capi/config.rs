@@ -4,6 +4,7 @@
 
 use super::wasmpool_result;
 use super::{Failure, boundary, boundary_ptr, boundary_void, handle_mut, str_arg};
+use crate::config::KnobArgs;
 use crate::config::{Knobs, OutboundRule};
 use std::ffi::c_char;
 use std::time::Duration;
@@ -42,7 +43,12 @@ pub struct wasmpool_config {
     pub(crate) knobs: Knobs,
     pub(crate) completion: wasmpool_completion_mode,
     pub(crate) engine_threads: usize,
+    /// Largest body `wasmpool_handler_push` / `_call` collect.
+    pub(crate) max_response_size: u64,
 }
+
+/// Default of `wasmpool_config_set_max_response_size`.
+pub const DEFAULT_MAX_RESPONSE_SIZE: u64 = 64 << 20;
 
 /// A config with the same defaults as the command line. Free it with
 /// `wasmpool_config_free`. Returns NULL only on allocation failure.
@@ -57,6 +63,7 @@ pub extern "C" fn wasmpool_config_new() -> *mut wasmpool_config {
             knobs: Knobs::default(),
             completion: wasmpool_completion_mode::WASMPOOL_COMPLETION_ENGINE,
             engine_threads: threads,
+            max_response_size: DEFAULT_MAX_RESPONSE_SIZE,
         })))
     })
 }
@@ -178,6 +185,39 @@ pub unsafe extern "C" fn wasmpool_config_set_memory_keep_resident(
     set(cfg, |k| k.memory_keep_resident = bytes)
 }
 
+/// Largest response body `wasmpool_handler_push` and
+/// `wasmpool_handler_call` collect, in bytes (default 64 MiB); a larger
+/// one fails with `WASMPOOL_TOO_LARGE`. Streamed bodies
+/// (`wasmpool_handler_push_streaming`) have no such limit. 0 is invalid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wasmpool_config_set_max_response_size(
+    cfg: *mut wasmpool_config,
+    bytes: u64,
+) -> wasmpool_result {
+    boundary(|| {
+        // SAFETY: see `handle_mut`.
+        let cfg = unsafe { handle_mut(cfg, "cfg") }?;
+        if bytes == 0 {
+            return Err(Failure::invalid(
+                "max_response_size must be greater than zero",
+            ));
+        }
+        cfg.max_response_size = bytes;
+        Ok(())
+    })
+}
+
+/// Largest request body, in bytes (default 16 MiB; 0 allows none): a
+/// longer streamed body fails for the guest, and the writer says
+/// `WASMPOOL_CANCELLED` once the request ends.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wasmpool_config_set_max_request_body_size(
+    cfg: *mut wasmpool_config,
+    bytes: u64,
+) -> wasmpool_result {
+    set(cfg, |k| k.max_request_body_size = bytes)
+}
+
 /// Most memory all instances of the handler may hold together, in bytes
 /// (linear memories and fiber stacks): a `memory.grow` that would cross it
 /// waits briefly for memory to be freed and then fails for that guest only
@@ -253,6 +293,74 @@ pub unsafe extern "C" fn wasmpool_config_add_env(
         let k = &mut unsafe { handle_mut(cfg, "cfg") }?.knobs;
         k.env.retain(|(old, _)| old != key);
         k.env.push((key.into(), value.into()));
+        Ok(())
+    })
+}
+
+/// Lets the guest open the host directory `host_dir` as `guest_dir`
+/// (both non-empty UTF-8; `guest_dir` NULL means the same path): read-only
+/// unless `writable`. The directory must exist (else
+/// WASMPOOL_INVALID_ARGUMENT). Guests see no other files.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wasmpool_config_add_dir(
+    cfg: *mut wasmpool_config,
+    host_dir: *const c_char,
+    guest_dir: *const c_char,
+    writable: bool,
+) -> wasmpool_result {
+    boundary(|| {
+        // SAFETY: see `str_arg`.
+        let host = unsafe { str_arg(host_dir, "host_dir") }?;
+        let guest = if guest_dir.is_null() {
+            host
+        } else {
+            // SAFETY: as above.
+            unsafe { str_arg(guest_dir, "guest_dir") }?
+        };
+        // SAFETY: see `handle_mut`.
+        let cfg = unsafe { handle_mut(cfg, "cfg") }?;
+        let arg = KnobArgs {
+            dir: if writable {
+                vec![]
+            } else {
+                vec![format!("{host}::{guest}")]
+            },
+            dir_rw: if writable {
+                vec![format!("{host}::{guest}")]
+            } else {
+                vec![]
+            },
+            ..Default::default()
+        };
+        let resolved = arg.resolve().map_err(|e| Failure::invalid(e.to_string()))?;
+        cfg.knobs.dirs.extend(resolved.dirs);
+        Ok(())
+    })
+}
+
+/// Sets a wasi:config/store variable for the guest (`key` non-empty; both
+/// UTF-8); the guest sees no others. A later value for a key replaces the
+/// earlier one.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wasmpool_config_add_config_var(
+    cfg: *mut wasmpool_config,
+    key: *const c_char,
+    value: *const c_char,
+) -> wasmpool_result {
+    boundary(|| {
+        // SAFETY: see `str_arg`.
+        let (key, value) = unsafe { (str_arg(key, "key")?, str_arg(value, "value")?) };
+        if key.contains('=') {
+            return Err(Failure::invalid(format!(
+                "invalid config variable key `{key}`"
+            )));
+        }
+        let (key, value) =
+            crate::config::parse_config_var(&format!("{key}={value}")).map_err(Failure::invalid)?;
+        // SAFETY: see `handle_mut`.
+        let k = &mut unsafe { handle_mut(cfg, "cfg") }?.knobs;
+        k.config_vars.retain(|(old, _)| *old != key);
+        k.config_vars.push((key, value));
         Ok(())
     })
 }

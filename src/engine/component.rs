@@ -134,8 +134,9 @@ pub fn engine(knobs: &Knobs) -> Result<Engine, LoadError> {
 }
 
 /// A linker with every WASIp2 and WASIp3 interface (so that components from
-/// componentize-py or componentize-js link without flags); the host state
-/// decides what those interfaces may actually do.
+/// componentize-py or componentize-js link without flags) and
+/// `wasi:config/store`; the host state decides what those interfaces may
+/// actually do.
 pub fn linker(engine: &Engine) -> Result<Linker<Host>, LoadError> {
     let mut l = Linker::new(engine);
     let r: wasmtime::Result<()> = (|| {
@@ -143,6 +144,9 @@ pub fn linker(engine: &Engine) -> Result<Linker<Host>, LoadError> {
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut l)?;
         wasmtime_wasi::p3::add_to_linker(&mut l)?;
         wasmtime_wasi_http::p3::add_to_linker(&mut l)?;
+        wasmtime_wasi_config::add_to_linker(&mut l, |h: &mut Host| {
+            wasmtime_wasi_config::WasiConfig::from(&*h.config)
+        })?;
         Ok(())
     })();
     r.map_err(|e| LoadError::Engine(format!("linker: {e:#}")))?;

@@ -19,6 +19,8 @@ use wasmtime_wasi_http::{WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, 
 /// Store data of one instance.
 pub struct Host {
     table: ResourceTable,
+    /// wasi:config/store variables (shared by every instance of a pool).
+    pub(crate) config: Arc<wasmtime_wasi_config::WasiConfigVariables>,
     wasi: WasiCtx,
     http: WasiHttpCtx,
     hooks: OutboundPolicy,
@@ -31,6 +33,7 @@ impl Host {
         policy: Arc<[OutboundRule]>,
         instance_id: u64,
         budget: Arc<MemoryBudget>,
+        config: Arc<wasmtime_wasi_config::WasiConfigVariables>,
     ) -> Host {
         let mut b = WasiCtxBuilder::new();
         // Nothing is granted: no preopened directories, no sockets, no name
@@ -40,6 +43,22 @@ impl Host {
             .allow_ip_name_lookup(false);
         b.socket_addr_check(|_, _| Box::pin(async { false }));
         b.envs(&knobs.env);
+        // Only the directories the knobs name; read-only unless asked.
+        for d in &knobs.dirs {
+            let perms = if d.writable {
+                wasmtime_wasi::FsPerms::ReadWrite
+            } else {
+                wasmtime_wasi::FsPerms::ReadOnly
+            };
+            if let Err(e) = b.preopened_dir(&d.host, &d.guest, perms) {
+                // Checked at start-up; it may have gone since.
+                tracing::warn!(
+                    instance = instance_id,
+                    "cannot open {}: {e:#}",
+                    d.host.display()
+                );
+            }
+        }
         b.stdout(GuestLog::new(instance_id, Stream::Stdout));
         b.stderr(GuestLog::new(instance_id, Stream::Stderr));
         budget.holder(true);
@@ -51,6 +70,7 @@ impl Host {
         };
         Host {
             table: ResourceTable::new(),
+            config,
             wasi: b.build(),
             http: WasiHttpCtx::new(),
             hooks: OutboundPolicy { rules: policy },

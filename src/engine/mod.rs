@@ -30,5 +30,5 @@ pub mod stats;
 
 pub use admission::Rejection;
 pub use component::{Source, World};
-pub use pool::{Pool, RequestError, ResponseBody, ReuseProbe, empty_body, get_root};
+pub use pool::{Pool, RequestError, ResponseBody, ReuseProbe, Served, empty_body, get_root};
 pub use stats::{Snapshot, Stats};

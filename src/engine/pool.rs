@@ -75,6 +75,17 @@ pub struct Ticket {
     worker: OnceLock<Arc<WorkerShared>>,
     /// The instance that took the request had served one before.
     reused: AtomicBool,
+    /// The id of the instance that took the request (0: none yet).
+    instance: AtomicU64,
+}
+
+/// Which instance answered a request: in the response's extensions (for
+/// the access log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Served {
+    pub instance: u64,
+    /// It had served a request before.
+    pub reused: bool,
 }
 
 /// What a worker shares with the tickets of its requests.
@@ -244,6 +255,7 @@ impl Pool {
             gate: Arc::new(Gate::new(concurrent as usize)),
             stats: stats.clone(),
             budget: budget.clone(),
+            config: Arc::new(knobs.config_vars.iter().cloned().collect()),
             _epoch: EpochTicker::spawn(engine),
         };
         Pool {
@@ -444,8 +456,25 @@ impl Pool {
     }
 
     /// One try at a request: dispatch to an instance, wait at most
-    /// `timeout` for the response head, classify failures.
+    /// `timeout` for the response head, classify failures. The response
+    /// says which instance served it ([`Served`]).
     async fn attempt(
+        &self,
+        request: http::Request<WasiBody>,
+        ticket: &Arc<Ticket>,
+        timeout: Duration,
+    ) -> Result<http::Response<WasiBody>, RequestError> {
+        let mut r = self.attempt_on(request, ticket, timeout).await;
+        if let Ok(response) = &mut r {
+            response.extensions_mut().insert(Served {
+                instance: ticket.instance.load(Relaxed),
+                reused: ticket.reused.load(Relaxed),
+            });
+        }
+        r
+    }
+
+    async fn attempt_on(
         &self,
         request: http::Request<WasiBody>,
         ticket: &Arc<Ticket>,
@@ -538,6 +567,7 @@ impl Pool {
                 self.stats.instances_reused.fetch_add(1, Relaxed);
                 ticket.reused.store(true, Relaxed);
             }
+            ticket.instance.store(live.id, Relaxed);
             live.served += 1;
             let finish = state.finish_p2(idle.clone(), self.handler.clone());
             // The guest may run on after answering, as long as the worker
@@ -755,6 +785,8 @@ struct PoolState {
     gate: Arc<Gate>,
     stats: Arc<Stats>,
     budget: Arc<MemoryBudget>,
+    /// The guests' wasi:config variables.
+    config: Arc<wasmtime_wasi_config::WasiConfigVariables>,
     /// Lives as long as any worker does (workers hold the handler), so
     /// guests of a pool that was swapped out by a reload still yield.
     _epoch: EpochTicker,
@@ -769,6 +801,7 @@ impl PoolState {
                 self.rules.clone(),
                 instance_id,
                 self.budget.clone(),
+                self.config.clone(),
             ),
         );
         store.limiter_async(|h| &mut h.limits);
@@ -971,6 +1004,7 @@ impl WorkerState for WorkerPolicy {
             ticket.reused.store(true, Relaxed);
         }
         let _ = ticket.worker.set(self.shared.clone());
+        ticket.instance.store(self.id, Relaxed);
         if ticket.expired.load(Relaxed) {
             self.shared.poisoned.store(true, Relaxed);
         }

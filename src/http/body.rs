@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::time::Sleep;
@@ -36,6 +36,8 @@ pub struct Outcome {
     /// Failed in any way (also malformed framing, a client gone): a
     /// response already started must not look complete.
     pub failed: Arc<AtomicBool>,
+    /// Body bytes received (for the access log).
+    pub received: AtomicU64,
 }
 
 /// The limits a [`ClientBody`] enforces.
@@ -122,6 +124,7 @@ impl http_body::Body for ClientBody {
                     }
                     this.remaining -= n;
                     this.received += n;
+                    this.outcome.received.fetch_add(n, Relaxed);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

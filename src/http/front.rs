@@ -4,7 +4,8 @@
 
 use super::body::{self, BodyLimits, ClientBody, Outcome, ReadAheadError};
 use super::limits::{HttpStats, RequestGuard};
-use super::response::Body;
+use super::response::{AccessRecord, Body};
+use super::tls::Tls;
 use crate::engine::{Pool, RequestError, ResponseBody};
 use crate::metrics::Metrics;
 use arc_swap::ArcSwap;
@@ -12,8 +13,8 @@ use bytes::Bytes;
 use http::{Response, StatusCode, header};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// A response body before it is tied to its connection: the guest's, or
@@ -26,6 +27,10 @@ pub struct Front {
     metrics: Option<Arc<Metrics>>,
     stats: Arc<HttpStats>,
     activity: Activity,
+    /// The TLS of the listeners that serve it.
+    tls: OnceLock<Arc<Tls>>,
+    /// Whether every request gets an access log line.
+    access_log: AtomicBool,
 }
 
 /// Open connections and the time a connection last opened or closed,
@@ -97,7 +102,24 @@ impl Front {
             metrics,
             stats,
             activity: Activity::new(),
+            tls: OnceLock::new(),
+            access_log: AtomicBool::new(false),
         })
+    }
+
+    /// Sets the TLS that listeners marked TLS serve (once).
+    pub fn set_tls(&self, tls: Arc<Tls>) {
+        let _ = self.tls.set(tls);
+    }
+
+    pub fn tls(&self) -> Option<&Arc<Tls>> {
+        self.tls.get()
+    }
+
+    /// Turns the access log (one line per request, target `access`) on or
+    /// off.
+    pub fn set_access_log(&self, on: bool) {
+        self.access_log.store(on, Relaxed);
     }
 
     pub fn activity(&self) -> &Activity {
@@ -130,30 +152,50 @@ impl Front {
         req: http::Request<Incoming>,
         guard: RequestGuard,
     ) -> Response<Body> {
-        let start = self.metrics.as_ref().map(|_| Instant::now());
-        let response = guarded(self.respond(req)).await;
+        let logging = self.access_log.load(Relaxed);
+        let start = (logging || self.metrics.is_some()).then(Instant::now);
+        let pool = self.pool();
+        let outcome = Arc::new(Outcome::default());
+        let access = match (logging, start) {
+            (true, Some(start)) => Some(AccessRecord::new(
+                &req,
+                guard.conn().peer,
+                start,
+                outcome.clone(),
+            )),
+            _ => None,
+        };
+        let response = guarded(self.respond(&pool, req, outcome)).await;
         if let (Some(m), Some(start)) = (&self.metrics, start) {
             m.observe(response.status(), start.elapsed());
         }
-        let knobs = self.pool().knobs().clone();
-        response.map(|b| match b {
+        let mut response = response.map(|b| match b {
             Either::Left(guest) => {
                 let conn = guard.conn().clone();
                 Body::guest(
                     guest,
                     guard,
                     &conn,
-                    knobs.response_buffer_size,
-                    self.pool().budget().clone(),
+                    pool.knobs().response_buffer_size,
+                    pool.budget().clone(),
                 )
             }
             Either::Right(own) => Body::own(own, guard),
-        })
+        });
+        if let Some(mut record) = access {
+            record.answered(&response);
+            response.body_mut().log_when_done(record);
+        }
+        response
     }
 
     /// The answer to a request its client may not send now (it has
     /// `max-requests-per-client` in flight).
-    pub fn too_many_requests(&self, guard: RequestGuard) -> Response<Body> {
+    pub fn too_many_requests(
+        &self,
+        req: &http::Request<Incoming>,
+        guard: RequestGuard,
+    ) -> Response<Body> {
         let r = retry_later(plain(
             StatusCode::TOO_MANY_REQUESTS,
             "too many requests in flight from this client",
@@ -161,12 +203,30 @@ impl Front {
         if let Some(m) = &self.metrics {
             m.observe(r.status(), Duration::ZERO);
         }
-        r.map(|b| Body::own(b, guard))
+        let peer = guard.conn().peer;
+        let mut r = r.map(|b| Body::own(b, guard));
+        if self.access_log.load(Relaxed) {
+            let mut record = AccessRecord::new(req, peer, Instant::now(), Arc::default());
+            record.answered(&r);
+            r.body_mut().log_when_done(record);
+        }
+        r
     }
 
-    async fn respond(&self, req: http::Request<Incoming>) -> Response<Inner> {
-        let pool = self.pool();
+    async fn respond(
+        &self,
+        pool: &Arc<Pool>,
+        req: http::Request<Incoming>,
+        outcome: Arc<Outcome>,
+    ) -> Response<Inner> {
         let knobs = pool.knobs();
+        if req.headers().len() > knobs.max_request_headers as usize {
+            // HTTP/1 refuses these while parsing; HTTP/2 hands them over.
+            return closing(error_response(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "too many header fields",
+            ));
+        }
         let limit = knobs.max_request_body_size;
         if let Some(len) = declared_length(&req)
             && len > limit
@@ -174,7 +234,6 @@ impl Front {
             tracing::debug!(len, limit, "request body too large (content-length)");
             return body_too_large();
         }
-        let outcome = Arc::new(Outcome::default());
         let limits = BodyLimits {
             max_size: limit,
             timeout: knobs.client_body_timeout,

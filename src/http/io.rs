@@ -100,7 +100,9 @@ impl<T> TimedIo<T> {
             stats,
             t,
             h2,
-            sniffed: (!h2).then_some(0),
+            // Set by `set_plain`: under TLS the bytes read here are
+            // encrypted.
+            sniffed: None,
             seen_finished: 0,
             wait: Wait::First,
             wait_start: Instant::now(),
@@ -111,6 +113,20 @@ impl<T> TimedIo<T> {
             blocked: None,
             unblocked_at: None,
             write_sleep: None,
+        }
+    }
+
+    /// The protocol is HTTP/2 (negotiated by ALPN).
+    pub fn set_h2(&mut self) {
+        self.h2 = true;
+        self.sniffed = None;
+    }
+
+    /// Nothing else wraps this stream (no TLS): watch the first bytes for
+    /// the HTTP/2 preface.
+    pub fn set_plain(&mut self) {
+        if !self.h2 {
+            self.sniffed = Some(0);
         }
     }
 

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 /// Counters of the defences, for metrics and tests.
@@ -36,6 +36,8 @@ pub struct HttpStats {
     pub send_timeouts: AtomicU64,
     /// Idle keep-alive connections closed after `keepalive-timeout`.
     pub keepalive_closes: AtomicU64,
+    /// TLS handshakes that failed (or timed out).
+    pub tls_failures: AtomicU64,
 }
 
 /// One client address and what it holds.
@@ -46,6 +48,18 @@ pub struct Client {
     connections: AtomicU32,
     /// Requests in flight.
     requests: AtomicU32,
+    /// Requests waiting for one of this client's to end.
+    waiting: AtomicU32,
+    freed: Notify,
+}
+
+impl Client {
+    /// Takes one of the client's request places, if one is free.
+    fn try_take(&self, limit: u32) -> bool {
+        self.requests
+            .fetch_update(Relaxed, Relaxed, |n| (n < limit).then_some(n + 1))
+            .is_ok()
+    }
 }
 
 impl Client {
@@ -167,6 +181,9 @@ impl Drop for RequestGuard {
             && let Some(client) = &c.client
         {
             client.requests.fetch_sub(1, Relaxed);
+            if client.waiting.load(Relaxed) > 0 {
+                client.freed.notify_one();
+            }
         }
         c.idle_since_ms
             .store(c.epoch.elapsed().as_millis() as u64, Relaxed);
@@ -234,6 +251,8 @@ impl Registry {
                         key,
                         connections: AtomicU32::new(0),
                         requests: AtomicU32::new(0),
+                        waiting: AtomicU32::new(0),
+                        freed: Notify::new(),
                     })
                 })
                 .clone()
@@ -317,8 +336,9 @@ impl Registry {
             .map(|(_, c)| c.clone())
     }
 
-    /// Starts a request on `conn`: refused when its client already has
-    /// `max-requests-per-client` in flight.
+    /// Starts a request on `conn`. `Err` when its client already has
+    /// `max-requests-per-client` in flight: the request may then wait for
+    /// one of them to end ([`Registry::wait_for_client`]).
     pub fn start_request(
         &self,
         conn: &Arc<Conn>,
@@ -331,14 +351,41 @@ impl Registry {
             counted_for_client: false,
         };
         if let Some(client) = &conn.client {
-            let before = client.requests.fetch_add(1, Relaxed);
-            guard.counted_for_client = true;
-            if before >= self.per_client_requests {
-                self.stats.requests_refused_per_client.fetch_add(1, Relaxed);
+            if !client.try_take(self.per_client_requests) {
                 return Err((guard, TooManyRequests));
             }
+            guard.counted_for_client = true;
         }
         Ok(guard)
+    }
+
+    /// Waits, at most `timeout`, until the client of a request that
+    /// [`Registry::start_request`] refused has a free place; false (and
+    /// counted as refused) if none came.
+    pub async fn wait_for_client(&self, guard: &mut RequestGuard, timeout: Duration) -> bool {
+        let Some(client) = guard.conn.client.clone() else {
+            return true;
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        client.waiting.fetch_add(1, Relaxed);
+        let got = loop {
+            let freed = client.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if client.try_take(self.per_client_requests) {
+                break true;
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                break client.try_take(self.per_client_requests);
+            }
+        };
+        client.waiting.fetch_sub(1, Relaxed);
+        if got {
+            guard.counted_for_client = true;
+        } else {
+            self.stats.requests_refused_per_client.fetch_add(1, Relaxed);
+        }
+        got
     }
 
     /// Connections open now.
@@ -384,7 +431,6 @@ impl Drop for ConnHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn peer(ip: &str) -> Peer {
         Peer::Tcp(format!("{ip}:1000").parse().unwrap())

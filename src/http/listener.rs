@@ -1,5 +1,5 @@
-//! Listen addresses and listening sockets (TCP or unix), bound here or
-//! inherited from the service manager.
+//! Listen addresses and listening sockets (TCP or unix, plain or TLS),
+//! bound here or inherited from the service manager.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -37,13 +37,93 @@ impl fmt::Display for ListenAddr {
     }
 }
 
-/// A bound listening socket.
-pub enum Listener {
+/// A `--listen` value: an address, and whether it serves TLS: `https://`
+/// says yes, `http://` says no, a bare address or `unix:` path leaves it
+/// to the TLS settings (TCP listeners serve TLS when a certificate is
+/// configured; unix sockets, usually behind a proxy, serve plain HTTP).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenSpec {
+    pub addr: ListenAddr,
+    pub tls: Option<bool>,
+}
+
+impl std::str::FromStr for ListenSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (rest, tls) = if let Some(r) = s.strip_prefix("https://") {
+            (r, Some(true))
+        } else if let Some(r) = s.strip_prefix("http://") {
+            (r, Some(false))
+        } else {
+            (s, None)
+        };
+        let addr: ListenAddr = rest.trim_end_matches('/').parse()?;
+        if tls.is_some() && matches!(addr, ListenAddr::Unix(_)) {
+            return Err(format!(
+                "invalid listen address `{s}`: a scheme goes with HOST:PORT, not unix:"
+            ));
+        }
+        Ok(ListenSpec { addr, tls })
+    }
+}
+
+impl From<ListenAddr> for ListenSpec {
+    fn from(addr: ListenAddr) -> ListenSpec {
+        ListenSpec { addr, tls: None }
+    }
+}
+
+/// A bound listening socket, plain or TLS.
+pub struct Listener {
+    socket: Socket,
+    tls: bool,
+}
+
+enum Socket {
     Tcp(tokio::net::TcpListener),
     Unix(tokio::net::UnixListener),
 }
 
 impl Listener {
+    pub fn tcp(l: tokio::net::TcpListener) -> Listener {
+        Listener {
+            socket: Socket::Tcp(l),
+            tls: false,
+        }
+    }
+
+    pub fn unix(l: tokio::net::UnixListener) -> Listener {
+        Listener {
+            socket: Socket::Unix(l),
+            tls: false,
+        }
+    }
+
+    /// Serves TLS (`true`) or plain HTTP on this socket.
+    pub fn with_tls(mut self, tls: bool) -> Listener {
+        self.tls = tls;
+        self
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    pub fn is_unix(&self) -> bool {
+        matches!(self.socket, Socket::Unix(_))
+    }
+
+    /// `http://ADDR`, `https://ADDR` or `unix:PATH` (`https+unix:` for TLS
+    /// on a unix socket), for the log.
+    pub fn describe(&self) -> String {
+        match self.local_addr() {
+            Ok(ListenAddr::Tcp(a)) if self.tls => format!("https://{a}"),
+            Ok(ListenAddr::Unix(p)) if self.tls => format!("https+unix:{}", p.display()),
+            Ok(a) => a.to_string(),
+            Err(e) => format!("(unknown address: {e})"),
+        }
+    }
+
     /// Binds `addr`. A stale unix socket file at the path is replaced.
     pub async fn bind(addr: &ListenAddr) -> std::io::Result<Listener> {
         match addr {
@@ -55,7 +135,7 @@ impl Listener {
                 };
                 sock.set_reuseaddr(true)?;
                 sock.bind(*a)?;
-                Ok(Listener::Tcp(sock.listen(1024)?))
+                Ok(Listener::tcp(sock.listen(1024)?))
             }
             ListenAddr::Unix(p) => {
                 use std::os::unix::fs::FileTypeExt;
@@ -64,16 +144,16 @@ impl Listener {
                 {
                     std::fs::remove_file(p)?;
                 }
-                Ok(Listener::Unix(tokio::net::UnixListener::bind(p)?))
+                Ok(Listener::unix(tokio::net::UnixListener::bind(p)?))
             }
         }
     }
 
     /// The address actually bound (with the real port when 0 was asked).
     pub fn local_addr(&self) -> std::io::Result<ListenAddr> {
-        match self {
-            Listener::Tcp(l) => l.local_addr().map(ListenAddr::Tcp),
-            Listener::Unix(l) => {
+        match &self.socket {
+            Socket::Tcp(l) => l.local_addr().map(ListenAddr::Tcp),
+            Socket::Unix(l) => {
                 let a = l.local_addr()?;
                 Ok(ListenAddr::Unix(
                     a.as_pathname().map(PathBuf::from).unwrap_or_default(),
@@ -86,22 +166,24 @@ impl Listener {
     /// guest writes should not wait for Nagle).
     pub async fn accept(&self) -> std::io::Result<Accepted> {
         use std::os::fd::AsRawFd;
-        Ok(match self {
-            Listener::Tcp(l) => {
+        Ok(match &self.socket {
+            Socket::Tcp(l) => {
                 let (s, addr) = l.accept().await?;
                 let _ = s.set_nodelay(true);
                 Accepted {
                     fd: s.as_raw_fd(),
                     io: Box::new(s),
                     peer: Peer::Tcp(addr),
+                    tls: self.tls,
                 }
             }
-            Listener::Unix(l) => {
+            Socket::Unix(l) => {
                 let s = l.accept().await?.0;
                 Accepted {
                     fd: s.as_raw_fd(),
                     io: Box::new(s),
                     peer: Peer::Unix,
+                    tls: self.tls,
                 }
             }
         })
@@ -114,6 +196,8 @@ pub struct Accepted {
     pub peer: Peer,
     /// The socket's descriptor, owned by `io` (valid while it lives).
     pub fd: std::os::fd::RawFd,
+    /// It came in on a TLS listener.
+    pub tls: bool,
 }
 
 /// Bytes written to the socket `fd` that its peer has not acknowledged
@@ -177,5 +261,20 @@ mod tests {
         let b = Peer::Tcp("[2001:db8:1:2:ffff::1]:2".parse().unwrap());
         assert_eq!(a.client_key(), b.client_key());
         assert_eq!(Peer::Unix.client_key(), None);
+    }
+
+    #[test]
+    fn listen_specs() {
+        let s: ListenSpec = "https://0.0.0.0:8443".parse().unwrap();
+        assert_eq!(
+            (s.addr, s.tls),
+            (ListenAddr::Tcp("0.0.0.0:8443".parse().unwrap()), Some(true))
+        );
+        let s: ListenSpec = "http://[::1]:80/".parse().unwrap();
+        assert_eq!(s.tls, Some(false));
+        let s: ListenSpec = "127.0.0.1:8080".parse().unwrap();
+        assert_eq!(s.tls, None);
+        assert!("https://unix:/x".parse::<ListenSpec>().is_err());
+        assert!("https://localhost".parse::<ListenSpec>().is_err());
     }
 }

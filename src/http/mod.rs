@@ -8,8 +8,9 @@
 //! - [`body`]: request bodies (size, slow senders, read-ahead);
 //! - [`front`]: one request through the pool, failures mapped to statuses;
 //! - [`response`]: response bodies, read ahead when the client is slow;
-//! - this module: accept loops, connections (HTTP/1.1 and HTTP/2 with
-//!   prior knowledge), drain.
+//! - [`tls`]: TLS 1.2/1.3 with a certificate that can be swapped;
+//! - this module: accept loops, connections (HTTP/1.1, and HTTP/2 by ALPN
+//!   or with prior knowledge), drain.
 //!
 //! Each defence is a knob (see `config`); `docs/reliability.md` lists the
 //! attack each one stops.
@@ -20,6 +21,7 @@ pub mod io;
 pub mod limits;
 pub mod listener;
 pub mod response;
+pub mod tls;
 
 pub use front::{Front, error_response};
 pub use limits::HttpStats;
@@ -34,6 +36,7 @@ use limits::{ConnHandle, OverClientShare, Registry};
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 use tokio::sync::Semaphore;
 
@@ -179,7 +182,7 @@ async fn serve_connection(
         send: knobs.send_timeout,
         send_min_rate: knobs.send_min_rate,
     };
-    let io = TimedIo::new(
+    let mut io = TimedIo::new(
         accepted.io,
         Some(accepted.fd),
         conn.clone(),
@@ -187,17 +190,55 @@ async fn serve_connection(
         timeouts,
         false,
     );
+    let io: Box<dyn Io> = if accepted.tls {
+        let Some(tls) = front.tls() else {
+            tracing::error!("a TLS listener without a certificate");
+            return;
+        };
+        // The handshake counts towards the first request's head timeout
+        // (TimedIo), so a client that stalls it is cut off like slowloris.
+        let stream = tokio::select! {
+            s = tls.acceptor().accept(io) => s,
+            _ = stopped(&mut stop) => return,
+        };
+        match stream {
+            Ok(mut stream) => {
+                if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    stream.get_mut().0.set_h2();
+                }
+                Box::new(stream)
+            }
+            Err(e) => {
+                front.http_stats().tls_failures.fetch_add(1, Relaxed);
+                tracing::debug!(peer = %conn.peer, "TLS handshake failed: {e}");
+                return;
+            }
+        }
+    } else {
+        io.set_plain();
+        Box::new(io)
+    };
     let service = {
         let conn = conn.clone();
         let front = front.clone();
+        let wait = knobs.max_queue_wait;
         hyper::service::service_fn(move |req| {
             let front = front.clone();
             let started = registry.start_request(&conn);
+            let registry = registry.clone();
             async move {
-                Ok::<_, Infallible>(match started {
-                    Ok(guard) => front.handle(req, guard).await,
-                    Err((guard, _)) => front.too_many_requests(guard),
-                })
+                // Over its client's share, a request waits (as long as
+                // for an admission slot) for one of the client's to end.
+                let guard = match started {
+                    Ok(guard) => guard,
+                    Err((mut guard, _)) => {
+                        if !registry.wait_for_client(&mut guard, wait).await {
+                            return Ok(front.too_many_requests(&req, guard));
+                        }
+                        guard
+                    }
+                };
+                Ok::<_, Infallible>(front.handle(req, guard).await)
             }
         })
     };
@@ -265,8 +306,8 @@ fn log_connection_end(r: ConnResult) {
 }
 
 /// The connection builder: HTTP/1.1, or HTTP/2 when the client starts with
-/// its preface. Request-head timeouts are [`TimedIo`]'s, so hyper's own is
-/// off.
+/// its preface (after ALPN `h2`, or with prior knowledge). Request-head
+/// timeouts are [`TimedIo`]'s, so hyper's own is off.
 fn builder(knobs: &Knobs) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
@@ -281,6 +322,13 @@ fn builder(knobs: &Knobs) -> auto::Builder<TokioExecutor> {
         );
     b.http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(knobs.max_request_header_size.min(u32::MAX as u64) as u32);
+        .max_header_list_size(knobs.max_request_header_size.min(u32::MAX as u64) as u32)
+        .max_concurrent_streams(knobs.max_concurrent_streams)
+        // Rapid reset (CVE-2023-44487): a client that opens and cancels
+        // streams faster than they can be served loses the connection;
+        // so does one whose streams keep failing. (hyper's defaults, set
+        // here so they stay on.)
+        .max_pending_accept_reset_streams(20)
+        .max_local_error_reset_streams(1024);
     b
 }

@@ -13,8 +13,11 @@
 //! connection until the pump starts, the pump after); frames reach the
 //! connection in order; the guest's body is dropped as soon as it ends.
 
+use super::body::Outcome;
 use super::limits::{Conn, RequestGuard};
+use super::listener::Peer;
 use crate::engine::ResponseBody;
+use crate::engine::Served;
 use crate::engine::budget::{Held, MemoryBudget};
 use bytes::Bytes;
 use http_body::{Body as _, Frame};
@@ -23,6 +26,7 @@ use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
+use std::time::Instant;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -31,6 +35,78 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub struct Body {
     kind: Kind,
     guard: Option<RequestGuard>,
+    /// Bytes of body sent so far.
+    sent: u64,
+    /// The access log line to write when the body ends (when logging).
+    access: Option<Box<AccessRecord>>,
+}
+
+/// One access log line, filled in as the request goes.
+pub struct AccessRecord {
+    peer: Peer,
+    method: http::Method,
+    target: String,
+    version: http::Version,
+    start: Instant,
+    received: Arc<Outcome>,
+    status: u16,
+    served: Option<Served>,
+}
+
+impl AccessRecord {
+    pub(crate) fn new<B>(
+        req: &http::Request<B>,
+        peer: Peer,
+        start: Instant,
+        received: Arc<Outcome>,
+    ) -> AccessRecord {
+        AccessRecord {
+            peer,
+            method: req.method().clone(),
+            target: req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| req.uri().path().to_string(), |p| p.as_str().to_string()),
+            version: req.version(),
+            start,
+            received,
+            status: 0,
+            served: None,
+        }
+    }
+
+    /// Notes the response head: its status and the instance that served it.
+    pub(crate) fn answered<B>(&mut self, r: &http::Response<B>) {
+        self.status = r.status().as_u16();
+        self.served = r.extensions().get::<Served>().copied();
+    }
+
+    fn write(&self, sent: u64, complete: bool) {
+        let duration_ms = self.start.elapsed().as_secs_f64() * 1e3;
+        let (instance, reused) = match self.served {
+            Some(s) => (s.instance as i64, s.reused),
+            None => (-1, false),
+        };
+        tracing::info!(
+            target: "access",
+            client = %self.peer,
+            method = %self.method,
+            target = %self.target,
+            version = ?self.version,
+            status = self.status,
+            bytes_in = self.received.received.load(std::sync::atomic::Ordering::Relaxed),
+            bytes_out = sent,
+            duration_ms = (duration_ms * 1000.0).round() / 1000.0,
+            instance,
+            reused,
+            complete,
+            "{} {} {} {}",
+            self.peer,
+            self.method,
+            self.target,
+            self.status
+        );
+    }
 }
 
 enum Kind {
@@ -72,7 +148,15 @@ impl Body {
         Body {
             kind: Kind::Own(inner),
             guard: Some(guard),
+            sent: 0,
+            access: None,
         }
+    }
+
+    /// Writes `record` to the access log once the body has been sent (or
+    /// the connection ended first).
+    pub(crate) fn log_when_done(&mut self, record: AccessRecord) {
+        self.access = Some(Box::new(record));
     }
 
     /// A guest's answer on `conn`, which starts a pump for it once it
@@ -101,6 +185,8 @@ impl Body {
         Body {
             kind: Kind::Guest(shared),
             guard: Some(guard),
+            sent: 0,
+            access: None,
         }
     }
 }
@@ -119,9 +205,20 @@ impl http_body::Body for Body {
                 .map_err(|never| match never {}),
             Kind::Guest(shared) => shared.poll_reader(cx),
         };
-        if matches!(r, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            // The request is over: the connection is idle from now on.
-            self.guard = None;
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    self.sent += d.len() as u64;
+                }
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
+                // The request is over: the connection is idle from now on.
+                self.guard = None;
+                if let Some(a) = self.access.take() {
+                    a.write(self.sent, matches!(r, Poll::Ready(None)));
+                }
+            }
+            Poll::Pending => {}
         }
         r
     }
@@ -157,6 +254,12 @@ impl Drop for Body {
     /// The connection is done with the body (finished, or cut): a pump
     /// still reading ahead stops, and the guest's body goes now.
     fn drop(&mut self) {
+        if let Some(a) = self.access.take() {
+            // hyper drops a body it knows is complete (Content-Length
+            // reached, or end of stream reported) without polling its end.
+            let complete = http_body::Body::is_end_stream(self);
+            a.write(self.sent, complete);
+        }
         if let Kind::Guest(shared) = &self.kind {
             let mut st = lock(&shared.state);
             st.inner = None;

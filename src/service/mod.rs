@@ -2,14 +2,20 @@
 //! (ready, status, watchdog, reload, stopping), drain on SIGTERM/SIGINT,
 //! reload on SIGHUP, exit when idle, and the metrics endpoint.
 
+pub mod admin;
 pub mod notify;
+mod options;
 pub mod sockets;
 
-use crate::config::{FileConfig, KnobArgs, Knobs, defaults};
+pub use options::ServeOptions;
+use options::Settled;
+
+use crate::config::Knobs;
 use crate::engine::component::Source;
 use crate::engine::pool::Pool;
 use crate::engine::stats::Shared;
-use crate::http::{self as front, Front, ListenAddr, Listener};
+use crate::http::tls::Tls;
+use crate::http::{self as front, Front, Listener};
 use crate::metrics::Metrics;
 use anyhow::{Context as _, Result, bail};
 use notify::Notifier;
@@ -19,65 +25,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 use tokio::signal::unix::{SignalKind, signal};
-
-/// What `serve` was asked to do (flags; the config file is re-read on reload).
-#[derive(Debug, Clone, Default)]
-pub struct ServeOptions {
-    pub component: Option<PathBuf>,
-    pub config: Option<PathBuf>,
-    pub listen: Vec<ListenAddr>,
-    pub knobs: KnobArgs,
-    pub drain_timeout: Option<Duration>,
-    pub exit_idle_after: Option<Duration>,
-    pub metrics_listen: Option<ListenAddr>,
-}
-
-/// The flags and the config file, merged.
-pub(crate) struct Settled {
-    pub(crate) component: PathBuf,
-    pub(crate) knobs: Knobs,
-    listen: Vec<ListenAddr>,
-    drain_timeout: Duration,
-    exit_idle_after: Option<Duration>,
-    metrics_listen: Option<ListenAddr>,
-}
-
-impl ServeOptions {
-    pub(crate) fn settle(&self) -> Result<Settled> {
-        let file = match &self.config {
-            Some(p) => FileConfig::load(p)?,
-            None => FileConfig::default(),
-        };
-        let knobs = file.knobs.clone().overlay(self.knobs.clone()).resolve()?;
-        let Some(component) = self.component.clone().or(file.component.clone()) else {
-            bail!("no component given: pass COMPONENT or set `component` in the config file");
-        };
-        let parse = |s: &String| s.parse::<ListenAddr>().map_err(anyhow::Error::msg);
-        let listen = if !self.listen.is_empty() {
-            self.listen.clone()
-        } else if !file.listen.is_empty() {
-            file.listen.iter().map(parse).collect::<Result<_>>()?
-        } else {
-            vec![defaults::LISTEN.parse().expect("default address parses")]
-        };
-        let metrics_listen = match (&self.metrics_listen, &file.metrics_listen) {
-            (Some(a), _) => Some(a.clone()),
-            (None, Some(s)) => Some(parse(s)?),
-            (None, None) => None,
-        };
-        Ok(Settled {
-            component,
-            knobs,
-            listen,
-            drain_timeout: self
-                .drain_timeout
-                .or(file.drain_timeout)
-                .unwrap_or(Duration::from_secs(30)),
-            exit_idle_after: self.exit_idle_after.or(file.exit_idle_after),
-            metrics_listen,
-        })
-    }
-}
 
 /// Why the service stops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,15 +108,20 @@ async fn serve(opts: ServeOptions, settled: Settled, inherited: Vec<Inherited>) 
     shared.apply(pool.knobs())?;
     tracing::info!(component = pool.name(), world = %pool.world(), cache = ?pool.cache_outcome(), "component ready");
 
+    let tls = match &settled.tls {
+        Some(files) => Some(Arc::new(Tls::new(files.clone())?)),
+        None => None,
+    };
     let mut listeners = Vec::new();
     if inherited.is_empty() {
-        for addr in &settled.listen {
-            let l = Listener::bind(addr)
+        for spec in &settled.listen {
+            let l = Listener::bind(&spec.addr)
                 .await
-                .with_context(|| format!("cannot listen on {addr}"))?;
-            let bound = l.local_addr()?;
+                .with_context(|| format!("cannot listen on {}", spec.addr))?
+                .with_tls(settled.bound_tls(spec));
+            let bound = l.describe();
             tracing::info!("serving on {bound}");
-            eprintln!("Serving HTTP on {bound}/");
+            eprintln!("Serving {} on {bound}/", protocol(&l));
             listeners.push(l);
         }
     } else {
@@ -177,27 +129,48 @@ async fn serve(opts: ServeOptions, settled: Settled, inherited: Vec<Inherited>) 
             tracing::info!("sockets inherited from the service manager: --listen ignored");
         }
         for s in inherited {
-            let (name, addr) = (s.name.clone(), s.describe());
-            listeners.push(
-                s.into_listener()
-                    .with_context(|| format!("cannot use inherited socket {name}"))?,
-            );
+            let name = s.name.clone();
+            let l = s
+                .into_listener()
+                .with_context(|| format!("cannot use inherited socket {name}"))?;
+            let l = {
+                let tls = settled.inherited_tls(&name, &l);
+                l.with_tls(tls)
+            };
+            let addr = l.describe();
             tracing::info!(name, "serving on inherited socket {addr}");
-            eprintln!("Serving HTTP on {addr}/ (inherited: {name})");
+            eprintln!("Serving {} on {addr}/ (inherited: {name})", protocol(&l));
+            listeners.push(l);
         }
+    }
+    if tls.is_some() && !listeners.iter().any(Listener::is_tls) {
+        tracing::warn!("tls-cert and tls-key are set but no listener serves TLS");
     }
 
     let metrics = Metrics::new(shared.clone());
     let front = Front::with_metrics(Arc::new(pool), Some(metrics.clone()));
+    if let Some(tls) = &tls {
+        front.set_tls(tls.clone());
+    }
+    front.set_access_log(settled.access_log);
+    let ready = Arc::new(admin::Readiness::default());
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let metrics_task = match &settled.metrics_listen {
+    // The admin listener answers until the drain is over.
+    let (admin_stop_tx, admin_stop_rx) = tokio::sync::watch::channel(false);
+    let admin_task = match &settled.metrics_listen {
         Some(addr) => {
             let l = Listener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen for metrics on {addr}"))?;
-            tracing::info!("metrics on {}", l.local_addr()?);
-            eprintln!("Metrics on {}/metrics", l.local_addr()?);
-            Some(tokio::spawn(serve_metrics(l, metrics, stop_rx.clone())))
+            let at = l.local_addr()?;
+            tracing::info!("metrics and health on {at}");
+            eprintln!("Metrics on {at}/metrics");
+            Some(tokio::spawn(admin::serve(
+                l,
+                metrics,
+                ready.clone(),
+                admin_stop_rx,
+            )))
         }
         None => None,
     };
@@ -216,6 +189,7 @@ async fn serve(opts: ServeOptions, settled: Settled, inherited: Vec<Inherited>) 
         sent: String::new(),
     };
     notifier.ready(&status.text());
+    ready.set(true);
     tracing::info!("ready");
 
     let watchdog = sd_notify::watchdog_enabled();
@@ -237,7 +211,7 @@ async fn serve(opts: ServeOptions, settled: Settled, inherited: Vec<Inherited>) 
                 if reload.is_some() {
                     reload_again = true;
                 } else {
-                    reload = Some(start_reload(&opts, &shared, notifier));
+                    reload = Some(start_reload(&opts, &shared, tls.clone(), notifier));
                 }
             }
             done = async { reload.as_mut().expect("guarded").await }, if reload.is_some() => {
@@ -245,7 +219,7 @@ async fn serve(opts: ServeOptions, settled: Settled, inherited: Vec<Inherited>) 
                 status.last_reload = Some(finish_reload(done, &front, &stats));
                 notifier.ready(&status.text());
                 if std::mem::take(&mut reload_again) {
-                    reload = Some(start_reload(&opts, &shared, notifier));
+                    reload = Some(start_reload(&opts, &shared, tls.clone(), notifier));
                 }
             }
             _ = watchdog_tick.tick(), if watchdog.is_some() => {
@@ -277,10 +251,12 @@ async fn serve(opts: ServeOptions, settled: Settled, inherited: Vec<Inherited>) 
         ),
     }
     let in_flight = stats.in_flight.load(Relaxed);
+    ready.set(false);
     notifier.stopping(&format!("Stopping: draining {in_flight} requests"));
     let _ = stop_tx.send(true);
     let _ = server.await;
-    if let Some(t) = metrics_task {
+    let _ = admin_stop_tx.send(true);
+    if let Some(t) = admin_task {
         let _ = t.await;
     }
     tracing::info!("stopped");
@@ -315,9 +291,18 @@ async fn load(
     Ok(pool)
 }
 
+/// What `serve` says it serves on `l`.
+fn protocol(l: &Listener) -> &'static str {
+    if l.is_tls() { "HTTPS" } else { "HTTP" }
+}
+
+/// Re-reads the config, the component and the certificate off the request
+/// path. The certificate goes live last, so a reload that fails anywhere
+/// changes nothing.
 fn start_reload(
     opts: &ServeOptions,
     shared: &Shared,
+    tls: Option<Arc<Tls>>,
     notifier: Notifier,
 ) -> tokio::task::JoinHandle<Result<Pool>> {
     tracing::info!("SIGHUP: reloading");
@@ -327,7 +312,31 @@ fn start_reload(
     tokio::spawn(async move {
         let settled = opts.settle()?;
         let knobs = settled.knobs.clone();
+        let files = settled.tls.clone();
         let pool = load(settled.knobs, settled.component, shared.clone(), notifier).await?;
+        match (&tls, files) {
+            (Some(tls), Some(files)) => {
+                let same = *tls.files() == files;
+                tokio::task::spawn_blocking({
+                    let tls = tls.clone();
+                    move || tls.reload(files)
+                })
+                .await
+                .context("the certificate loader panicked")??;
+                if !same {
+                    tracing::info!("TLS certificate files changed");
+                }
+            }
+            (None, Some(_)) => {
+                tracing::warn!(
+                    "tls-cert and tls-key take effect on a restart (no listener serves TLS now)"
+                )
+            }
+            (Some(_), None) => tracing::warn!(
+                "tls-cert and tls-key were removed: TLS listeners keep the last certificate until a restart"
+            ),
+            (None, None) => {}
+        }
         shared.apply(&knobs)?;
         Ok(pool)
     })
@@ -426,44 +435,4 @@ async fn healthy(server: &tokio::task::JoinHandle<()>, within: Duration) -> bool
         && tokio::time::timeout(within, tokio::spawn(async {}))
             .await
             .is_ok_and(|r| r.is_ok())
-}
-
-async fn serve_metrics(
-    listener: Listener,
-    metrics: Arc<Metrics>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    use http_body_util::Full;
-    let front_metrics = metrics;
-    loop {
-        let io: Box<dyn front::Io> = tokio::select! {
-            _ = stop.changed() => break,
-            a = listener.accept() => match a { Ok(a) => a.io, Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue } },
-        };
-        let m = front_metrics.clone();
-        tokio::spawn(async move {
-            let svc =
-                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let m = m.clone();
-                    async move {
-                        let r = if req.uri().path() == "/metrics" {
-                            http::Response::builder()
-                                .header(
-                                    http::header::CONTENT_TYPE,
-                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                                )
-                                .body(Full::new(bytes::Bytes::from(m.render())))
-                        } else {
-                            http::Response::builder().status(404).body(Full::new(
-                                bytes::Bytes::from_static(b"metrics are at /metrics\n"),
-                            ))
-                        };
-                        Ok::<_, std::convert::Infallible>(r.expect("valid response"))
-                    }
-                });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
-                .await;
-        });
-    }
 }

@@ -141,11 +141,16 @@ impl Inherited {
     pub fn into_listener(self) -> std::io::Result<Listener> {
         if self.socket.domain()? == Domain::UNIX {
             let std: std::os::unix::net::UnixListener = self.socket.into();
-            Ok(Listener::Unix(tokio::net::UnixListener::from_std(std)?))
+            Ok(Listener::unix(tokio::net::UnixListener::from_std(std)?))
         } else {
             let std: std::net::TcpListener = self.socket.into();
-            Ok(Listener::Tcp(tokio::net::TcpListener::from_std(std)?))
+            Ok(Listener::tcp(tokio::net::TcpListener::from_std(std)?))
         }
+    }
+
+    /// Whether it is a unix-domain socket.
+    pub fn is_unix(&self) -> bool {
+        self.socket.domain().is_ok_and(|d| d == Domain::UNIX)
     }
 
     /// Where it listens, for the log.

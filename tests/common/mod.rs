@@ -330,7 +330,10 @@ impl Proc {
             let log = self.log();
             let addrs: Vec<String> = log
                 .lines()
-                .filter_map(|l| l.strip_prefix("Serving HTTP on "))
+                .filter_map(|l| {
+                    l.strip_prefix("Serving HTTP on ")
+                        .or_else(|| l.strip_prefix("Serving HTTPS on "))
+                })
                 .map(|rest| {
                     rest.split_whitespace()
                         .next()
@@ -354,6 +357,29 @@ impl Proc {
         std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
             .map(|s| s.split(") ").nth(1).is_some_and(|r| r.starts_with('Z')))
             .unwrap_or(true)
+    }
+
+    /// Waits (10 s at most) for a log line starting with `prefix`; returns
+    /// the rest of it.
+    pub fn wait_line(&self, prefix: &str) -> String {
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(rest) = self.log().lines().find_map(|l| l.strip_prefix(prefix)) {
+                return rest.to_string();
+            }
+            if std::time::Instant::now() > end {
+                panic!("no line starting with {prefix:?}: {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The address of the metrics listener (`--metrics-listen`).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.wait_line("Metrics on http://")
+            .trim_end_matches("/metrics")
+            .parse()
+            .expect("metrics address")
     }
 
     pub fn log(&self) -> String {
@@ -394,9 +420,10 @@ pub const SIGTERM: i32 = libc::SIGTERM;
 pub const SIGINT: i32 = libc::SIGINT;
 pub const SIGHUP: i32 = libc::SIGHUP;
 
-/// `http://127.0.0.1:PORT` -> socket address.
+/// `http://127.0.0.1:PORT` (or `https://`) -> socket address.
 pub fn sockaddr(url: &str) -> SocketAddr {
     url.trim_start_matches("http://")
+        .trim_start_matches("https://")
         .parse()
         .expect("tcp address")
 }
@@ -412,9 +439,19 @@ pub fn python_guest(world: &str) -> Vec<u8> {
     std::fs::copy(src.join("world.wit"), out_dir.join("wit/world.wit")).unwrap();
     let deps = out_dir.join("wit/deps");
     std::fs::create_dir_all(&deps).unwrap();
-    for e in std::fs::read_dir(root().join("tests/guests/wit").join(world).join("deps")).unwrap() {
+    // The grants guest is a WASIp2 guest that also imports wasi:config.
+    let base = if world == "grants" { "p2" } else { world };
+    for e in std::fs::read_dir(root().join("tests/guests/wit").join(base).join("deps")).unwrap() {
         let e = e.unwrap();
         std::fs::copy(e.path(), deps.join(e.file_name())).unwrap();
+    }
+    if world == "grants" {
+        let config = deps.join("config");
+        std::fs::create_dir_all(&config).unwrap();
+        for e in std::fs::read_dir(root().join("tests/guests/wit/config")).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), config.join(e.file_name())).unwrap();
+        }
     }
     let wasm = out_dir.join("app.wasm");
     let tool = std::env::var("COMPONENTIZE_PY").unwrap_or_else(|_| "componentize-py".into());

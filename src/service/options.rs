@@ -1,0 +1,138 @@
+//! What `serve` was asked to do: the flags and the config file, merged
+//! ("settled") at start-up and again on every reload.
+
+use crate::config::{FileConfig, KnobArgs, Knobs, defaults};
+use crate::http::listener::ListenSpec;
+use crate::http::tls::TlsFiles;
+use crate::http::{ListenAddr, Listener};
+use anyhow::{Result, bail};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// What `serve` was asked to do (flags; the config file is re-read on reload).
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    pub component: Option<PathBuf>,
+    pub config: Option<PathBuf>,
+    pub listen: Vec<ListenSpec>,
+    pub knobs: KnobArgs,
+    pub drain_timeout: Option<Duration>,
+    pub exit_idle_after: Option<Duration>,
+    pub metrics_listen: Option<ListenAddr>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_sockets: Vec<String>,
+    pub plain_sockets: Vec<String>,
+    pub access_log: Option<bool>,
+}
+
+/// The flags and the config file, merged.
+pub(crate) struct Settled {
+    pub(crate) component: PathBuf,
+    pub(crate) knobs: Knobs,
+    pub(crate) listen: Vec<ListenSpec>,
+    pub(crate) drain_timeout: Duration,
+    pub(crate) exit_idle_after: Option<Duration>,
+    pub(crate) metrics_listen: Option<ListenAddr>,
+    pub(crate) tls: Option<TlsFiles>,
+    tls_sockets: Vec<String>,
+    plain_sockets: Vec<String>,
+    pub(crate) access_log: bool,
+}
+
+impl ServeOptions {
+    pub(crate) fn settle(&self) -> Result<Settled> {
+        let file = match &self.config {
+            Some(p) => FileConfig::load(p)?,
+            None => FileConfig::default(),
+        };
+        let knobs = file.knobs.clone().overlay(self.knobs.clone()).resolve()?;
+        let Some(component) = self.component.clone().or(file.component.clone()) else {
+            bail!("no component given: pass COMPONENT or set `component` in the config file");
+        };
+        let listen = if !self.listen.is_empty() {
+            self.listen.clone()
+        } else if !file.listen.is_empty() {
+            file.listen
+                .iter()
+                .map(|s| s.parse::<ListenSpec>().map_err(anyhow::Error::msg))
+                .collect::<Result<_>>()?
+        } else {
+            vec![ListenSpec::from(
+                defaults::LISTEN
+                    .parse::<ListenAddr>()
+                    .expect("default address parses"),
+            )]
+        };
+        let metrics_listen = match (&self.metrics_listen, &file.metrics_listen) {
+            (Some(a), _) => Some(a.clone()),
+            (None, Some(s)) => Some(s.parse::<ListenAddr>().map_err(anyhow::Error::msg)?),
+            (None, None) => None,
+        };
+        let tls = match (
+            self.tls_cert.clone().or(file.tls_cert.clone()),
+            self.tls_key.clone().or(file.tls_key.clone()),
+        ) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            (Some(_), None) => bail!("tls-cert needs tls-key (the certificate's private key)"),
+            (None, Some(_)) => bail!("tls-key needs tls-cert (its certificate chain)"),
+        };
+        let tls_sockets = [&self.tls_sockets[..], &file.tls_sockets[..]].concat();
+        let plain_sockets = [&self.plain_sockets[..], &file.plain_sockets[..]].concat();
+        if tls.is_none() {
+            if let Some(s) = listen.iter().find(|s| s.tls == Some(true)) {
+                bail!(
+                    "cannot listen on https://{}: TLS needs tls-cert and tls-key",
+                    match &s.addr {
+                        ListenAddr::Tcp(a) => a.to_string(),
+                        ListenAddr::Unix(p) => p.display().to_string(),
+                    }
+                );
+            }
+            if let Some(name) = tls_sockets.first() {
+                bail!("tls-socket `{name}`: TLS needs tls-cert and tls-key");
+            }
+        }
+        if let Some(name) = tls_sockets.iter().find(|n| plain_sockets.contains(n)) {
+            bail!("socket `{name}` is named both in tls-socket and in plain-socket");
+        }
+        Ok(Settled {
+            component,
+            knobs,
+            listen,
+            drain_timeout: self
+                .drain_timeout
+                .or(file.drain_timeout)
+                .unwrap_or(Duration::from_secs(30)),
+            exit_idle_after: self.exit_idle_after.or(file.exit_idle_after),
+            metrics_listen,
+            tls,
+            tls_sockets,
+            plain_sockets,
+            access_log: self.access_log.or(file.access_log).unwrap_or(true),
+        })
+    }
+}
+
+impl Settled {
+    /// Whether a bound listener serves TLS: as its `https://` or `http://`
+    /// says, else TCP ones do when a certificate is configured.
+    pub(crate) fn bound_tls(&self, spec: &ListenSpec) -> bool {
+        spec.tls
+            .unwrap_or(self.tls.is_some() && matches!(spec.addr, ListenAddr::Tcp(_)))
+    }
+
+    /// Whether an inherited socket serves TLS: when a certificate is
+    /// configured, the sockets named in `tls-socket` if any are named,
+    /// else every TCP socket not named in `plain-socket`.
+    pub(crate) fn inherited_tls(&self, name: &str, listener: &Listener) -> bool {
+        if self.tls.is_none() {
+            return false;
+        }
+        if !self.tls_sockets.is_empty() {
+            return self.tls_sockets.iter().any(|n| n == name);
+        }
+        !listener.is_unix() && !self.plain_sockets.iter().any(|n| n == name)
+    }
+}
