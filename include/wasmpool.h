@@ -106,9 +106,25 @@ enum wasmpool_result
   WASMPOOL_GUEST_ERROR = 10,
   /**
    * The call is not allowed here, for example `wasmpool_handler_free`
-   * or `wasmpool_handler_call` from inside a completion callback.
+   * or `wasmpool_handler_call` from inside a completion callback, or not
+   * now: a body written after its end, a request cancelled twice.
    */
   WASMPOOL_MISUSE = 11,
+  /**
+   * The request was cancelled (`wasmpool_cancel_request`), or its stream ended
+   * because the other side went away.
+   */
+  WASMPOOL_CANCELLED = 12,
+  /**
+   * A stream cannot go on now (a full body buffer to write to, an empty
+   * one to read from); its ready callback says when to try again.
+   */
+  WASMPOOL_WOULD_BLOCK = 13,
+  /**
+   * A body is larger than its limit (`max_response_size` for buffered
+   * responses, `max_request_body_size` for requests).
+   */
+  WASMPOOL_TOO_LARGE = 14,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -178,6 +194,22 @@ typedef uint32_t wasmpool_reuse_mode;
 #endif // __cplusplus
 
 /**
+ * The host's end of a request body that it writes after pushing the
+ * request. Created by `wasmpool_request_stream_body`; owned by the host,
+ * freed with `wasmpool_body_writer_free`. Thread-safe: any thread may
+ * write, but one at a time keeps the bytes in order.
+ */
+typedef struct wasmpool_body_writer wasmpool_body_writer;
+
+/**
+ * A handle that cancels one pushed request, from any thread. Created by
+ * `wasmpool_request_cancel_handle` before the request is pushed; owned by
+ * the host (free it with `wasmpool_cancel_free`, before or after the
+ * request completes).
+ */
+typedef struct wasmpool_cancel wasmpool_cancel;
+
+/**
  * Configuration for `wasmpool_handler_new`. Create with
  * `wasmpool_config_new`, free with `wasmpool_config_free`. Not thread-safe:
  * do not use one config from two threads at once.
@@ -200,8 +232,12 @@ typedef struct wasmpool_handler wasmpool_handler;
 typedef struct wasmpool_request wasmpool_request;
 
 /**
- * A complete HTTP response. Owned by whoever received it; free it with
- * `wasmpool_response_free`. Read-only, so it may be read from any thread.
+ * An HTTP response: its head, and a body that is either complete
+ * (`wasmpool_handler_push`, `wasmpool_handler_call`) or streams
+ * (`wasmpool_handler_push_streaming`). Owned by whoever received it; free
+ * it with `wasmpool_response_free` (which stops a body still streaming).
+ * The head and a complete body may be read from any thread; reading a
+ * body (`wasmpool_response_read`) from one thread at a time.
  */
 typedef struct wasmpool_response wasmpool_response;
 
@@ -248,6 +284,21 @@ typedef struct wasmpool_stats {
    */
   uint64_t in_flight;
 } wasmpool_stats;
+
+/**
+ * Called when a stream the host waits on can go on: a body writer can
+ * take more, or a streamed response has more to read (or ended). Runs on
+ * an engine thread (`WASMPOOL_COMPLETION_ENGINE`; keep it short, do not
+ * block) or inside `wasmpool_handler_poll` (`WASMPOOL_COMPLETION_POLL`).
+ * It may run when nothing changed after all: the call it answers may
+ * still say `WASMPOOL_WOULD_BLOCK`, and then it runs again later. It
+ * runs at most once per `WASMPOOL_WOULD_BLOCK`. In poll mode it never
+ * runs after its writer or response was freed; in engine mode it may be
+ * running on an engine thread while another thread frees them, so free
+ * them where no callback can be running (from the callback itself, or
+ * once the stream ended).
+ */
+typedef void (*wasmpool_ready_callback)(void *userdata);
 
 #ifdef __cplusplus
 extern "C" {
@@ -342,6 +393,22 @@ wasmpool_result wasmpool_config_set_memory_keep_resident(struct wasmpool_config 
                                                          uint64_t bytes);
 
 /**
+ * Largest response body `wasmpool_handler_push` and
+ * `wasmpool_handler_call` collect, in bytes (default 64 MiB); a larger
+ * one fails with `WASMPOOL_TOO_LARGE`. Streamed bodies
+ * (`wasmpool_handler_push_streaming`) have no such limit. 0 is invalid.
+ */
+wasmpool_result wasmpool_config_set_max_response_size(struct wasmpool_config *cfg, uint64_t bytes);
+
+/**
+ * Largest request body, in bytes (default 16 MiB; 0 allows none): a
+ * longer streamed body fails for the guest, and the writer says
+ * `WASMPOOL_CANCELLED` once the request ends.
+ */
+wasmpool_result wasmpool_config_set_max_request_body_size(struct wasmpool_config *cfg,
+                                                          uint64_t bytes);
+
+/**
  * Most memory all instances of the handler may hold together, in bytes
  * (linear memories and fiber stacks): a `memory.grow` that would cross it
  * waits briefly for memory to be freed and then fails for that guest only
@@ -373,6 +440,26 @@ wasmpool_result wasmpool_config_set_no_cache(struct wasmpool_config *cfg, bool n
 wasmpool_result wasmpool_config_add_env(struct wasmpool_config *cfg,
                                         const char *key,
                                         const char *value);
+
+/**
+ * Lets the guest open the host directory `host_dir` as `guest_dir`
+ * (both non-empty UTF-8; `guest_dir` NULL means the same path): read-only
+ * unless `writable`. The directory must exist (else
+ * WASMPOOL_INVALID_ARGUMENT). Guests see no other files.
+ */
+wasmpool_result wasmpool_config_add_dir(struct wasmpool_config *cfg,
+                                        const char *host_dir,
+                                        const char *guest_dir,
+                                        bool writable);
+
+/**
+ * Sets a wasi:config/store variable for the guest (`key` non-empty; both
+ * UTF-8); the guest sees no others. A later value for a key replaces the
+ * earlier one.
+ */
+wasmpool_result wasmpool_config_add_config_var(struct wasmpool_config *cfg,
+                                               const char *key,
+                                               const char *value);
 
 /**
  * Allows outgoing HTTP requests to `host` or `host:port` (every other
@@ -420,17 +507,57 @@ wasmpool_result wasmpool_handler_new_from_bytes(const struct wasmpool_config *cf
 
 /**
  * Sends `req` to the component. Always takes ownership of `req`. On
- * `WASMPOOL_OK`, `cb(userdata, result, response)` runs exactly once later:
- * on an engine thread (`WASMPOOL_COMPLETION_ENGINE`, keep it short and do
- * not block in it) or inside `wasmpool_handler_poll` on the polling thread
- * (`WASMPOOL_COMPLETION_POLL`). On any other result the callback never
- * runs. Pushing after `wasmpool_handler_free` started is
- * `WASMPOOL_SHUTTING_DOWN`.
+ * `WASMPOOL_OK`, `cb(userdata, result, response)` runs exactly once later,
+ * with the whole response (its body at most `max_response_size` bytes,
+ * else `WASMPOOL_TOO_LARGE`): on an engine thread
+ * (`WASMPOOL_COMPLETION_ENGINE`, keep it short and do not block in it) or
+ * inside `wasmpool_handler_poll` on the polling thread
+ * (`WASMPOOL_COMPLETION_POLL`). A cancelled request
+ * (`wasmpool_request_cancel_handle`) completes with `WASMPOOL_CANCELLED`.
+ * On any other result the callback never runs. Pushing after
+ * `wasmpool_handler_free` started is `WASMPOOL_SHUTTING_DOWN`.
  */
 wasmpool_result wasmpool_handler_push(struct wasmpool_handler *h,
                                       struct wasmpool_request *req,
                                       wasmpool_response_callback cb,
                                       void *userdata);
+
+/**
+ * Like `wasmpool_handler_push`, but `cb` runs as soon as the response
+ * head (status and headers) is there, and the body streams: read it with
+ * `wasmpool_response_read`, as fast as the host wants (the guest waits for
+ * the host, the engine buffers at most 256 KiB). A streamed body has no
+ * overall deadline (the head must come within the request timeout), and
+ * it outlives neither the response (`wasmpool_response_free` stops it)
+ * nor the handler (reads then say `WASMPOOL_SHUTTING_DOWN`).
+ */
+wasmpool_result wasmpool_handler_push_streaming(struct wasmpool_handler *h,
+                                                struct wasmpool_request *req,
+                                                wasmpool_response_callback cb,
+                                                void *userdata);
+
+/**
+ * Loads another component into a live handler: new requests go to it,
+ * requests already running finish on the old one (as SIGHUP does for the
+ * server). `cfg` NULL keeps the handler's knobs, else its knobs are taken
+ * (its completion mode and engine threads are not: they stay). Blocks
+ * while the component compiles (or loads from the cache) and one instance
+ * starts. On failure the old component keeps serving and the result says
+ * why (`WASMPOOL_IO`, `WASMPOOL_COMPONENT_ERROR`,
+ * `WASMPOOL_INVALID_ARGUMENT`). Counters carry on. Not on an engine
+ * thread or in a callback (`WASMPOOL_MISUSE`).
+ */
+wasmpool_result wasmpool_handler_reload(struct wasmpool_handler *h,
+                                        const struct wasmpool_config *cfg,
+                                        const char *component_path);
+
+/**
+ * Like `wasmpool_handler_reload` with the component's bytes (copied).
+ */
+wasmpool_result wasmpool_handler_reload_from_bytes(struct wasmpool_handler *h,
+                                                   const struct wasmpool_config *cfg,
+                                                   const uint8_t *bytes,
+                                                   size_t len);
 
 /**
  * Sends `req` and blocks until the whole response is there; `*out` then
@@ -496,6 +623,24 @@ wasmpool_result wasmpool_request_set_body(struct wasmpool_request *req,
                                           size_t len);
 
 /**
+ * Makes the body a stream that the host writes after pushing the request,
+ * chunk by chunk and from any thread, with the writer put in `*out` (the
+ * host owns it: `wasmpool_body_writer_free`). The engine buffers at most
+ * 256 KiB of it; past that, writes say `WASMPOOL_WOULD_BLOCK` until the
+ * guest has read on. Only once per request, and not with
+ * `wasmpool_request_set_body` (`WASMPOOL_MISUSE`).
+ */
+wasmpool_result wasmpool_request_stream_body(struct wasmpool_request *req,
+                                             struct wasmpool_body_writer **out);
+
+/**
+ * A handle that cancels this request once it is pushed (see
+ * `wasmpool_cancel_request`); the host owns it and frees it with
+ * `wasmpool_cancel_free`. NULL if `req` is NULL.
+ */
+struct wasmpool_cancel *wasmpool_request_cancel_handle(struct wasmpool_request *req);
+
+/**
  * Frees a request that was not pushed. NULL is ignored.
  */
 void wasmpool_request_free(struct wasmpool_request *req);
@@ -531,9 +676,117 @@ wasmpool_result wasmpool_response_header(const struct wasmpool_response *resp,
 const uint8_t *wasmpool_response_body(const struct wasmpool_response *resp, size_t *len);
 
 /**
+ * Reads the next bytes of the body into `buf` (at most `cap`); `*n` says
+ * how many. `WASMPOOL_OK` with `*n` > 0: data; with `*n` = 0: the end (the
+ * trailers are readable now). `WASMPOOL_WOULD_BLOCK`: nothing yet; the
+ * ready callback (`wasmpool_response_set_ready_callback`) runs when there
+ * is. Other codes: the body failed (`WASMPOOL_CANCELLED`,
+ * `WASMPOOL_GUEST_ERROR`, `WASMPOOL_SHUTTING_DOWN` once the handler is
+ * freed; see `wasmpool_last_error`). Works for complete bodies too. The
+ * guest writes only as fast as the host reads: a slow reader makes the
+ * guest wait, not the engine buffer (at most 256 KiB).
+ */
+wasmpool_result wasmpool_response_read(struct wasmpool_response *resp,
+                                       uint8_t *buf,
+                                       size_t cap,
+                                       size_t *n);
+
+/**
+ * Sets the callback that runs when a streamed body has more to read (or
+ * ended) after `wasmpool_response_read` said `WASMPOOL_WOULD_BLOCK` (see
+ * `wasmpool_ready_callback`). A complete body never needs it.
+ */
+wasmpool_result wasmpool_response_set_ready_callback(struct wasmpool_response *resp,
+                                                     wasmpool_ready_callback cb,
+                                                     void *userdata);
+
+/**
+ * Number of trailer fields; 0 until the body ended (or if `resp` is
+ * NULL).
+ */
+size_t wasmpool_response_trailer_count(const struct wasmpool_response *resp);
+
+/**
+ * Trailer `index` (from 0), once the body ended: pointers into the
+ * response (valid until it is freed) and lengths, as for headers.
+ * `WASMPOOL_INVALID_ARGUMENT` when `index` is out of range,
+ * `WASMPOOL_MISUSE` before the body ended.
+ */
+wasmpool_result wasmpool_response_trailer(const struct wasmpool_response *resp,
+                                          size_t index,
+                                          const uint8_t **name,
+                                          size_t *name_len,
+                                          const uint8_t **value,
+                                          size_t *value_len);
+
+/**
  * Frees a response. NULL is ignored.
  */
 void wasmpool_response_free(struct wasmpool_response *resp);
+
+/**
+ * Offers `len` bytes (copied) of the request body. `WASMPOOL_OK`: taken.
+ * `WASMPOOL_WOULD_BLOCK`: the engine holds as much of this body as it
+ * buffers; nothing was taken; the ready callback runs once it can take
+ * more. `WASMPOOL_CANCELLED`: the request is over (it was cancelled,
+ * failed, or the guest answered without reading on): stop writing.
+ * `WASMPOOL_MISUSE`: the body was finished or aborted already.
+ */
+wasmpool_result wasmpool_body_writer_write(struct wasmpool_body_writer *w,
+                                           const uint8_t *data,
+                                           size_t len);
+
+/**
+ * Sets the callback that says the writer can take more after
+ * `WASMPOOL_WOULD_BLOCK` (see `wasmpool_ready_callback`). `userdata` is
+ * passed back as is.
+ */
+wasmpool_result wasmpool_body_writer_set_ready_callback(struct wasmpool_body_writer *w,
+                                                        wasmpool_ready_callback cb,
+                                                        void *userdata);
+
+/**
+ * Adds a trailer field sent after the body (before
+ * `wasmpool_body_writer_finish`). `name` must be a valid header name;
+ * `value` is `value_len` bytes without CR, LF or NUL.
+ */
+wasmpool_result wasmpool_body_writer_add_trailer(struct wasmpool_body_writer *w,
+                                                 const char *name,
+                                                 const uint8_t *value,
+                                                 size_t value_len);
+
+/**
+ * Ends the body (with the trailers added). A second finish, or finishing
+ * after `wasmpool_body_writer_abort`, is `WASMPOOL_MISUSE`.
+ */
+wasmpool_result wasmpool_body_writer_finish(struct wasmpool_body_writer *w);
+
+/**
+ * Ends the body with an error: the guest's read fails. After finish or
+ * abort it is `WASMPOOL_MISUSE`.
+ */
+wasmpool_result wasmpool_body_writer_abort(struct wasmpool_body_writer *w);
+
+/**
+ * Frees a writer; a body not finished yet is aborted. NULL is ignored.
+ */
+void wasmpool_body_writer_free(struct wasmpool_body_writer *w);
+
+/**
+ * Cancels the request: if its callback has not run, it runs (exactly
+ * once, as always) with `WASMPOOL_CANCELLED`; if the response streams,
+ * reading it returns `WASMPOOL_CANCELLED`; either way the guest's work
+ * for it stops (a WASIp2 guest at once; a WASIp3 guest's instance takes
+ * no more requests and is torn down by the request deadline). A second
+ * cancel, or one after the request completed (and its body, if it
+ * streams, ended), is `WASMPOOL_MISUSE`.
+ */
+wasmpool_result wasmpool_cancel_request(const struct wasmpool_cancel *c);
+
+/**
+ * Frees a cancel handle (it does not cancel). NULL is ignored.
+ */
+void wasmpool_cancel_free(struct wasmpool_cancel *c);
 
 #ifdef __cplusplus
 }  // extern "C"

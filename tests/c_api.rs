@@ -91,13 +91,19 @@ fn run(cmd: &mut Command) -> String {
 
 /// Compiles ffi/tests/test_capi.c with `extra` flags against the shared library.
 fn build_test(name: &str, extra: &[&str]) -> PathBuf {
+    build_c("test_capi", name, extra)
+}
+
+/// Compiles ffi/tests/`source`.c with `extra` flags against the shared
+/// library.
+fn build_c(source: &str, name: &str, extra: &[&str]) -> PathBuf {
     let e = env();
     let out = e.lib.parent().unwrap().join(name);
     run(Command::new("cc")
         .args(["-std=c11", "-g", "-Wall", "-Wextra", "-Werror", "-I"])
         .arg(root().join("include"))
         .args(extra)
-        .arg(root().join("ffi/tests/test_capi.c"))
+        .arg(root().join(format!("ffi/tests/{source}.c")))
         .arg("-o")
         .arg(&out)
         .arg(format!("-L{}", e.lib.display()))
@@ -107,6 +113,15 @@ fn build_test(name: &str, extra: &[&str]) -> PathBuf {
 }
 
 fn run_test(bin: &Path, envs: &[(&str, &str)], wrapper: &[&str], quick: bool) -> String {
+    run_test_mode(bin, envs, wrapper, if quick { Some("quick") } else { None })
+}
+
+fn run_test_mode(
+    bin: &Path,
+    envs: &[(&str, &str)],
+    wrapper: &[&str],
+    mode: Option<&str>,
+) -> String {
     let e = env();
     let mut cmd = if wrapper.is_empty() {
         Command::new(bin)
@@ -116,8 +131,8 @@ fn run_test(bin: &Path, envs: &[(&str, &str)], wrapper: &[&str], quick: bool) ->
         c
     };
     cmd.arg(&e.p2).arg(&e.p3).arg(shared_cache());
-    if quick {
-        cmd.arg("quick");
+    if let Some(m) = mode {
+        cmd.arg(m);
     }
     for (k, v) in envs {
         cmd.env(k, v);
@@ -131,6 +146,82 @@ fn run_test(bin: &Path, envs: &[(&str, &str)], wrapper: &[&str], quick: bool) ->
 fn c_tests_plain() {
     let bin = build_test("test_capi", &[]);
     run_test(&bin, &[], &[], false);
+}
+
+const ASAN_OPTIONS: &str = "detect_leaks=1:handle_segv=0:handle_sigill=0:handle_sigfpe=0:allow_user_segv_handler=1:abort_on_error=0";
+
+fn sanitizer_flags() -> [&'static str; 3] {
+    [
+        "-fsanitize=address,undefined",
+        "-fno-omit-frame-pointer",
+        "-fno-sanitize-recover=all",
+    ]
+}
+
+fn valgrind_wrapper() -> Vec<String> {
+    vec![
+        "valgrind".into(),
+        "--error-exitcode=99".into(),
+        "--leak-check=full".into(),
+        "--errors-for-leak-kinds=definite".into(),
+        "--show-leak-kinds=definite".into(),
+        format!(
+            "--suppressions={}",
+            root().join("ffi/tests/valgrind.supp").display()
+        ),
+    ]
+}
+
+#[test]
+fn streaming_c_tests_plain_and_one_gib_each_way() {
+    let bin = build_c("test_stream", "test_stream", &[]);
+    run_test_mode(&bin, &[], &[], None);
+    let text = run_test_mode(&bin, &[], &[], Some("big"));
+    eprintln!(
+        "{}",
+        text.lines().find(|l| l.contains("peak RSS")).unwrap_or("")
+    );
+}
+
+#[test]
+fn streaming_c_tests_under_asan_and_ubsan() {
+    let bin = build_c("test_stream", "test_stream_asan", &sanitizer_flags());
+    run_test_mode(
+        &bin,
+        &[
+            ("ASAN_OPTIONS", ASAN_OPTIONS),
+            ("UBSAN_OPTIONS", "halt_on_error=1:print_stacktrace=1"),
+        ],
+        &[],
+        Some("quick"),
+    );
+}
+
+#[test]
+fn streaming_c_tests_under_valgrind() {
+    let bin = build_c("test_stream", "test_stream_vg", &[]);
+    let wrapper = valgrind_wrapper();
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let text = run_test_mode(&bin, &[], &wrapper, Some("quick"));
+    assert!(
+        text.contains("definitely lost: 0 bytes") || text.contains("All heap blocks were freed"),
+        "{text}"
+    );
+}
+
+#[test]
+fn streaming_c_tests_with_the_static_library() {
+    let e = env();
+    let out = e.lib.parent().unwrap().join("test_stream_static");
+    run(Command::new("cc")
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-I"])
+        .arg(root().join("include"))
+        .arg(root().join("ffi/tests/test_stream.c"))
+        .arg("-o")
+        .arg(&out)
+        .arg(e.lib.join("libwasmpool.a"))
+        .args(["-lpthread", "-ldl", "-lm"]));
+    run_test_mode(&out, &[], &[], Some("quick"));
 }
 
 #[test]
@@ -351,4 +442,130 @@ fn readme_quickstart_builds_with_pkg_config_and_runs() {
         .arg(root().join("examples/hello.wasm"))
         .env("XDG_CACHE_HOME", shared_cache()));
     assert_eq!(text, "200 Hello from wasmpool!\n");
+}
+
+#[test]
+fn uv_example_host_streams_both_ways_and_survives_clients_that_leave() {
+    let e = env();
+    let pkg = run(Command::new("pkg-config")
+        .args(["--cflags", "--libs", "wasmpool", "libuv"])
+        .env("PKG_CONFIG_PATH", &e.pkgconfig));
+    let out = e.lib.parent().unwrap().join("uv_host");
+    run(Command::new("cc")
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror"])
+        .arg(root().join("ffi/examples/uv_host.c"))
+        .arg("-o")
+        .arg(&out)
+        .args(pkg.split_whitespace())
+        .arg(format!("-Wl,-rpath,{}", e.lib.display())));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut host = Kill(
+        Command::new(&out)
+            .arg(&e.p2)
+            .arg(port.to_string())
+            .env("XDG_CACHE_HOME", shared_cache())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    let curl = |args: &[&str]| {
+        let o = Command::new("curl")
+            .args(["-sS", "--max-time", "120"])
+            .args(args)
+            .output()
+            .unwrap();
+        (o.status.success(), o.stdout)
+    };
+    let (ok, body) = curl(&[
+        "--retry",
+        "30",
+        "--retry-connrefused",
+        "--retry-delay",
+        "1",
+        &format!("{url}/"),
+    ]);
+    assert!(
+        ok && body == b"hello from p2\n",
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    // A large upload streamed to the echo guest and back.
+    let dir = tempfile::tempdir().unwrap();
+    let size = 128usize << 20;
+    let data: Vec<u8> = (0..size)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let file = dir.path().join("upload.bin");
+    std::fs::write(&file, &data).unwrap();
+    let upload = format!("@{}", file.display());
+    let (ok, body) = curl(&["--data-binary", &upload, &format!("{url}/echo")]);
+    assert!(ok, "upload failed");
+    assert!(
+        body.len() > size && body[body.len() - size..] == data[..],
+        "echo differs ({} bytes back)",
+        body.len()
+    );
+    let rss = |pid: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .map(|v| v.trim().trim_end_matches(" kB").parse().unwrap())
+            .unwrap()
+    };
+    let peak = rss(host.0.id());
+    assert!(
+        peak < 100 << 10,
+        "peak RSS {peak} KiB streaming 128 MiB each way"
+    );
+    // Clients that leave mid-upload and mid-download.
+    for rate in ["20M", "2M"] {
+        let mut c = Command::new("curl")
+            .args([
+                "-sS",
+                "-o",
+                "/dev/null",
+                "--limit-rate",
+                rate,
+                "--data-binary",
+                &upload,
+            ])
+            .arg(format!("{url}/echo"))
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    // Still serving, and nothing piled up.
+    for _ in 0..5 {
+        let (ok, body) = curl(&[&format!("{url}/")]);
+        assert!(ok && body == b"hello from p2\n");
+    }
+    let (ok, body) = curl(&["--data-binary", "after", &format!("{url}/echo")]);
+    assert!(ok && body.ends_with(b"after"));
+    assert!(rss(host.0.id()) < 100 << 10);
+    unsafe { libc::kill(host.0.id() as i32, libc::SIGTERM) };
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = host.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < end, "uv_host did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
 }

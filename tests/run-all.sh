@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 # Debian packages the tests use: systemd-socket-activate (hands sockets over
 # exactly as systemd does), a C toolchain with sanitizers, valgrind,
-# pkg-config, libmicrohttpd (the C example host), curl, slowhttptest,
+# pkg-config, libmicrohttpd and libuv (the C example hosts), curl, slowhttptest,
 # testssl and h2load.
 need=()
 command -v systemd-socket-activate >/dev/null || need+=(systemd)
@@ -18,6 +18,7 @@ command -v objdump >/dev/null || need+=(binutils)
 command -v curl >/dev/null || need+=(curl)
 command -v npm >/dev/null || need+=(npm)
 pkg-config --exists libmicrohttpd 2>/dev/null || need+=(libmicrohttpd-dev)
+pkg-config --exists libuv 2>/dev/null || need+=(libuv1-dev)
 # Attack tools the hostile-traffic tests run (tests/attacks.rs), and the
 # TLS and HTTP/2 checkers of tests/front.rs.
 command -v slowhttptest >/dev/null || need+=(slowhttptest)

@@ -63,29 +63,99 @@ thread_local! {
 /// read stats); free with `wasmpool_handler_free`.
 pub struct wasmpool_handler {
     rt: Option<tokio::runtime::Runtime>,
-    pool: Arc<Pool>,
+    /// The component new requests go to (`wasmpool_handler_reload` swaps
+    /// it; running requests finish on the one they started on).
+    pool: arc_swap::ArcSwap<Pool>,
+    /// Counters and the memory budget, kept across reloads.
+    engine: crate::engine::stats::Shared,
+    /// The config the handler was made with (reloads without one reuse it).
+    cfg: Mutex<(crate::config::Knobs, u64)>,
     shared: Arc<Shared>,
 }
 
-struct Shared {
+pub(crate) struct Shared {
     mode: wasmpool_completion_mode,
+    /// Where engine-mode ready callbacks run when not already on an
+    /// engine thread.
+    rt: tokio::runtime::Handle,
     closing: AtomicBool,
     /// Requests whose callback has not run yet; `idle` is signalled when it
     /// drops.
     in_flight: Mutex<u64>,
     idle: Condvar,
-    /// Completions waiting for `wasmpool_handler_poll` (poll mode).
-    queue: Mutex<VecDeque<Ready>>,
+    /// Completions and ready callbacks waiting for
+    /// `wasmpool_handler_poll` (poll mode).
+    queue: Mutex<VecDeque<Item>>,
     /// Readable (non-zero) while `queue` is not empty.
     efd: OwnedFd,
     handled: AtomicU64,
     failed: AtomicU64,
 }
 
-struct SendPtr<T>(*mut T);
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
 // SAFETY: the pointers are handed back to C exactly once; the C side
 // promises they may be used from the thread the callback runs on.
 unsafe impl<T> Send for SendPtr<T> {}
+// SAFETY: as above; the pointer is only copied, never dereferenced here.
+unsafe impl<T> Sync for SendPtr<T> {}
+impl<T> Clone for SendPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SendPtr<T> {}
+
+/// Something for the host to run in `wasmpool_handler_poll`.
+enum Item {
+    Completion(Ready),
+    /// A stream the host waits on can go on (its callback runs only if
+    /// the host still has the writer or response).
+    Ready(std::sync::Weak<super::stream::Pipe>),
+}
+
+/// Runs a stream's ready callback where the completion mode says.
+/// Weak: streams outliving their handler must not keep it (and its
+/// runtime) alive.
+#[derive(Clone)]
+pub(crate) struct Notifier(std::sync::Weak<Shared>);
+
+impl Notifier {
+    fn new(shared: &Arc<Shared>) -> Notifier {
+        Notifier(Arc::downgrade(shared))
+    }
+
+    pub(crate) fn ready(
+        &self,
+        pipe: std::sync::Weak<super::stream::Pipe>,
+        cb: unsafe extern "C" fn(*mut c_void),
+        ud: SendPtr<c_void>,
+    ) {
+        let Some(shared) = self.0.upgrade() else {
+            return;
+        };
+        match shared.mode {
+            wasmpool_completion_mode::WASMPOOL_COMPLETION_ENGINE => {
+                if ENGINE_THREAD.with(Cell::get) {
+                    run_ready(cb, ud);
+                } else {
+                    shared.rt.spawn(async move { run_ready(cb, ud) });
+                }
+            }
+            wasmpool_completion_mode::WASMPOOL_COMPLETION_POLL => {
+                let mut q = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+                q.push_back(Item::Ready(pipe));
+                shared.signal();
+            }
+        }
+    }
+}
+
+fn run_ready(cb: unsafe extern "C" fn(*mut c_void), ud: SendPtr<c_void>) {
+    IN_CALLBACK.with(|c| c.set(true));
+    // SAFETY: the host gave us this callback and userdata for such calls.
+    unsafe { cb(ud.0) };
+    IN_CALLBACK.with(|c| c.set(false));
+}
 
 /// A completion waiting in the poll queue.
 struct Ready {
@@ -153,7 +223,7 @@ impl Shared {
             }
             wasmpool_completion_mode::WASMPOOL_COMPLETION_POLL => {
                 let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-                q.push_back(ready);
+                q.push_back(Item::Completion(ready));
                 self.signal();
             }
         }
@@ -161,7 +231,7 @@ impl Shared {
 
     /// Runs up to `max` queued callbacks on this thread.
     fn poll(&self, max: usize) -> usize {
-        let batch: Vec<Ready> = {
+        let batch: Vec<Item> = {
             let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
             let n = max.min(q.len());
             let batch = q.drain(..n).collect();
@@ -171,9 +241,18 @@ impl Shared {
             batch
         };
         let n = batch.len();
-        for r in batch {
-            run_callback(r);
-            self.finish_one();
+        for item in batch {
+            match item {
+                Item::Completion(r) => {
+                    run_callback(r);
+                    self.finish_one();
+                }
+                Item::Ready(pipe) => {
+                    if let Some((cb, ud)) = pipe.upgrade().and_then(|p| p.host_callback()) {
+                        run_ready(cb, ud)
+                    }
+                }
+            }
         }
         n
     }
@@ -222,6 +301,30 @@ impl Drop for Completion {
     }
 }
 
+/// The body the guest gets: what the host set, or the stream it writes
+/// (at most `limit` bytes).
+fn request_body(req: &mut wasmpool_request, limit: u64) -> wasmtime_wasi_http::WasiBody {
+    match req.stream.take() {
+        Some(pipe) => super::stream::PipeBody::new(pipe, limit).boxed_unsync(),
+        None => Full::new(std::mem::take(&mut req.body))
+            .map_err(|e: std::convert::Infallible| match e {})
+            .boxed_unsync(),
+    }
+}
+
+fn head_of(parts: &http::response::Parts) -> Vec<(Bytes, Bytes)> {
+    parts
+        .headers
+        .iter()
+        .map(|(n, v)| {
+            (
+                Bytes::copy_from_slice(n.as_str().as_bytes()),
+                Bytes::copy_from_slice(v.as_bytes()),
+            )
+        })
+        .collect()
+}
+
 fn request_failure(e: RequestError) -> Failure {
     let code = match &e {
         RequestError::Rejected(Rejection::Closed) => WASMPOOL_SHUTTING_DOWN,
@@ -233,27 +336,56 @@ fn request_failure(e: RequestError) -> Failure {
     Failure::new(code, e.to_string())
 }
 
-/// Runs one request to a complete response, all within `request-timeout`.
-async fn run(pool: Arc<Pool>, req: wasmpool_request) -> Result<wasmpool_response, Failure> {
+/// Runs one request to a complete response, all within `request-timeout`;
+/// a body over `max_response` bytes fails with `WASMPOOL_TOO_LARGE`.
+async fn run(
+    pool: Arc<Pool>,
+    mut req: wasmpool_request,
+    max_response: u64,
+) -> Result<wasmpool_response, Failure> {
     let deadline = Instant::now() + pool.knobs().request_timeout;
-    let body = Full::new(req.body)
-        .map_err(|e: std::convert::Infallible| match e {})
-        .boxed_unsync();
-    let mut r = http::Request::new(body);
-    *r.method_mut() = req.method;
-    *r.uri_mut() = req.uri;
-    *r.headers_mut() = req.headers;
+    let r = build(&pool, &mut req)?;
     let resp = pool.handle(r).await.map_err(request_failure)?;
-    let (parts, body) = resp.into_parts();
+    let (parts, mut body) = resp.into_parts();
     let left = deadline.saturating_duration_since(Instant::now());
-    let body = match tokio::time::timeout(left, body.collect()).await {
-        Ok(Ok(b)) => b.to_bytes(),
-        Ok(Err(e)) => {
-            return Err(Failure::new(
-                WASMPOOL_GUEST_ERROR,
-                format!("the response body failed: {e}"),
-            ));
+    let collect = async {
+        let mut data = bytes::BytesMut::new();
+        let mut trailers = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                Failure::new(
+                    WASMPOOL_GUEST_ERROR,
+                    format!("the response body failed: {e}"),
+                )
+            })?;
+            match frame.into_data() {
+                Ok(d) => {
+                    if (data.len() + d.len()) as u64 > max_response {
+                        return Err(Failure::new(
+                            WASMPOOL_TOO_LARGE,
+                            format!(
+                                "the response body is larger than max_response_size ({max_response} bytes)"
+                            ),
+                        ));
+                    }
+                    data.extend_from_slice(&d);
+                }
+                Err(f) => {
+                    if let Ok(t) = f.into_trailers() {
+                        trailers.extend(t.iter().map(|(n, v)| {
+                            (
+                                Bytes::copy_from_slice(n.as_str().as_bytes()),
+                                Bytes::copy_from_slice(v.as_bytes()),
+                            )
+                        }));
+                    }
+                }
+            }
         }
+        Ok((data.freeze(), trailers))
+    };
+    let (data, trailers) = match tokio::time::timeout(left, collect).await {
+        Ok(r) => r?,
         Err(_) => {
             return Err(Failure::new(
                 WASMPOOL_TIMEOUT,
@@ -261,21 +393,60 @@ async fn run(pool: Arc<Pool>, req: wasmpool_request) -> Result<wasmpool_response
             ));
         }
     };
-    let headers = parts
-        .headers
-        .iter()
-        .map(|(n, v)| {
-            (
-                Bytes::copy_from_slice(n.as_str().as_bytes()),
-                Bytes::copy_from_slice(v.as_bytes()),
-            )
-        })
-        .collect();
+    Ok(wasmpool_response::full(
+        parts.status.as_u16(),
+        head_of(&parts),
+        data,
+        trailers,
+    ))
+}
+
+/// Runs one request to its response head; the body streams through a
+/// pipe the host reads (a task copies it as the host makes room).
+async fn run_streaming(
+    pool: Arc<Pool>,
+    mut req: wasmpool_request,
+    cancel: Option<Arc<super::stream::CancelState>>,
+    notifier: Notifier,
+) -> Result<wasmpool_response, Failure> {
+    let r = build(&pool, &mut req)?;
+    let resp = pool.handle(r).await.map_err(request_failure)?;
+    let (parts, body) = resp.into_parts();
+    let pipe = super::stream::Pipe::new(super::stream::STREAM_BUFFER);
+    pipe.set_notifier(notifier);
+    if let Some(c) = &cancel {
+        c.finish(Some(&pipe));
+    }
+    tokio::spawn(super::stream::pump(pipe.clone(), body));
     Ok(wasmpool_response {
         status: parts.status.as_u16(),
-        headers,
-        body,
+        headers: head_of(&parts),
+        body: super::message::ResponseBody::Stream(super::stream::StreamBody { pipe }),
+        trailers: std::sync::OnceLock::new(),
     })
+}
+
+/// The engine's request from the host's; a body set whole must be within
+/// `max-request-body-size`.
+fn build(
+    pool: &Pool,
+    req: &mut wasmpool_request,
+) -> Result<http::Request<wasmtime_wasi_http::WasiBody>, Failure> {
+    let limit = pool.knobs().max_request_body_size;
+    if req.body.len() as u64 > limit {
+        return Err(Failure::new(
+            WASMPOOL_TOO_LARGE,
+            format!(
+                "the request body ({} bytes) is larger than max_request_body_size ({limit} bytes)",
+                req.body.len()
+            ),
+        ));
+    }
+    let mut r = http::Request::new(request_body(req, limit));
+    *r.method_mut() = std::mem::take(&mut req.method);
+    *r.uri_mut() = std::mem::take(&mut req.uri);
+    *r.headers_mut() = std::mem::take(&mut req.headers);
+    Ok(r)
 }
 
 fn load_failure(e: LoadError) -> Failure {
@@ -287,6 +458,29 @@ fn load_failure(e: LoadError) -> Failure {
     Failure::new(code, e.to_string())
 }
 
+/// Loads `source` with `knobs`, drawing on `engine` (counters and memory
+/// budget), and proves it links; on `rt`, off its engine threads.
+fn load_pool(
+    rt: &tokio::runtime::Runtime,
+    knobs: crate::config::Knobs,
+    source: Source,
+    engine: &crate::engine::stats::Shared,
+) -> Result<Pool, Failure> {
+    let engine = engine.clone();
+    rt.block_on(async move {
+        let pool = tokio::task::spawn_blocking(move || {
+            let pool = Pool::load_shared(knobs, &source, &engine)?;
+            engine.apply(pool.knobs())?;
+            Ok::<_, LoadError>(pool)
+        })
+        .await
+        .map_err(|e| Failure::new(WASMPOOL_PANIC, format!("loading panicked: {e}")))?
+        .map_err(load_failure)?;
+        pool.probe().await.map_err(load_failure)?;
+        Ok::<_, Failure>(pool)
+    })
+}
+
 fn new_handler(cfg: &wasmpool_config, source: Source) -> Result<*mut wasmpool_handler, Failure> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.engine_threads)
@@ -295,15 +489,12 @@ fn new_handler(cfg: &wasmpool_config, source: Source) -> Result<*mut wasmpool_ha
         .enable_all()
         .build()
         .map_err(|e| Failure::new(WASMPOOL_IO, format!("cannot start engine threads: {e}")))?;
-    let knobs = cfg.knobs.clone();
-    let pool = rt.block_on(async move {
-        let pool = tokio::task::spawn_blocking(move || Pool::load(knobs, &source))
-            .await
-            .map_err(|e| Failure::new(WASMPOOL_PANIC, format!("loading panicked: {e}")))?
-            .map_err(load_failure)?;
-        pool.probe().await.map_err(load_failure)?;
-        Ok::<_, Failure>(pool)
-    })?;
+    cfg.knobs
+        .validate()
+        .map_err(|e| Failure::invalid(e.to_string()))?;
+    let engine = crate::engine::stats::Shared::new(&cfg.knobs)
+        .map_err(|e| Failure::invalid(e.to_string()))?;
+    let pool = load_pool(&rt, cfg.knobs.clone(), source, &engine)?;
     // SAFETY: plain eventfd creation; the result is checked.
     let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
     if fd < 0 {
@@ -314,6 +505,7 @@ fn new_handler(cfg: &wasmpool_config, source: Source) -> Result<*mut wasmpool_ha
     }
     let shared = Arc::new(Shared {
         mode: cfg.completion,
+        rt: rt.handle().clone(),
         closing: AtomicBool::new(false),
         in_flight: Mutex::new(0),
         idle: Condvar::new(),
@@ -325,7 +517,9 @@ fn new_handler(cfg: &wasmpool_config, source: Source) -> Result<*mut wasmpool_ha
     });
     Ok(Box::into_raw(Box::new(wasmpool_handler {
         rt: Some(rt),
-        pool: Arc::new(pool),
+        pool: arc_swap::ArcSwap::from_pointee(pool),
+        engine,
+        cfg: Mutex::new((cfg.knobs.clone(), cfg.max_response_size)),
         shared,
     })))
 }
@@ -418,12 +612,15 @@ impl wasmpool_handler {
 }
 
 /// Sends `req` to the component. Always takes ownership of `req`. On
-/// `WASMPOOL_OK`, `cb(userdata, result, response)` runs exactly once later:
-/// on an engine thread (`WASMPOOL_COMPLETION_ENGINE`, keep it short and do
-/// not block in it) or inside `wasmpool_handler_poll` on the polling thread
-/// (`WASMPOOL_COMPLETION_POLL`). On any other result the callback never
-/// runs. Pushing after `wasmpool_handler_free` started is
-/// `WASMPOOL_SHUTTING_DOWN`.
+/// `WASMPOOL_OK`, `cb(userdata, result, response)` runs exactly once later,
+/// with the whole response (its body at most `max_response_size` bytes,
+/// else `WASMPOOL_TOO_LARGE`): on an engine thread
+/// (`WASMPOOL_COMPLETION_ENGINE`, keep it short and do not block in it) or
+/// inside `wasmpool_handler_poll` on the polling thread
+/// (`WASMPOOL_COMPLETION_POLL`). A cancelled request
+/// (`wasmpool_request_cancel_handle`) completes with `WASMPOOL_CANCELLED`.
+/// On any other result the callback never runs. Pushing after
+/// `wasmpool_handler_free` started is `WASMPOOL_SHUTTING_DOWN`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn wasmpool_handler_push(
     h: *mut wasmpool_handler,
@@ -433,24 +630,162 @@ pub unsafe extern "C" fn wasmpool_handler_push(
 ) -> wasmpool_result {
     // SAFETY: see `take_request`.
     let req = unsafe { take_request(req) };
+    push(h, req, cb, userdata, false)
+}
+
+/// Like `wasmpool_handler_push`, but `cb` runs as soon as the response
+/// head (status and headers) is there, and the body streams: read it with
+/// `wasmpool_response_read`, as fast as the host wants (the guest waits for
+/// the host, the engine buffers at most 256 KiB). A streamed body has no
+/// overall deadline (the head must come within the request timeout), and
+/// it outlives neither the response (`wasmpool_response_free` stops it)
+/// nor the handler (reads then say `WASMPOOL_SHUTTING_DOWN`).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wasmpool_handler_push_streaming(
+    h: *mut wasmpool_handler,
+    req: *mut wasmpool_request,
+    cb: wasmpool_response_callback,
+    userdata: *mut c_void,
+) -> wasmpool_result {
+    // SAFETY: see `take_request`.
+    let req = unsafe { take_request(req) };
+    push(h, req, cb, userdata, true)
+}
+
+fn push(
+    h: *mut wasmpool_handler,
+    req: Option<Box<wasmpool_request>>,
+    cb: wasmpool_response_callback,
+    userdata: *mut c_void,
+    streaming: bool,
+) -> wasmpool_result {
     boundary(|| {
         // SAFETY: see `handle_ref`.
         let h = unsafe { handle_ref(h, "handler") }?;
-        let req = req.ok_or_else(|| Failure::null("req"))?;
+        let mut req = req.ok_or_else(|| Failure::null("req"))?;
         let cb = cb.ok_or_else(|| Failure::null("cb"))?;
         h.admit()?;
+        if let Some(pipe) = &req.stream {
+            pipe.set_notifier(Notifier::new(&h.shared));
+        }
         let completion = Completion {
             shared: h.shared.clone(),
             cb,
             userdata: Some(SendPtr(userdata)),
         };
-        let pool = h.pool.clone();
+        let pool = h.pool.load_full();
+        let max_response = h.cfg.lock().unwrap_or_else(|e| e.into_inner()).1;
+        let cancel = req.cancel.take();
+        let upload = req.stream.clone();
+        let notifier = Notifier::new(&h.shared);
         h.rt().spawn(async move {
-            let outcome = run(pool, *req).await;
+            let work = async {
+                if streaming {
+                    run_streaming(pool, *req, cancel.clone(), notifier).await
+                } else {
+                    run(pool, *req, max_response).await
+                }
+            };
+            let outcome = match &cancel {
+                None => work.await,
+                Some(c) => {
+                    // Dropping the work stops the guest's part of it.
+                    let outcome = tokio::select! {
+                        r = work => r,
+                        _ = c.cancelled() => {
+                            // A guest that answered first may still read
+                            // the body on its own: that read fails now.
+                            if let Some(p) = &upload {
+                                p.cancel("the request was cancelled");
+                            }
+                            Err(Failure::new(WASMPOOL_CANCELLED, "the request was cancelled"))
+                        }
+                    };
+                    if !streaming || outcome.is_err() {
+                        c.finish(None);
+                    }
+                    outcome
+                }
+            };
             completion.complete(outcome);
         });
         Ok(())
     })
+}
+
+/// Loads another component into a live handler: new requests go to it,
+/// requests already running finish on the old one (as SIGHUP does for the
+/// server). `cfg` NULL keeps the handler's knobs, else its knobs are taken
+/// (its completion mode and engine threads are not: they stay). Blocks
+/// while the component compiles (or loads from the cache) and one instance
+/// starts. On failure the old component keeps serving and the result says
+/// why (`WASMPOOL_IO`, `WASMPOOL_COMPONENT_ERROR`,
+/// `WASMPOOL_INVALID_ARGUMENT`). Counters carry on. Not on an engine
+/// thread or in a callback (`WASMPOOL_MISUSE`).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wasmpool_handler_reload(
+    h: *mut wasmpool_handler,
+    cfg: *const wasmpool_config,
+    component_path: *const c_char,
+) -> wasmpool_result {
+    boundary(|| {
+        // SAFETY: see `handle_ref` and `str_arg`.
+        let h = unsafe { handle_ref(h, "handler") }?;
+        // SAFETY: as above.
+        let path = unsafe { str_arg(component_path, "component_path") }?;
+        // SAFETY: `cfg` is NULL or a live config (documented).
+        let cfg = unsafe { cfg.as_ref() };
+        h.reload(cfg, Source::File(path.into()))
+    })
+}
+
+/// Like `wasmpool_handler_reload` with the component's bytes (copied).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wasmpool_handler_reload_from_bytes(
+    h: *mut wasmpool_handler,
+    cfg: *const wasmpool_config,
+    bytes: *const u8,
+    len: usize,
+) -> wasmpool_result {
+    boundary(|| {
+        // SAFETY: see `handle_ref` and `bytes_arg`.
+        let (h, b) = unsafe { (handle_ref(h, "handler")?, bytes_arg(bytes, len, "bytes")?) };
+        if b.is_empty() {
+            return Err(Failure::invalid("the component is empty"));
+        }
+        // SAFETY: `cfg` is NULL or a live config (documented).
+        let cfg = unsafe { cfg.as_ref() };
+        h.reload(
+            cfg,
+            Source::Bytes {
+                name: "component".into(),
+                bytes: b.to_vec(),
+            },
+        )
+    })
+}
+
+impl wasmpool_handler {
+    fn reload(&self, cfg: Option<&wasmpool_config>, source: Source) -> Result<(), Failure> {
+        if ENGINE_THREAD.with(Cell::get) || IN_CALLBACK.with(Cell::get) {
+            return Err(Failure::new(
+                WASMPOOL_MISUSE,
+                "wasmpool_handler_reload cannot run on an engine thread or in a callback",
+            ));
+        }
+        let (knobs, max_response) = match cfg {
+            Some(c) => (c.knobs.clone(), c.max_response_size),
+            None => self.cfg.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        };
+        knobs
+            .validate()
+            .map_err(|e| Failure::invalid(e.to_string()))?;
+        let pool = load_pool(self.rt(), knobs.clone(), source, &self.engine)?;
+        self.pool.store(Arc::new(pool));
+        *self.cfg.lock().unwrap_or_else(|e| e.into_inner()) = (knobs, max_response);
+        self.engine.stats.reloads.fetch_add(1, Relaxed);
+        Ok(())
+    }
 }
 
 /// Sends `req` and blocks until the whole response is there; `*out` then
@@ -479,10 +814,14 @@ pub unsafe extern "C" fn wasmpool_handler_call(
             ));
         }
         h.admit()?;
-        let pool = h.pool.clone();
+        if let Some(pipe) = &req.stream {
+            pipe.set_notifier(Notifier::new(&h.shared));
+        }
+        let pool = h.pool.load_full();
+        let max_response = h.cfg.lock().unwrap_or_else(|e| e.into_inner()).1;
         let shared = h.shared.clone();
         let outcome = h.rt().block_on(async move {
-            let r = tokio::spawn(run(pool, *req)).await;
+            let r = tokio::spawn(run(pool, *req, max_response)).await;
             r.unwrap_or_else(|e| {
                 Err(Failure::new(
                     WASMPOOL_PANIC,
@@ -540,7 +879,7 @@ pub unsafe extern "C" fn wasmpool_handler_stats(
         if out.is_null() {
             return Err(Failure::null("out"));
         }
-        let s = h.pool.stats();
+        let s = h.engine.stats.snapshot();
         let stats = wasmpool_stats {
             requests_handled: h.shared.handled.load(Relaxed),
             requests_failed: h.shared.failed.load(Relaxed),

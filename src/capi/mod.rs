@@ -11,10 +11,12 @@
 mod config;
 mod handler;
 mod message;
+mod stream;
 
 pub use config::*;
 pub use handler::*;
 pub use message::*;
+pub use stream::*;
 
 use std::cell::RefCell;
 use std::ffi::{CStr, CString, c_char};
@@ -50,8 +52,18 @@ pub enum wasmpool_result {
     /// error code or never set a response) (HTTP 500).
     WASMPOOL_GUEST_ERROR = 10,
     /// The call is not allowed here, for example `wasmpool_handler_free`
-    /// or `wasmpool_handler_call` from inside a completion callback.
+    /// or `wasmpool_handler_call` from inside a completion callback, or not
+    /// now: a body written after its end, a request cancelled twice.
     WASMPOOL_MISUSE = 11,
+    /// The request was cancelled (`wasmpool_cancel_request`), or its stream ended
+    /// because the other side went away.
+    WASMPOOL_CANCELLED = 12,
+    /// A stream cannot go on now (a full body buffer to write to, an empty
+    /// one to read from); its ready callback says when to try again.
+    WASMPOOL_WOULD_BLOCK = 13,
+    /// A body is larger than its limit (`max_response_size` for buffered
+    /// responses, `max_request_body_size` for requests).
+    WASMPOOL_TOO_LARGE = 14,
 }
 
 use wasmpool_result::*;
@@ -188,6 +200,9 @@ pub extern "C" fn wasmpool_result_str(result: u32) -> *const c_char {
         9 => "I/O error\0",
         10 => "guest error\0",
         11 => "misuse\0",
+        12 => "cancelled\0",
+        13 => "would block\0",
+        14 => "too large\0",
         _ => "unknown result\0",
     };
     s.as_ptr().cast()
