@@ -5,7 +5,7 @@
  * AddressSanitizer/UBSan and under valgrind by tests/c_api.rs.
  *
  * usage: test_stream P2_SUITE.wasm P3_SUITE.wasm CACHE_DIR [quick|big]
- *   quick: smaller bodies (valgrind); big: also 1 GiB up and down through
+ *   quick: smaller bodies (valgrind); big: only 1 GiB up and down through
  *   the echo guest, with the process's peak RSS reported (and checked).
  */
 #define _GNU_SOURCE
@@ -467,6 +467,7 @@ typedef struct {
   wasmpool_handler *h;
   atomic_int stop;
   atomic_int ok, failed, p3;
+  atomic_int in_flight;
 } loader;
 
 static void on_load_done(void *ud, wasmpool_result result, wasmpool_response *resp) {
@@ -481,13 +482,26 @@ static void on_load_done(void *ud, wasmpool_result result, wasmpool_response *re
     fprintf(stderr, "load request failed: %s: %s\n", wasmpool_result_str(result), wasmpool_last_error());
   }
   wasmpool_response_free(resp);
+  l->in_flight--;
 }
 
+/* A closed-loop load, as a real host applies backpressure: at most eight
+ * requests in flight (an open loop overruns the queue when
+ * the engine runs slowly, e.g. under valgrind, and 503s are not what this
+ * test is about). */
 static void *push_loop(void *arg) {
   loader *l = arg;
   while (!l->stop) {
+    if (l->in_flight >= 8) {
+      usleep(1000);
+      continue;
+    }
+    l->in_flight++;
     wasmpool_request *req = wasmpool_request_new("GET", "/");
-    if (wasmpool_handler_push(l->h, req, on_load_done, l) != WASMPOOL_OK) l->failed++;
+    if (wasmpool_handler_push(l->h, req, on_load_done, l) != WASMPOOL_OK) {
+      l->failed++;
+      l->in_flight--;
+    }
     usleep(2000);
   }
   return NULL;
@@ -534,10 +548,17 @@ static double now_s(void) {
   return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
 }
 
+/* The peak RSS of this process image: VmHWM (getrusage's ru_maxrss keeps
+ * the high-water mark of the parent from before exec, e.g. a big test
+ * harness). */
 static long peak_rss_kib(void) {
-  struct rusage ru;
-  getrusage(RUSAGE_SELF, &ru);
-  return ru.ru_maxrss;
+  FILE *f = fopen("/proc/self/status", "r");
+  char line[256];
+  long kib = -1;
+  while (f && fgets(line, sizeof line, f))
+    if (sscanf(line, "VmHWM: %ld kB", &kib) == 1) break;
+  if (f) fclose(f);
+  return kib;
 }
 
 int main(int argc, char **argv) {
@@ -551,6 +572,9 @@ int main(int argc, char **argv) {
   quick = argc > 4 && strcmp(argv[4], "quick") == 0;
   big = argc > 4 && strcmp(argv[4], "big") == 0;
   uint64_t size = quick ? (1u << 20) : (16u << 20);
+  /* big: only the 1 GiB stream, so the peak RSS is its own (the plain run
+   * does the rest). */
+  if (big) goto one_gib;
 
   test_misuse();
   test_buffered();
@@ -583,6 +607,7 @@ int main(int argc, char **argv) {
     }
     CHECK_RESULT(wasmpool_handler_free(h), WASMPOOL_OK);
   }
+one_gib:
   if (big) {
     /* 1 GiB up and 1 GiB down through the echo guest. */
     wasmpool_handler *h = handler(p2_path, 1);
@@ -591,7 +616,7 @@ int main(int argc, char **argv) {
     CHECK_RESULT(wasmpool_handler_free(h), WASMPOOL_OK);
     long peak = peak_rss_kib();
     printf("1 GiB streamed up and down; peak RSS %ld KiB\n", peak);
-    CHECK(peak < 100 * 1024);
+    CHECK(peak > 0 && peak < 100 * 1024);
   }
   printf("%d checks, %d failed\n", (int)checks, (int)failures);
   return failures == 0 ? 0 : 1;
