@@ -354,7 +354,7 @@ def api_push(bin_dir, guests, cache, rounds):
     rows = {"c": [], "rust": []}
     for _ in range(rounds):
         for k, b in [("c", c_bin), ("rust", rust_bin)]:
-            out = subprocess.run([str(b), str(guests / "p3_suite.wasm"), str(cache), "20000", "64"],
+            out = subprocess.run([str(b), str(guests / "p3_suite.wasm"), str(cache), "100000", "64"],
                                  capture_output=True, text=True, check=True).stdout
             rows[k].append(float(re.search(r"([\d.]+) req/s", out).group(1)))
         log(f"api push: c {rows['c'][-1]:.0f}, rust {rows['rust'][-1]:.0f}")

@@ -176,7 +176,7 @@ def main():
     if "api_push" in res:
         a = res["api_push"]
         L.append("## C API against the Rust API\n")
-        L.append("20,000 `GET /` to the p3 hello guest, at most 64 in flight, whole bodies collected: "
+        L.append("100,000 `GET /` to the p3 hello guest, at most 64 in flight, whole bodies collected: "
                  "`ffi/bench/push_bench.c` (push + completion callbacks on engine threads) against "
                  f"`benches/api_push.rs` (`Pool::handle` on a tokio runtime of the same size). "
                  f"Medians of {len(a['rounds']['c'])} interleaved rounds.\n")

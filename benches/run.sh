@@ -38,8 +38,11 @@ mkdir -p "$out"
 # One build of everything (one feature resolution: no rebuilds between).
 cargo build --release --locked --bins --lib --example native_hello --example api_push
 cargo bench --locked --bench guests -- "$out/guests"
+# The C harness loads the library by its SONAME: link it, fresh, beside it
+# (a stale libwasmpool.so.0 elsewhere must not be what gets measured).
+ln -sf "$target/release/libwasmpool.so" "$out/libwasmpool.so.0"
 cc -O2 -std=c11 -Wall -Werror -I include ffi/bench/push_bench.c \
-  -L "$target/release" -Wl,-rpath,"$target/release" -lwasmpool -lpthread \
+  -L "$target/release" -Wl,-rpath,"$out" -lwasmpool -lpthread \
   -o "$out/push_bench"
 cp "$target/release/examples/api_push" "$out/api_push"
 

@@ -679,35 +679,44 @@ fn push(
         let upload = req.stream.clone();
         let notifier = Notifier::new(&h.shared);
         h.rt().spawn(async move {
-            let work = async {
-                if streaming {
-                    run_streaming(pool, *req, cancel.clone(), notifier).await
-                } else {
-                    run(pool, *req, max_response).await
-                }
-            };
-            let outcome = match &cancel {
-                None => work.await,
-                Some(c) => {
-                    // Dropping the work stops the guest's part of it.
-                    let outcome = tokio::select! {
-                        r = work => r,
-                        _ = c.cancelled() => {
-                            // A guest that answered first may still read
-                            // the body on its own: that read fails now.
-                            if let Some(p) = &upload {
-                                p.cancel("the request was cancelled");
-                            }
-                            Err(Failure::new(WASMPOOL_CANCELLED, "the request was cancelled"))
-                        }
-                    };
-                    if !streaming || outcome.is_err() {
-                        c.finish(None);
+            // The request's state machine is large (the guest call's
+            // future): box it here, on the engine thread that first polls
+            // it, so it is allocated and freed by engine threads. Built on
+            // the pushing thread instead, every request's memory went back
+            // to that thread's malloc arena from another thread, which
+            // trimmed and refaulted its heap (0.6 page faults a request).
+            Box::pin(async move {
+                let work = async {
+                    if streaming {
+                        run_streaming(pool, *req, cancel.clone(), notifier).await
+                    } else {
+                        run(pool, *req, max_response).await
                     }
-                    outcome
-                }
-            };
-            completion.complete(outcome);
+                };
+                let outcome = match &cancel {
+                    None => work.await,
+                    Some(c) => {
+                        // Dropping the work stops the guest's part of it.
+                        let outcome = tokio::select! {
+                            r = work => r,
+                            _ = c.cancelled() => {
+                                // A guest that answered first may still read
+                                // the body on its own: that read fails now.
+                                if let Some(p) = &upload {
+                                    p.cancel("the request was cancelled");
+                                }
+                                Err(Failure::new(WASMPOOL_CANCELLED, "the request was cancelled"))
+                            }
+                        };
+                        if !streaming || outcome.is_err() {
+                            c.finish(None);
+                        }
+                        outcome
+                    }
+                };
+                completion.complete(outcome);
+            })
+            .await
         });
         Ok(())
     })
