@@ -25,8 +25,20 @@ for t in config capi_request; do
   log=$(mktemp)
   seeds=fuzz/seeds/$t
   mkdir -p "$seeds"
-  if cargo fuzz run --fuzz-dir fuzz "$t" "$corpus" "$seeds" -- \
-    -max_total_time="$secs" -max_len=4096 -print_final_stats=1 >"$log" 2>&1; then
+  extra=()
+  asan=${ASAN_OPTIONS:-}
+  if [ "$t" = capi_request ]; then
+    # capi_request keeps two handlers (engine threads) alive across inputs,
+    # and their threads run guest code on fiber stacks that LeakSanitizer
+    # cannot walk: it then reports the threads' own memory as leaked. Leaks
+    # of the C API are checked where handlers are freed: the C tests under
+    # ASan+LSan and valgrind (tests/c_api.rs). ASan still checks every
+    # access here.
+    extra=(-detect_leaks=0)
+    asan="detect_leaks=0${asan:+:$asan}"
+  fi
+  if ASAN_OPTIONS="$asan" cargo fuzz run --fuzz-dir fuzz "$t" "$corpus" "$seeds" -- \
+    -max_total_time="$secs" -max_len=4096 -print_final_stats=1 "${extra[@]}" >"$log" 2>&1; then
     echo "fuzz $t: $(grep -E '^Done [0-9]+ runs' "$log")"
   else
     echo "fuzz $t FAILED:" >&2

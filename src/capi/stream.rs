@@ -578,11 +578,14 @@ pub unsafe extern "C" fn wasmpool_body_writer_add_trailer(
         http::HeaderValue::from_bytes(v)
             .map_err(|_| Failure::invalid(format!("invalid value for trailer `{n}`")))?;
         let mut st = w.pipe.lock();
-        if st.end.is_some() {
+        if st.host_ended {
             return Err(Failure::new(
                 WASMPOOL_MISUSE,
                 "the body was already finished or aborted",
             ));
+        }
+        if let Some((code, why)) = &st.reader_gone {
+            return Err(Failure::new(*code, why.clone()));
         }
         st.trailers.push((
             Bytes::copy_from_slice(n.as_bytes()),
