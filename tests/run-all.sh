@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 # Debian packages the tests use: systemd-socket-activate (hands sockets over
 # exactly as systemd does), a C toolchain with sanitizers, valgrind,
 # pkg-config, libmicrohttpd and libuv (the C example hosts), curl, slowhttptest,
-# testssl and h2load.
+# testssl and h2load; dpkg-dev and lintian for the Debian packages.
 need=()
 command -v systemd-socket-activate >/dev/null || need+=(systemd)
 command -v cc >/dev/null || need+=(gcc)
@@ -27,6 +27,8 @@ command -v h2load >/dev/null || need+=(nghttp2-client)
 # The package's end-to-end test boots a Debian root under systemd-nspawn.
 command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v systemd-nspawn >/dev/null || need+=(systemd-container)
+command -v dpkg-scanpackages >/dev/null || need+=(dpkg-dev)
+command -v lintian >/dev/null || need+=(lintian)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
@@ -64,6 +66,10 @@ if git rev-parse --git-dir >/dev/null 2>&1; then
   fi
 fi
 
+# The C library installed from source with cargo-c, used through pkg-config.
+command -v cargo-cinstall >/dev/null || cargo install --locked --quiet cargo-c@0.10.24
+tests/cinstall.sh
+
 # The fuzz targets (fuzz/), 30 s each; `tests/fuzz.sh 3600` for long runs.
 tests/fuzz.sh 30
 
@@ -83,5 +89,5 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 command -v cargo-deb >/dev/null || cargo install --locked --quiet cargo-deb@3.8.0
-deb=$(packaging/build-deb.sh | tail -n 1)
-WASMPOOL_DEB="$deb" cargo test --locked --test systemd_e2e -- --ignored --nocapture
+debs=$(packaging/build-deb.sh | tail -n 3)
+WASMPOOL_DEBS="$debs" cargo test --locked --test systemd_e2e -- --ignored --nocapture

@@ -1,13 +1,14 @@
 //! The Debian package under a real systemd: a Debian 12 root (debootstrap,
 //! cached in /var/cache/wasmpool-e2e) booted with systemd-nspawn, the .deb
-//! installed with dpkg, then socket activation, notify status, reload and
+//! installed from a local apt repository (the server pulls the library;
+//! a C host is built against libwasmpool-dev in the container), then socket activation, notify status, reload and
 //! restart under load, kill -9 under load, stop during slow requests, a
 //! broken component on reload, the journal, `systemd-analyze security`, a
 //! memory storm against an app with `MemoryMax=`, and a clean purge.
 //!
 //! Needs root, debootstrap and systemd-nspawn; tests/run-all.sh builds the
-//! package and runs this with `WASMPOOL_DEB=... cargo test --test
-//! systemd_e2e -- --ignored`.
+//! packages and runs this with `WASMPOOL_DEBS="..." cargo test --test
+//! systemd_e2e -- --ignored`, which also runs lintian on them.
 mod common;
 use common::*;
 use std::path::PathBuf;
@@ -19,18 +20,27 @@ const BASE: &str = "/var/cache/wasmpool-e2e/bookworm";
 const HELLO_SOCK: &str = "/run/wasmpool/hello.sock";
 const SUITE_SOCK: &str = "/run/wasmpool/suite.sock";
 
+/// What the base root has beyond minbase: systemd, curl for the requests,
+/// and a C toolchain with pkg-config to build a host against
+/// libwasmpool-dev. A root made with another list is made again.
+const INCLUDE: &str = "systemd,systemd-sysv,curl,dbus,gcc,libc6-dev,pkg-config";
+
 fn base_root() -> PathBuf {
     let base = PathBuf::from(BASE);
-    if base.join("usr/lib/systemd/systemd").exists() {
+    let stamp = base.join("root/.e2e-base-include");
+    if base.join("usr/lib/systemd/systemd").exists()
+        && std::fs::read_to_string(&stamp).is_ok_and(|s| s == INCLUDE)
+    {
         return base;
     }
+    let _ = std::fs::remove_dir_all(&base);
     let tmp = base.with_extension("tmp");
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(base.parent().unwrap()).unwrap();
     let st = Command::new("debootstrap")
         .args([
             "--variant=minbase",
-            "--include=systemd,systemd-sysv,curl,dbus",
+            &format!("--include={INCLUDE}"),
             "bookworm",
         ])
         .arg(&tmp)
@@ -38,6 +48,7 @@ fn base_root() -> PathBuf {
         .status()
         .expect("debootstrap runs");
     assert!(st.success(), "debootstrap failed");
+    std::fs::write(tmp.join("root/.e2e-base-include"), INCLUDE).unwrap();
     std::fs::rename(&tmp, &base).unwrap();
     base
 }
@@ -327,12 +338,93 @@ impl<'a> Load<'a> {
     }
 }
 
-fn deb() -> PathBuf {
-    let deb = std::env::var_os("WASMPOOL_DEB")
-        .map(PathBuf::from)
-        .expect("WASMPOOL_DEB names the package (see tests/run-all.sh)");
-    assert!(deb.exists(), "{} does not exist", deb.display());
-    deb
+/// The three packages build-deb.sh made: server, library, development.
+struct Debs {
+    server: PathBuf,
+    lib: PathBuf,
+    dev: PathBuf,
+}
+
+fn debs() -> Debs {
+    let list = std::env::var("WASMPOOL_DEBS")
+        .expect("WASMPOOL_DEBS names the three packages (see tests/run-all.sh)");
+    let paths: Vec<PathBuf> = list.split_whitespace().map(PathBuf::from).collect();
+    let find = |prefix: &str| {
+        let p = paths
+            .iter()
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(prefix))
+            })
+            .unwrap_or_else(|| panic!("no {prefix}*.deb in WASMPOOL_DEBS={list}"))
+            .clone();
+        assert!(p.exists(), "{} does not exist", p.display());
+        p
+    };
+    Debs {
+        server: find("wasmpool_"),
+        lib: find("libwasmpool0_"),
+        dev: find("libwasmpool-dev_"),
+    }
+}
+
+/// Lintian warnings left on the packages, each with the reason it stays.
+/// Errors are never allowed.
+const LINTIAN_WARNINGS: &[(&str, &str)] = &[(
+    "initial-upload-closes-no-bugs",
+    "wasmpool is not uploaded to the Debian archive, so there is no ITP bug for the changelog to close",
+)];
+
+#[test]
+#[ignore = "needs lintian and the .debs: run by tests/run-all.sh"]
+fn lintian_reports_no_errors() {
+    let d = debs();
+    let out = Command::new("lintian")
+        .args(["--no-cfg", "--fail-on", "error", "--tag-display-limit", "0"])
+        .args([&d.server, &d.lib, &d.dev])
+        .output()
+        .expect("lintian runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}");
+    let mut unexplained = Vec::new();
+    let mut packages_seen = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        let Some((level, rest)) = line.split_once(": ") else {
+            continue;
+        };
+        let Some((package, tag)) = rest.split_once(": ") else {
+            continue;
+        };
+        let tag = tag.split_whitespace().next().unwrap_or("");
+        match level {
+            "E" => unexplained.push(line.to_string()),
+            "W" => {
+                packages_seen.insert(package.to_string());
+                if !LINTIAN_WARNINGS.iter().any(|(t, _)| *t == tag) {
+                    unexplained.push(line.to_string());
+                }
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        unexplained.is_empty(),
+        "lintian errors or unexplained warnings:\n{}",
+        unexplained.join("\n")
+    );
+    assert!(
+        out.status.success(),
+        "lintian failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // It did look at all three (each has the changelog warning).
+    assert_eq!(
+        packages_seen.into_iter().collect::<Vec<_>>(),
+        ["libwasmpool-dev", "libwasmpool0", "wasmpool"],
+        "{text}"
+    );
 }
 
 fn write(c: &Container, path: &str, data: &[u8]) {
@@ -355,14 +447,51 @@ fn exposure(c: &Container, unit: &str) -> f64 {
 #[test]
 #[ignore = "needs root, debootstrap, systemd-nspawn and the .deb: run by tests/run-all.sh"]
 fn package_under_real_systemd() {
-    let deb = deb();
+    let debs = debs();
     let started = Instant::now();
     let c = Container::boot();
     eprintln!("booted in {:?}", started.elapsed());
 
-    // Install: nothing is enabled or running afterwards.
-    write(&c, "/root/e2e/wasmpool.deb", &std::fs::read(&deb).unwrap());
-    c.ok("dpkg -i /root/e2e/wasmpool.deb");
+    // The server alone does not install: it needs the library package.
+    for (name, deb) in [
+        ("wasmpool", &debs.server),
+        ("libwasmpool0", &debs.lib),
+        ("libwasmpool-dev", &debs.dev),
+    ] {
+        write(
+            &c,
+            &format!("/root/e2e/repo/{name}.deb"),
+            &std::fs::read(deb).unwrap(),
+        );
+    }
+    let alone = c.sh("dpkg -i /root/e2e/repo/wasmpool.deb");
+    let err = String::from_utf8_lossy(&alone.stderr);
+    assert!(
+        !alone.status.success() && err.contains("libwasmpool0"),
+        "dpkg -i of the server alone: {err}"
+    );
+    c.ok("dpkg --remove wasmpool");
+
+    // From a local apt repository (the way users install): installing the
+    // server pulls the library; nothing is enabled or running afterwards.
+    let packages = Command::new("dpkg-scanpackages")
+        .args(["-m", "."])
+        .current_dir(c.path("/root/e2e/repo"))
+        .stderr(Stdio::null())
+        .output()
+        .expect("dpkg-scanpackages (dpkg-dev) runs");
+    assert!(packages.status.success());
+    write(&c, "/root/e2e/repo/Packages", &packages.stdout);
+    write(
+        &c,
+        "/root/e2e/local.list",
+        b"deb [trusted=yes] file:/root/e2e/repo ./\n",
+    );
+    let apt = "apt-get -q -o Dir::Etc::SourceList=/root/e2e/local.list -o Dir::Etc::SourceParts=-";
+    c.ok(&format!(
+        "{apt} update && DEBIAN_FRONTEND=noninteractive {apt} install -y --no-install-recommends wasmpool"
+    ));
+    c.ok("dpkg-query -W -f='${Status}' libwasmpool0 | grep -q 'install ok installed'");
     for unit in [
         "wasmpool@hello.socket",
         "wasmpool.socket",
@@ -372,8 +501,45 @@ fn package_under_real_systemd() {
         assert_eq!(c.show(unit, "ActiveState"), "inactive", "{unit}");
     }
     c.ok("test -x /usr/bin/wasmpool && test -f /usr/share/man/man1/wasmpool.1.gz");
-    c.ok("test -f /usr/include/wasmpool.h && test -f /usr/lib/pkgconfig/wasmpool.pc");
-    c.ok("test -f /usr/lib/libwasmpool.so.0 && ldconfig -p | grep -q libwasmpool.so.0");
+    c.ok(
+        "test -f /usr/lib/x86_64-linux-gnu/libwasmpool.so.0.1.0 \
+         && test -L /usr/lib/x86_64-linux-gnu/libwasmpool.so.0 \
+         && ldconfig -p | grep -q 'libwasmpool.so.0 .*=> .*/lib/x86_64-linux-gnu/libwasmpool.so.0'",
+    );
+    c.ok("! test -e /usr/include/wasmpool.h");
+
+    // The development package: a C host built with pkg-config in the
+    // container, run against the installed library.
+    c.ok(&format!(
+        "DEBIAN_FRONTEND=noninteractive {apt} install -y --no-install-recommends libwasmpool-dev"
+    ));
+    c.ok("test -f /usr/include/wasmpool.h \
+         && test -f /usr/lib/x86_64-linux-gnu/pkgconfig/wasmpool.pc \
+         && test -f /usr/lib/x86_64-linux-gnu/libwasmpool.a \
+         && test -L /usr/lib/x86_64-linux-gnu/libwasmpool.so");
+    write(
+        &c,
+        "/root/e2e/quickstart.c",
+        &std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/ffi/examples/quickstart.c"
+        ))
+        .unwrap(),
+    );
+    c.ok(
+        "cd /root/e2e && cc -Wall -Werror -o quickstart quickstart.c $(pkg-config --cflags --libs wasmpool)",
+    );
+    let needed = c.ok("cd /root/e2e && ldd ./quickstart");
+    // (/lib is /usr/lib on a merged-/usr system.)
+    assert!(
+        needed.contains("libwasmpool.so.0 => /lib/x86_64-linux-gnu/libwasmpool.so.0")
+            || needed.contains("libwasmpool.so.0 => /usr/lib/x86_64-linux-gnu/libwasmpool.so.0"),
+        "{needed}"
+    );
+    let out = c.ok(
+        "cd /root/e2e && XDG_CACHE_HOME=/root/e2e/cache ./quickstart /usr/share/wasmpool/hello.wasm",
+    );
+    assert_eq!(out, "200 Hello from wasmpool!\n");
     c.ok("wasmpool check --no-cache /usr/share/wasmpool/hello.wasm");
 
     // Socket activation: the service starts on the first connection.
@@ -516,7 +682,7 @@ fn package_under_real_systemd() {
         "rm -rf /etc/wasmpool/suite.toml /srv/suite.wasm /etc/wasmpool/storm.toml /srv/storm.wasm \
           /etc/systemd/system/wasmpool@storm.service.d",
     );
-    c.ok("dpkg --purge wasmpool");
+    c.ok("dpkg --purge wasmpool libwasmpool-dev libwasmpool0");
     let left = c.ok(
         "find / -xdev \\( -path /proc -o -path /root/e2e \\) -prune -o -name '*wasmpool*' -print; \
          ls -d /run/wasmpool 2>/dev/null; true",
