@@ -14,7 +14,17 @@
  *                      wasmpool_request_free. Using a request after pushing
  *                      it is undefined behaviour.
  *   wasmpool_response  owned by whoever receives it (callback or
- *                      wasmpool_handler_call); wasmpool_response_free.
+ *                      wasmpool_handler_call); wasmpool_response_free
+ *                      (which also stops a body still streaming).
+ *   wasmpool_body_writer  host-owned, from wasmpool_request_stream_body;
+ *                      writes a request body after the push, from any
+ *                      thread (one at a time); wasmpool_body_writer_free
+ *                      (freeing it unfinished aborts the body).
+ *   wasmpool_cancel    host-owned, from wasmpool_request_cancel_handle;
+ *                      cancels its request from any thread (once: a
+ *                      second cancel is WASMPOOL_MISUSE);
+ *                      wasmpool_cancel_free, before or after the request
+ *                      completes.
  *   Every _free accepts NULL.
  *
  * Errors
@@ -32,8 +42,44 @@
  *   (WASMPOOL_COMPLETION_POLL; wait for wasmpool_handler_completion_fd to
  *   be readable). If push returns anything else the callback never runs.
  *   Do not block in engine-thread callbacks, and do not call
- *   wasmpool_handler_free or wasmpool_handler_call from any callback
- *   (WASMPOOL_MISUSE).
+ *   wasmpool_handler_free, wasmpool_handler_call or
+ *   wasmpool_handler_reload from any callback (WASMPOOL_MISUSE).
+ *
+ * Streaming (the host is in control of flow, both ways)
+ *   Request body: wasmpool_request_stream_body before the push gives a
+ *   writer; wasmpool_body_writer_write takes a chunk or says
+ *   WASMPOOL_WOULD_BLOCK when the engine holds 256 KiB the guest has not
+ *   read; the writer's ready callback then runs once it can take more.
+ *   wasmpool_body_writer_add_trailer and wasmpool_body_writer_finish end
+ *   the body; wasmpool_body_writer_abort fails it.
+ *   Response body: wasmpool_handler_push_streaming calls back with the head
+ *   (status, headers); wasmpool_response_read gives the body as the host
+ *   asks for it (WASMPOOL_WOULD_BLOCK: the response's ready callback runs
+ *   when there is more), then 0 bytes at the end, after which the trailers
+ *   are readable. The guest writes only as fast as the host reads.
+ *   Cancelling (wasmpool_cancel_request) completes the callback with
+ *   WASMPOOL_CANCELLED if it has not run, fails the body's reads and
+ *   writes with WASMPOOL_CANCELLED, and stops the guest's work for it.
+ *   Misuse in the wrong state (a write after the end, a second finish, a
+ *   second cancel) is WASMPOOL_MISUSE and changes nothing.
+ *
+ *   static void on_head(void *ud, wasmpool_result r, wasmpool_response *resp)
+ *   {   // engine thread: hand resp to the host's loop, which then reads
+ *       // with wasmpool_response_read until it returns 0 bytes.
+ *   }
+ *   wasmpool_request *req = wasmpool_request_new("POST", "/upload");
+ *   wasmpool_body_writer *w;
+ *   wasmpool_request_stream_body(req, &w);
+ *   wasmpool_handler_push_streaming(h, req, on_head, ctx);
+ *   while (have_data)  // WOULD_BLOCK: wait for the ready callback
+ *       wasmpool_body_writer_write(w, chunk, chunk_len);
+ *   wasmpool_body_writer_finish(w);
+ *   wasmpool_body_writer_free(w);
+ *
+ * Reload
+ *   wasmpool_handler_reload swaps the component of a live handler: new
+ *   requests go to the new one, running ones finish on the old, and a
+ *   component that fails to load leaves the old one serving.
  */
 
 #ifndef WASMPOOL_H

@@ -424,40 +424,78 @@ fn mhd_example_host_serves_through_push() {
     assert!(status.success(), "{status:?}");
 }
 
-#[test]
-fn readme_quickstart_builds_with_pkg_config_and_runs() {
+/// Builds ffi/examples/`name`.c the way the README says: with the flags
+/// `pkg-config --cflags --libs` gives for `packages` (wasmpool first).
+fn build_example(name: &str, packages: &[&str], extra: &[&str]) -> PathBuf {
     let e = env();
     let flags = run(Command::new("pkg-config")
-        .args(["--cflags", "--libs", "wasmpool"])
+        .args(["--cflags", "--libs"])
+        .args(packages)
         .env("PKG_CONFIG_PATH", &e.pkgconfig));
-    let out = e.lib.parent().unwrap().join("quickstart");
+    let out = e.lib.parent().unwrap().join(name);
     run(Command::new("cc")
         .args(["-std=c11", "-Wall", "-Wextra", "-Werror"])
-        .arg(root().join("ffi/examples/quickstart.c"))
+        .arg(root().join(format!("ffi/examples/{name}.c")))
         .arg("-o")
         .arg(&out)
         .args(flags.split_whitespace())
+        .args(extra)
         .arg(format!("-Wl,-rpath,{}", e.lib.display())));
+    out
+}
+
+#[test]
+fn readme_quickstart_builds_with_pkg_config_and_runs() {
+    let out = build_example("quickstart", &["wasmpool"], &[]);
     let text = run(Command::new(&out)
         .arg(root().join("examples/hello.wasm"))
         .env("XDG_CACHE_HOME", shared_cache()));
     assert_eq!(text, "200 Hello from wasmpool!\n");
 }
 
+/// The README's streaming example: 24 MiB through the echo route, in
+/// chunks both ways, with the body echoed byte for byte.
+#[test]
+fn readme_streaming_example_pipes_a_body_through_a_guest() {
+    let e = env();
+    let bin = build_example("stream_pipe", &["wasmpool"], &["-lpthread"]);
+    let input: Vec<u8> = (0..24u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let mut child = Command::new(&bin)
+        .arg(&e.p2)
+        .arg("/echo")
+        .env("XDG_CACHE_HOME", shared_cache())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        let written = stdin.write_all(&input);
+        (input, written)
+    });
+    let out = child.wait_with_output().unwrap();
+    let (input, written) = writer.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {err}", out.status);
+    written.unwrap();
+    assert_eq!(err.trim(), "status 200");
+    // The suite's /echo answers with the request line, then the body.
+    let head = b"POST /echo\n\n";
+    assert_eq!(out.stdout.len(), head.len() + input.len());
+    assert!(
+        out.stdout.starts_with(head) && out.stdout[head.len()..] == input[..],
+        "the echoed body differs"
+    );
+}
+
 #[test]
 fn uv_example_host_streams_both_ways_and_survives_clients_that_leave() {
     let e = env();
-    let pkg = run(Command::new("pkg-config")
-        .args(["--cflags", "--libs", "wasmpool", "libuv"])
-        .env("PKG_CONFIG_PATH", &e.pkgconfig));
-    let out = e.lib.parent().unwrap().join("uv_host");
-    run(Command::new("cc")
-        .args(["-std=c11", "-Wall", "-Wextra", "-Werror"])
-        .arg(root().join("ffi/examples/uv_host.c"))
-        .arg("-o")
-        .arg(&out)
-        .args(pkg.split_whitespace())
-        .arg(format!("-Wl,-rpath,{}", e.lib.display())));
+    let out = build_example("uv_host", &["wasmpool", "libuv"], &[]);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
