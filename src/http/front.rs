@@ -165,7 +165,7 @@ impl Front {
             )),
             _ => None,
         };
-        let response = guarded(self.respond(&pool, req, outcome)).await;
+        let response = guarded(self.respond(&pool, req, outcome.clone())).await;
         if let (Some(m), Some(start)) = (&self.metrics, start) {
             m.observe(response.status(), start.elapsed());
         }
@@ -182,6 +182,14 @@ impl Front {
             }
             Either::Right(own) => Body::own(own, guard),
         });
+        if let Some(unread) = outcome
+            .unread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            response.body_mut().keep_unread(unread);
+        }
         if let Some(mut record) = access {
             record.answered(&response);
             response.body_mut().log_when_done(record);
@@ -232,6 +240,8 @@ impl Front {
             && len > limit
         {
             tracing::debug!(len, limit, "request body too large (content-length)");
+            let (_, unread) = req.into_parts();
+            *outcome.unread.lock().unwrap_or_else(|e| e.into_inner()) = Some(unread);
             return body_too_large();
         }
         let limits = BodyLimits {

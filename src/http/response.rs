@@ -39,6 +39,9 @@ pub struct Body {
     sent: u64,
     /// The access log line to write when the body ends (when logging).
     access: Option<Box<AccessRecord>>,
+    /// The request's body when it was refused unread: dropped with this
+    /// body, after the response (see `Outcome::unread`).
+    _unread: Option<hyper::body::Incoming>,
 }
 
 /// One access log line, filled in as the request goes.
@@ -150,7 +153,13 @@ impl Body {
             guard: Some(guard),
             sent: 0,
             access: None,
+            _unread: None,
         }
+    }
+
+    /// Keeps the request's unread body until this body is dropped.
+    pub(crate) fn keep_unread(&mut self, body: hyper::body::Incoming) {
+        self._unread = Some(body);
     }
 
     /// Writes `record` to the access log once the body has been sent (or
@@ -187,6 +196,7 @@ impl Body {
             guard: Some(guard),
             sent: 0,
             access: None,
+            _unread: None,
         }
     }
 }
@@ -250,10 +260,41 @@ impl http_body::Body for Body {
     }
 }
 
+/// What a client may still send of a body refused unread, and for how
+/// long, before it is cut off.
+const DISCARD_BYTES: u64 = 1 << 20;
+const DISCARD_TIME: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reads and throws away the rest of a refused body, a little and briefly
+/// (as nginx discards the body of a request it answered early). On HTTP/2
+/// this lets the client finish sending, so its stream ends cleanly rather
+/// than with a reset that some clients report as an error instead of the
+/// answer they already have; on HTTP/1 the connection is closed anyway.
+fn discard(mut body: hyper::body::Incoming) {
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    rt.spawn(async move {
+        let _ = tokio::time::timeout(DISCARD_TIME, async {
+            let mut seen = 0u64;
+            while let Some(Ok(frame)) = http_body_util::BodyExt::frame(&mut body).await {
+                seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+                if seen > DISCARD_BYTES {
+                    break;
+                }
+            }
+        })
+        .await;
+    });
+}
+
 impl Drop for Body {
     /// The connection is done with the body (finished, or cut): a pump
     /// still reading ahead stops, and the guest's body goes now.
     fn drop(&mut self) {
+        if let Some(unread) = self._unread.take() {
+            discard(unread);
+        }
         if let Some(a) = self.access.take() {
             // hyper drops a body it knows is complete (Content-Length
             // reached, or end of stream reported) without polling its end.
