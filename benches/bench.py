@@ -347,6 +347,64 @@ def latency(bin_, guests, cache, native_bin, rate, seconds):
     return out
 
 
+def h2load(url, seconds, conns, h1=False):
+    """Closed-loop load with h2load: one stream at a time per connection, so
+    HTTP/1.1 and HTTP/2 see the same concurrency."""
+    argv = ["h2load", "-t1", f"-c{conns}", "-m1", f"-D{seconds}", url]
+    if h1:
+        argv.insert(1, "--h1")
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
+    m = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
+    codes = re.search(r"status codes: (\d+) 2xx", out)
+    done, ok2xx = int(m.group(2)), int(codes.group(1)) if codes else 0
+    return {"rps": rps, "failed": int(m.group(4)) + int(m.group(5)) + (done - ok2xx)}
+
+
+# Protocol, URL scheme of the listener, whether h2load speaks HTTP/1.1.
+FRONT = [
+    ("HTTP/1.1", "http", True),
+    ("HTTP/1.1 over TLS", "https", True),
+    ("HTTP/2 cleartext (h2c)", "http", False),
+    ("HTTP/2 over TLS (ALPN h2)", "https", False),
+]
+
+
+def front(bin_, guests, cache, rounds, seconds):
+    """The HTTP front's protocols side by side: one wasmpool process (p2
+    hello, reuse 128) with a plain and a TLS listener, each protocol measured
+    with h2load at 16 connections in interleaved rounds."""
+    tmp = Path(tempfile.mkdtemp(prefix="wasmpool-bench-tls."))
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                    "-nodes", "-days", "1", "-subj", "/CN=localhost", "-addext",
+                    "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    plain, tls = free_port(), free_port()
+    argv = [str(bin_), "serve", str(guests / "p2_hello.wasm"), "--cache-dir", str(cache),
+            "--listen", f"http://127.0.0.1:{plain}", "--listen", f"https://127.0.0.1:{tls}",
+            "--tls-cert", str(cert), "--tls-key", str(key), "--max-instance-reuse-count", "128"]
+    server = Server("wasmpool (front)", argv, plain)
+    urls = {"http": f"http://127.0.0.1:{plain}/", "https": f"https://127.0.0.1:{tls}/"}
+    rows = {name: [] for name, _, _ in FRONT}
+    failed = {name: 0 for name, _, _ in FRONT}
+    try:
+        for name, scheme, h1 in FRONT:  # warm-up
+            h2load(urls[scheme], 1, 16, h1)
+        for r in range(rounds):
+            for name, scheme, h1 in FRONT:
+                m = h2load(urls[scheme], seconds, 16, h1)
+                rows[name].append(m["rps"])
+                failed[name] += m["failed"]
+            log(f"front round {r + 1}: " + ", ".join(f"{n} {rows[n][-1]:.0f}" for n in rows))
+    finally:
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    base = "HTTP/1.1"
+    return [{"protocol": n, "rps": statistics.median(rows[n]), "rounds": rows[n], "failed": failed[n],
+             "vs_h1": statistics.median(a / b for a, b in zip(rows[n], rows[base]))} for n in rows]
+
+
 def api_push(bin_dir, guests, cache, rounds):
     """The C API (push + completion callbacks) against the Rust API."""
     c_bin = bin_dir / "push_bench"
@@ -390,6 +448,7 @@ def main():
             "wasmpool": subprocess.run([str(bin_), "--version"], capture_output=True, text=True).stdout.strip(),
             "wasmtime": subprocess.run([str(WASMTIME), "--version"], capture_output=True, text=True).stdout.strip(),
             "wrk": "wrk 4.1.0 (Debian)",
+            "h2load": subprocess.run(["h2load", "--version"], capture_output=True, text=True).stdout.strip(),
             "oha": subprocess.run([str(OHA), "--version"], capture_output=True, text=True).stdout.strip(),
         },
         "rounds": a.rounds, "seconds": a.seconds,
@@ -402,6 +461,7 @@ def main():
         res["cold_start"] = cold_start(bin_, guests, 5)
         res["memory"] = memory(bin_, guests, cache)
         res["api_push"] = api_push(Path(a.api_bins), guests, cache, a.rounds)
+        res["front"] = front(bin_, guests, cache, a.rounds, a.seconds)
     res["duration_s"] = round(time.time() - started)
     Path(a.out).write_text(json.dumps(res, indent=2))
     shutil.rmtree(cache, ignore_errors=True)

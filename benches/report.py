@@ -186,6 +186,18 @@ def main():
         L.append(f"| Rust | {fmt(a['rust_rps'])} |")
         L.append(f"| C / Rust | {a['ratio']:.2f}x |")
         L.append("")
+    if "front" in res:
+        L.append("## The HTTP front: TLS and HTTP/2 beside HTTP/1.1\n")
+        L.append("One wasmpool process serving the p2 hello guest (reuse 128) on a plain and a TLS listener "
+                 "(rustls, ECDSA P-256 certificate); h2load with 16 connections and one request at a time on each "
+                 f"(`-m1`, so every protocol sees the same concurrency), {res['seconds']} s per protocol, "
+                 f"{len(res['front'][0]['rounds'])} interleaved rounds; medians, and the median of per-round ratios "
+                 "to plain HTTP/1.1.\n")
+        L.append("| protocol | req/s | vs HTTP/1.1 | failed |")
+        L.append("|---|---|---|---|")
+        for r in res["front"]:
+            L.append(f"| {r['protocol']} | {fmt(r['rps'])} | {r['vs_h1']:.2f}x | {r['failed']} |")
+        L.append("")
     rows = criterion_rows(crit)
     if rows:
         L.append("## Micro-benchmarks (Criterion, `cargo bench --bench engine`)\n")

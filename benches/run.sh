@@ -15,6 +15,8 @@ cd "$(dirname "$0")/.."
 tools=${WASMPOOL_BENCH_TOOLS:-/var/cache/wasmpool-bench}
 export WASMPOOL_BENCH_TOOLS=$tools
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+command -v h2load >/dev/null || { apt-get update -qq && apt-get install -y -qq nghttp2-client >/dev/null; }
+command -v openssl >/dev/null || { apt-get update -qq && apt-get install -y -qq openssl >/dev/null; }
 command -v systemd-socket-activate >/dev/null || apt-get install -y -qq systemd >/dev/null
 if [ ! -x "$tools/wasmtime-48.0.8/bin/wasmtime" ]; then
   cargo install --locked --quiet wasmtime-cli@48.0.8 --root "$tools/wasmtime-48.0.8"
