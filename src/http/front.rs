@@ -152,7 +152,7 @@ impl Front {
         req: http::Request<Incoming>,
         guard: RequestGuard,
     ) -> Response<Body> {
-        let logging = self.access_log.load(Relaxed);
+        let logging = self.access_logging();
         let start = (logging || self.metrics.is_some()).then(Instant::now);
         let pool = self.pool();
         let outcome = Arc::new(Outcome::default());
@@ -197,6 +197,13 @@ impl Front {
         response
     }
 
+    /// Whether this request gets an access log line: the knob is on and
+    /// the log filter lets the line through (`WASMPOOL_LOG=warn` drops
+    /// it, so the record is not worth building).
+    fn access_logging(&self) -> bool {
+        self.access_log.load(Relaxed) && tracing::enabled!(target: "access", tracing::Level::INFO)
+    }
+
     /// The answer to a request its client may not send now (it has
     /// `max-requests-per-client` in flight).
     pub fn too_many_requests(
@@ -213,7 +220,7 @@ impl Front {
         }
         let peer = guard.conn().peer;
         let mut r = r.map(|b| Body::own(b, guard));
-        if self.access_log.load(Relaxed) {
+        if self.access_logging() {
             let mut record = AccessRecord::new(req, peer, Instant::now(), Arc::default());
             record.answered(&r);
             r.body_mut().log_when_done(record);
