@@ -259,24 +259,47 @@ pub unsafe extern "C" fn wasmpool_response_header(
     boundary(|| {
         // SAFETY: see `handle_ref`.
         let r = unsafe { handle_ref(resp, "resp") }?;
-        if name.is_null() || name_len.is_null() || value.is_null() || value_len.is_null() {
-            return Err(Failure::null("an output pointer"));
-        }
-        let (n, v) = r.headers.get(index).ok_or_else(|| {
-            Failure::invalid(format!(
-                "header index {index} out of range ({} headers)",
-                r.headers.len()
-            ))
-        })?;
-        // SAFETY: all four outputs were checked for NULL above.
+        // SAFETY: the outputs are NULL or writable (documented).
         unsafe {
-            *name = n.as_ptr();
-            *name_len = n.len();
-            *value = v.as_ptr();
-            *value_len = v.len();
+            field_at(
+                &r.headers, index, "header", name, name_len, value, value_len,
+            )
         }
-        Ok(())
     })
+}
+
+/// Field `index` of `fields` into the four outputs (checked for NULL),
+/// as pointers into the response; `what` names the list in errors.
+///
+/// # Safety
+/// Each output pointer is NULL or valid for a write.
+unsafe fn field_at(
+    fields: &[(Bytes, Bytes)],
+    index: usize,
+    what: &str,
+    name: *mut *const u8,
+    name_len: *mut usize,
+    value: *mut *const u8,
+    value_len: *mut usize,
+) -> Result<(), Failure> {
+    if name.is_null() || name_len.is_null() || value.is_null() || value_len.is_null() {
+        return Err(Failure::null("an output pointer"));
+    }
+    let (n, v) = fields.get(index).ok_or_else(|| {
+        Failure::invalid(format!(
+            "{what} index {index} out of range ({} {what}s)",
+            fields.len()
+        ))
+    })?;
+    // SAFETY: all four outputs were checked for NULL above and are valid
+    // for writes (the caller's contract).
+    unsafe {
+        *name = n.as_ptr();
+        *name_len = n.len();
+        *value = v.as_ptr();
+        *value_len = v.len();
+    }
+    Ok(())
 }
 
 /// The body: a pointer into the response (valid until it is freed) and its
@@ -421,20 +444,8 @@ pub unsafe extern "C" fn wasmpool_response_trailer(
                 "the body has not ended: no trailers yet",
             )
         })?;
-        let (n, v) = t.get(index).ok_or_else(|| {
-            Failure::invalid(format!(
-                "trailer index {index} out of range ({} trailers)",
-                t.len()
-            ))
-        })?;
-        // SAFETY: all four outputs were checked for NULL above.
-        unsafe {
-            *name = n.as_ptr();
-            *name_len = n.len();
-            *value = v.as_ptr();
-            *value_len = v.len();
-        }
-        Ok(())
+        // SAFETY: the outputs are NULL or writable (documented).
+        unsafe { field_at(t, index, "trailer", name, name_len, value, value_len) }
     })
 }
 
