@@ -38,10 +38,6 @@ pub struct Outcome {
     pub failed: Arc<AtomicBool>,
     /// Body bytes received (for the access log).
     pub received: AtomicU64,
-    /// A body refused unread (413 on its declared length), to be dropped
-    /// only with the response: on HTTP/2 dropping it resets the stream, and
-    /// a reset before the response has gone out loses the response.
-    pub unread: std::sync::Mutex<Option<Incoming>>,
 }
 
 /// The limits a [`ClientBody`] enforces.

@@ -165,7 +165,10 @@ impl Front {
             )),
             _ => None,
         };
-        let response = guarded(self.respond(&pool, req, outcome.clone())).await;
+        let (response, unread) = match refusal_on_head(pool.knobs(), &req) {
+            Some((r, keep_body)) => (r, keep_body.then(|| req.into_body())),
+            None => (guarded(self.respond(&pool, req, outcome)).await, None),
+        };
         if let (Some(m), Some(start)) = (&self.metrics, start) {
             m.observe(response.status(), start.elapsed());
         }
@@ -182,12 +185,7 @@ impl Front {
             }
             Either::Right(own) => Body::own(own, guard),
         });
-        if let Some(unread) = outcome
-            .unread
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
+        if let Some(unread) = unread {
             response.body_mut().keep_unread(unread);
         }
         if let Some(mut record) = access {
@@ -235,22 +233,7 @@ impl Front {
         outcome: Arc<Outcome>,
     ) -> Response<Inner> {
         let knobs = pool.knobs();
-        if req.headers().len() > knobs.max_request_headers as usize {
-            // HTTP/1 refuses these while parsing; HTTP/2 hands them over.
-            return closing(error_response(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "too many header fields",
-            ));
-        }
         let limit = knobs.max_request_body_size;
-        if let Some(len) = declared_length(&req)
-            && len > limit
-        {
-            tracing::debug!(len, limit, "request body too large (content-length)");
-            let (_, unread) = req.into_parts();
-            *outcome.unread.lock().unwrap_or_else(|e| e.into_inner()) = Some(unread);
-            return body_too_large();
-        }
         let limits = BodyLimits {
             max_size: limit,
             timeout: knobs.client_body_timeout,
@@ -298,6 +281,31 @@ impl Front {
             }
         }
     }
+}
+
+/// The answers given on the head alone, before any of the body is read:
+/// 431 for too many header fields (HTTP/1 refuses these while parsing;
+/// HTTP/2 hands them over) and 413 for a declared length over the limit.
+/// `true` with the 413: the body is kept unread as long as the response
+/// (on HTTP/2 dropping it resets the stream, and a reset before the
+/// response has gone out loses the response), then discarded.
+fn refusal_on_head(
+    knobs: &crate::config::Knobs,
+    req: &http::Request<Incoming>,
+) -> Option<(Response<Inner>, bool)> {
+    if req.headers().len() > knobs.max_request_headers as usize {
+        return Some((
+            closing(error_response(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "too many header fields",
+            )),
+            false,
+        ));
+    }
+    let limit = knobs.max_request_body_size;
+    let len = declared_length(req).filter(|len| *len > limit)?;
+    tracing::debug!(len, limit, "request body too large (content-length)");
+    Some((body_too_large(), true))
 }
 
 fn declared_length(req: &http::Request<Incoming>) -> Option<u64> {

@@ -40,7 +40,7 @@ pub struct Body {
     /// The access log line to write when the body ends (when logging).
     access: Option<Box<AccessRecord>>,
     /// The request's body when it was refused unread: dropped with this
-    /// body, after the response (see `Outcome::unread`).
+    /// body, after the response (see `front::refusal_on_head`).
     _unread: Option<hyper::body::Incoming>,
 }
 
