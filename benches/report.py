@@ -138,7 +138,8 @@ def main():
                  f"{ok(c['with cache'] <= limit)} |")
     if "api_push" in res:
         a = res["api_push"]
-        L.append(f"| C API push at least 0.9x the Rust API | {a['ratio']:.2f}x | {ok(a['ratio'] >= 0.9)} |")
+        L.append(f"| C API push at least 0.9x the Rust API (host woken per completion) | {a['ratio']:.2f}x "
+                 f"(refilling in batches of 16: {a.get('ratio_batch16', 0):.2f}x) | {ok(a['ratio'] >= 0.9)} |")
     L.append("")
     if "latency" in res:
         L.append("## Latency at a constant rate\n")
@@ -177,14 +178,19 @@ def main():
         a = res["api_push"]
         L.append("## C API against the Rust API\n")
         L.append("100,000 `GET /` to the p3 hello guest, at most 64 in flight, whole bodies collected: "
-                 "`ffi/bench/push_bench.c` (push + completion callbacks on engine threads) against "
-                 f"`benches/api_push.rs` (`Pool::handle` on a tokio runtime of the same size). "
-                 f"Medians of {len(a['rounds']['c'])} interleaved rounds.\n")
-        L.append("| API | req/s |")
-        L.append("|---|---|")
-        L.append(f"| C | {fmt(a['c_rps'])} |")
-        L.append(f"| Rust | {fmt(a['rust_rps'])} |")
-        L.append(f"| C / Rust | {a['ratio']:.2f}x |")
+                 "`ffi/bench/push_bench.c` (push + completion callbacks on engine threads; its counters are "
+                 "atomics and it sleeps on a semaphore, so it adds no lock of its own) against "
+                 "`benches/api_push.rs` (`Pool::handle` on a tokio runtime of the same size). The C host "
+                 "runs twice: woken for every completion to push the next request (as the Rust loop "
+                 "takes one permit at a time), and sleeping until 16 have completed, then pushing 16 (as "
+                 "an event loop takes completions in batches). "
+                 f"Medians of {len(a['rounds']['c'])} interleaved rounds; ratios are medians of per-round ratios.\n")
+        L.append("| API | req/s | / Rust |")
+        L.append("|---|---|---|")
+        L.append(f"| C, woken per completion | {fmt(a['c_rps'])} | {a['ratio']:.2f}x |")
+        if "c_batch16_rps" in a:
+            L.append(f"| C, refilling in batches of 16 | {fmt(a['c_batch16_rps'])} | {a['ratio_batch16']:.2f}x |")
+        L.append(f"| Rust | {fmt(a['rust_rps'])} | 1.00x |")
         L.append("")
     if "front" in res:
         L.append("## The HTTP front: TLS and HTTP/2 beside HTTP/1.1\n")
