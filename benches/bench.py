@@ -428,6 +428,11 @@ def api_push(bin_dir, guests, cache, rounds):
 
 
 def main():
+    # Both servers run as a service would: with RUST_BACKTRACE=1 every store
+    # wasmtime drops captures a backtrace (wasmpool turns library backtraces
+    # off itself unless RUST_LIB_BACKTRACE is set; `wasmtime serve` does not).
+    for v in ("RUST_BACKTRACE", "RUST_LIB_BACKTRACE"):
+        os.environ.pop(v, None)
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)
     ap.add_argument("--native", required=True)
