@@ -85,24 +85,31 @@ def main():
     L.append(f"- Load: {v['wrk']} `wrk -t1 -cN -dSs` (closed loop) for throughput; {v['oha']} "
              "with `-q RATE --latency-correction` (constant rate) for latency.")
     L.append(f"- Method: for each scenario the servers run side by side; each round measures wasmpool, "
-             f"wasmtime serve, native (hello scenarios) and wasmpool again, {res['seconds']} s each, "
+             f"wasmtime serve, wasmtime serve with `-W timeout=30s`, native (hello scenarios) and wasmpool again, {res['seconds']} s each, "
              f"{res['rounds']} rounds; figures are medians, ratios are medians of per-round ratios. "
              "The A/A column is wasmpool's second measurement over its first in the same round "
              "(min..max): a ratio inside that spread is noise.")
     L.append("- Identical knobs: the flags in the table are passed to both wasmpool and `wasmtime serve` "
-             "(they share the names); everything else is each server's default.\n")
+             "(they share the names); everything else is each server's default. `wasmtime serve` runs "
+             "twice: at its defaults, and with `-W timeout=30s`, the protection wasmpool's default "
+             "30 s request timeout gives (epoch checks compiled into the guest, so a spinning guest "
+             "can be stopped); without it `wasmtime serve` compiles no epoch checks. The targets "
+             "are judged at equal protection.\n")
     L.append("![requests/s per scenario](benchmarks.svg)\n")
     L.append("## Throughput\n")
-    L.append("| scenario | flags | conns | wasmpool req/s | wasmtime serve req/s | native req/s | "
-             "wasmpool / wasmtime | wasmpool / native | wasmtime / native | A/A spread | "
-             "wasmpool errors | peak instances |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    L.append("| scenario | flags | conns | wasmpool req/s | wasmtime serve -W timeout req/s | "
+             "wasmtime serve (defaults) req/s | native req/s | "
+             "wasmpool / wasmtime -W timeout | wasmpool / wasmtime defaults | wasmpool / native | "
+             "wasmtime / native | A/A spread | wasmpool errors | peak instances |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in res["throughput"]:
         rps = r["rps"]
         L.append(
             f"| {r['scenario']} | `{' '.join(r['flags']) or 'defaults'}` {r['path']} | {r['connections']} | "
-            f"{fmt(rps['wasmpool'])} | {fmt(rps['wasmtime'])} | {fmt(rps['native']) if 'native' in rps else '–'} | "
-            f"**{r['vs_wasmtime']:.2f}x** | {('%.2fx' % r['vs_native']) if 'vs_native' in r else '–'} | "
+            f"{fmt(rps['wasmpool'])} | {fmt(rps['wasmtime_timeout'])} | {fmt(rps['wasmtime'])} | "
+            f"{fmt(rps['native']) if 'native' in rps else '–'} | "
+            f"**{r['vs_wasmtime_timeout']:.2f}x** | {r['vs_wasmtime']:.2f}x | "
+            f"{('%.2fx' % r['vs_native']) if 'vs_native' in r else '–'} | "
             f"{('%.2fx' % r['wasmtime_vs_native']) if 'wasmtime_vs_native' in r else '–'} | "
             f"{r['aa'][0]:.2f}..{r['aa'][1]:.2f} | {r['wasmpool_errors']} | {r['wasmpool_peak_instances']:.0f} |")
     L.append("")
@@ -116,12 +123,13 @@ def main():
             # A closed loop of N clients on a handler that sleeps S ms cannot
             # exceed N / S requests/s, whatever the server.
             bound = r["connections"] / (int(m.group(1)) / 1000)
-            if TARGETS["vs_wasmtime"] * r["rps"]["wasmtime"] > bound:
+            if TARGETS["vs_wasmtime"] * r["rps"]["wasmtime_timeout"] > bound:
                 note = (f" (unreachable: {r['connections']} clients on a {m.group(1)} ms sleep "
                         f"cap any server at {fmt(bound)} req/s; wasmtime serve is at "
-                        f"{r['rps']['wasmtime'] / bound:.0%} of that)")
-        L.append(f"| {r['scenario']}: at least 1.1x wasmtime serve | {r['vs_wasmtime']:.2f}x{note} | "
-                 f"{ok(r['vs_wasmtime'] >= TARGETS['vs_wasmtime'])} |")
+                        f"{r['rps']['wasmtime_timeout'] / bound:.0%} of that)")
+        L.append(f"| {r['scenario']}: at least 1.1x wasmtime serve at equal protection | "
+                 f"{r['vs_wasmtime_timeout']:.2f}x (defaults: {r['vs_wasmtime']:.2f}x){note} | "
+                 f"{ok(r['vs_wasmtime_timeout'] >= TARGETS['vs_wasmtime'])} |")
     for r in res["throughput"]:
         if "vs_native" in r and "fresh" not in r["scenario"]:
             L.append(f"| {r['scenario']}: at least 0.6x native | {r['vs_native']:.2f}x | "
