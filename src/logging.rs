@@ -48,13 +48,27 @@ pub fn init(format: LogFormat) {
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => b.json().try_init(),
-        LogFormat::Human if stderr_is_journal() => {
-            b.with_ansi(false).event_format(Journal).try_init()
+    use crate::http::access::Shape;
+    let (installed, shape) = match format {
+        LogFormat::Json => (b.json().try_init(), Some(Shape::Json)),
+        LogFormat::Human if stderr_is_journal() => (
+            b.with_ansi(false).event_format(Journal).try_init(),
+            Some(Shape::Journal),
+        ),
+        LogFormat::Human => {
+            let ansi = std::io::stderr().is_terminal();
+            // Coloured lines (a terminal) stay with tracing-subscriber.
+            (
+                b.with_ansi(ansi).try_init(),
+                (!ansi).then_some(Shape::Human),
+            )
         }
-        LogFormat::Human => b.with_ansi(std::io::stderr().is_terminal()).try_init(),
     };
+    // Access lines are formatted by the access log itself in the same shape
+    // (see `http::access`), only once this subscriber is the one in place.
+    if let (Ok(()), Some(shape)) = (installed, shape) {
+        crate::http::access::install(shape);
+    }
 }
 
 /// `<PRIORITY>target: message fields`, no timestamp, no colour: journald

@@ -8,6 +8,7 @@
 //! - [`body`]: request bodies (size, slow senders, read-ahead);
 //! - [`front`]: one request through the pool, failures mapped to statuses;
 //! - [`response`]: response bodies, read ahead when the client is slow;
+//! - [`access`]: the access log's lines;
 //! - [`tls`]: TLS 1.2/1.3 with a certificate that can be swapped;
 //! - this module: accept loops, connections (HTTP/1.1, and HTTP/2 by ALPN
 //!   or with prior knowledge), drain.
@@ -15,6 +16,7 @@
 //! Each defence is a knob (see `config`); `docs/reliability.md` lists the
 //! attack each one stops.
 
+pub mod access;
 pub mod body;
 pub mod front;
 pub mod io;

@@ -85,11 +85,31 @@ impl AccessRecord {
     }
 
     fn write(&self, sent: u64, complete: bool) {
-        let duration_ms = self.start.elapsed().as_secs_f64() * 1e3;
+        let duration_ms = (self.start.elapsed().as_secs_f64() * 1e6).round() / 1e3;
         let (instance, reused) = match self.served {
             Some(s) => (s.instance as i64, s.reused),
             None => (-1, false),
         };
+        let bytes_in = self
+            .received
+            .received
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let line = super::access::Line {
+            client: &self.peer,
+            method: self.method.as_str(),
+            target: &self.target,
+            version: self.version,
+            status: self.status,
+            bytes_in,
+            bytes_out: sent,
+            duration_ms,
+            instance,
+            reused,
+            complete,
+        };
+        if super::access::write(&line) {
+            return;
+        }
         tracing::info!(
             target: "access",
             client = %self.peer,
@@ -97,9 +117,9 @@ impl AccessRecord {
             target = %self.target,
             version = ?self.version,
             status = self.status,
-            bytes_in = self.received.received.load(std::sync::atomic::Ordering::Relaxed),
+            bytes_in,
             bytes_out = sent,
-            duration_ms = (duration_ms * 1000.0).round() / 1000.0,
+            duration_ms,
             instance,
             reused,
             complete,
