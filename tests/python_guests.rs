@@ -107,13 +107,17 @@ async fn python_p3_reuse_and_concurrency() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let c2: u32 = s.get("/counter").await.text().parse().unwrap();
     assert!(c2 > c1, "{c1} {c2}");
-    // Concurrent sleeps share instances.
+    // Concurrent sleeps share instances. They start 30 ms apart: the
+    // handler gives a request to an instance whose event loop is waiting
+    // (here, on an earlier sleep), and a burst of 8 at the same instant on a
+    // loaded machine can find every loop busy for that instant.
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let addr = s.addr;
         tasks.push(tokio::spawn(async move {
             send(addr, "GET", "/sleep/300", &[], Bytes::new()).await
         }));
+        tokio::time::sleep(Duration::from_millis(30)).await;
     }
     for t in tasks {
         let r = t.await.unwrap();
