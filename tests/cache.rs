@@ -6,13 +6,21 @@ use std::path::Path;
 use wasmpool::engine::cache::{CacheOutcome, CompileCache};
 use wasmpool::{KnobArgs, Pool, Source};
 
-fn entries(dir: &Path) -> Vec<std::path::PathBuf> {
+fn files(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut v: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
     v.sort();
     v
+}
+
+/// The compiled components (each has its hash in `KEY.b3` beside it).
+fn entries(dir: &Path) -> Vec<std::path::PathBuf> {
+    files(dir)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|x| x == "cwasm"))
+        .collect()
 }
 
 fn load(dir: &Path, args: KnobArgs, bytes: &[u8]) -> CacheOutcome {
@@ -51,9 +59,13 @@ fn stores_then_hits_and_keys_by_configuration() {
         load(dir.path(), KnobArgs::default(), &bytes),
         CacheOutcome::Stored
     );
-    let files = entries(dir.path());
-    assert_eq!(files.len(), 1, "{files:?}");
-    assert!(files[0].extension().unwrap() == "cwasm");
+    let all = files(dir.path());
+    assert_eq!(all.len(), 2, "{all:?}");
+    let entry = &entries(dir.path())[0];
+    // The component as wasmtime serialized it (mapped from the file when
+    // loaded), its hash beside it.
+    assert!(std::fs::read(entry).unwrap().starts_with(b"\x7fELF"));
+    assert!(entry.with_extension("b3").exists());
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         std::fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777,
@@ -94,7 +106,7 @@ fn stores_then_hits_and_keys_by_configuration() {
     assert_eq!(entries(dir.path()).len(), 3);
     // No temporary files left behind.
     assert!(
-        entries(dir.path()).iter().all(|p| !p
+        files(dir.path()).iter().all(|p| !p
             .file_name()
             .unwrap()
             .to_string_lossy()
@@ -138,6 +150,24 @@ fn corrupt_entries_are_recompiled() {
             CacheOutcome::Hit
         );
     }
+    // No hash beside it, or a hash in the old layout's header.
+    let sum = entry.with_extension("b3");
+    std::fs::remove_file(&sum).unwrap();
+    assert_eq!(
+        load(dir.path(), KnobArgs::default(), &bytes),
+        CacheOutcome::Replaced
+    );
+    let mut old = b"wasmpool-cwasm1\n".to_vec();
+    old.extend_from_slice(blake3::hash(&good).as_bytes());
+    std::fs::write(&sum, &old).unwrap();
+    assert_eq!(
+        load(dir.path(), KnobArgs::default(), &bytes),
+        CacheOutcome::Replaced
+    );
+    assert_eq!(
+        load(dir.path(), KnobArgs::default(), &bytes),
+        CacheOutcome::Hit
+    );
 }
 
 #[test]
@@ -163,10 +193,10 @@ fn stale_entries_are_recompiled() {
     let engine = wasmpool::engine::component::engine(&knobs).unwrap();
     let cache = CompileCache::new(dir.path().to_path_buf());
     let path = cache.entry_path(&engine, &bytes);
-    let mut data = b"wasmpool-cwasm1\n".to_vec();
-    data.extend_from_slice(blake3::hash(&stale).as_bytes());
-    data.extend_from_slice(&stale);
-    std::fs::write(&path, &data).unwrap();
+    let mut sum = b"wasmpool-cwasm2\n".to_vec();
+    sum.extend_from_slice(blake3::hash(&stale).as_bytes());
+    std::fs::write(&path, &stale).unwrap();
+    std::fs::write(path.with_extension("b3"), &sum).unwrap();
     assert_eq!(
         load(dir.path(), KnobArgs::default(), &bytes),
         CacheOutcome::Replaced

@@ -1,12 +1,18 @@
 //! The compile cache: precompiled components on disk, keyed by the
 //! component's bytes, the engine configuration and the wasmtime version.
 //!
-//! File layout: `MAGIC`, then the BLAKE3 hash of the payload, then the
-//! payload (wasmtime's serialized component). An entry whose hash does not
-//! match, or that wasmtime refuses to deserialize, is treated as absent and
-//! rewritten: the cache is never trusted blindly. Entries are written to a
-//! temporary file in the same directory and renamed into place, so a reader
-//! sees either the old entry, none, or the complete new one.
+//! An entry is two files: `KEY.cwasm`, wasmtime's serialized component as
+//! it is, and `KEY.b3`, `MAGIC` and the BLAKE3 hash of the first. The
+//! component is mapped from its file, not read and copied: loading the
+//! Python guest from the cache reads no 43 MB into memory, and its code is
+//! shared page cache rather than the process's own memory. An entry whose
+//! hash does not match (or has none), or that wasmtime refuses to
+//! deserialize, is treated as absent and rewritten: the cache is never
+//! trusted blindly. Files are written to a temporary file in the same
+//! directory and renamed into place, never changed in place, so a mapped
+//! file stays what was hashed, and a reader sees either the old entry,
+//! none, or the complete new one (a new component with the old hash is a
+//! mismatch, hence a miss).
 
 use std::hash::Hasher;
 use std::io::Write;
@@ -14,8 +20,7 @@ use std::path::{Path, PathBuf};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
-const MAGIC: &[u8; 16] = b"wasmpool-cwasm1\n";
-const HASH_LEN: usize = 32;
+const MAGIC: &[u8; 16] = b"wasmpool-cwasm2\n";
 
 /// Where the cache lives when no `cache-dir` is configured:
 /// `$CACHE_DIRECTORY` (set by systemd's `CacheDirectory=`; the first entry if
@@ -81,7 +86,7 @@ impl CompileCache {
     /// The entry path for `bytes` under `engine`'s configuration.
     pub fn entry_path(&self, engine: &Engine, bytes: &[u8]) -> PathBuf {
         let mut h = blake3::Hasher::new();
-        h.update(b"wasmpool ");
+        h.update(b"wasmpool layout 2 ");
         h.update(env!("CARGO_PKG_VERSION").as_bytes());
         h.update(b" wasmtime ");
         h.update(wasmtime_version().as_bytes());
@@ -103,26 +108,38 @@ impl CompileCache {
     ) -> wasmtime::Result<(Component, CacheOutcome)> {
         let path = self.entry_path(engine, bytes);
         let mut found_bad = false;
-        match std::fs::read(&path) {
-            Ok(data) => match verify(&data) {
-                Some(payload) => {
-                    // SAFETY: the payload was written by `Component::serialize`
-                    // of this program (its hash matches what we stored and the
-                    // key covers the engine configuration and versions), and
-                    // wasmtime checks the header's compatibility again.
-                    match unsafe { Component::deserialize(engine, payload) } {
-                        Ok(c) => return Ok((c, CacheOutcome::Hit)),
-                        Err(e) => {
-                            tracing::warn!(path = %path.display(), "stale compile cache entry, recompiling: {e}");
-                            found_bad = true;
-                        }
+        match open_verified(&path) {
+            Ok(Some((file, map))) => {
+                // Through the descriptor that was hashed: the file at `path`
+                // may have been replaced since.
+                use std::os::fd::AsRawFd;
+                let fd_path = format!("/proc/self/fd/{}", file.as_raw_fd());
+                // SAFETY: the file was written by `Component::serialize` of
+                // this program (its hash matches what we stored, and the key
+                // covers the engine configuration and versions); entries are
+                // replaced by rename, never modified in place, so the mapping
+                // stays what was hashed; wasmtime checks the header's
+                // compatibility again.
+                let mapped = unsafe { Component::deserialize_file(engine, &fd_path) };
+                // A cache on a `noexec` mount cannot be mapped executable:
+                // then the verified bytes are copied instead.
+                // SAFETY: as above.
+                let loaded = mapped.or_else(|e| {
+                    tracing::debug!(path = %path.display(), "cannot map the cache entry, copying it: {e:#}");
+                    unsafe { Component::deserialize(engine, &map[..]) }
+                });
+                match loaded {
+                    Ok(c) => return Ok((c, CacheOutcome::Hit)),
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), "stale compile cache entry, recompiling: {e:#}");
+                        found_bad = true;
                     }
                 }
-                None => {
-                    tracing::warn!(path = %path.display(), "corrupt compile cache entry, recompiling");
-                    found_bad = true;
-                }
-            },
+            }
+            Ok(None) => {
+                tracing::warn!(path = %path.display(), "corrupt compile cache entry, recompiling");
+                found_bad = true;
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
                 tracing::warn!(path = %path.display(), "cannot read compile cache entry: {e}")
@@ -146,28 +163,54 @@ impl CompileCache {
 
     fn store(&self, path: &Path, payload: &[u8]) -> std::io::Result<()> {
         create_private_dir(&self.dir)?;
-        let mut tmp = tempfile_in(&self.dir)?;
-        let result = (|| {
-            tmp.1.write_all(MAGIC)?;
-            tmp.1.write_all(blake3::hash(payload).as_bytes())?;
-            tmp.1.write_all(payload)?;
-            tmp.1.sync_all()?;
-            std::fs::rename(&tmp.0, path)
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp.0);
-        }
-        result
+        let mut sum = MAGIC.to_vec();
+        sum.extend_from_slice(blake3::hash(payload).as_bytes());
+        // The component first: a reader that finds it with the old hash
+        // (or none) takes it as a miss.
+        write_new(&self.dir, path, payload)?;
+        write_new(&self.dir, &sum_path(path), &sum)
     }
 }
 
-fn verify(data: &[u8]) -> Option<&[u8]> {
-    let rest = data.strip_prefix(MAGIC)?;
-    if rest.len() < HASH_LEN {
-        return None;
+/// Writes `data` to a new file in `dir` and renames it to `path`.
+fn write_new(dir: &Path, path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let mut tmp = tempfile_in(dir)?;
+    let result = (|| {
+        tmp.1.write_all(data)?;
+        tmp.1.sync_all()?;
+        std::fs::rename(&tmp.0, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp.0);
     }
-    let (hash, payload) = rest.split_at(HASH_LEN);
-    (blake3::hash(payload).as_bytes()[..] == *hash).then_some(payload)
+    result
+}
+
+/// `KEY.b3` beside `KEY.cwasm`.
+fn sum_path(path: &Path) -> PathBuf {
+    path.with_extension("b3")
+}
+
+/// Opens (and maps) the entry at `path` if its hash file matches its
+/// contents; `Ok(None)` when it does not (or has no hash), `NotFound` when
+/// there is no entry.
+fn open_verified(path: &Path) -> std::io::Result<Option<(std::fs::File, memmap2::Mmap)>> {
+    let file = std::fs::File::open(path)?;
+    let sum = match std::fs::read(sum_path(path)) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    // SAFETY: entries are replaced by rename, never modified in place, so
+    // the mapping does not change while it is hashed or used.
+    let map = unsafe { memmap2::Mmap::map(&file) }?;
+    Ok(verify(&sum, &map).then_some((file, map)))
+}
+
+/// Whether `sum` (a `.b3` file's contents) is the hash of `payload`.
+fn verify(sum: &[u8], payload: &[u8]) -> bool {
+    sum.strip_prefix(MAGIC)
+        .is_some_and(|hash| hash == blake3::hash(payload).as_bytes())
 }
 
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {
@@ -207,14 +250,16 @@ mod tests {
     #[test]
     fn verify_rejects_tampering() {
         let payload = b"hello".to_vec();
-        let mut data = MAGIC.to_vec();
-        data.extend_from_slice(blake3::hash(&payload).as_bytes());
-        data.extend_from_slice(&payload);
-        assert_eq!(verify(&data), Some(&payload[..]));
-        let mut bad = data.clone();
+        let mut sum = MAGIC.to_vec();
+        sum.extend_from_slice(blake3::hash(&payload).as_bytes());
+        assert!(verify(&sum, &payload));
+        let mut bad = payload.clone();
         *bad.last_mut().unwrap() ^= 1;
-        assert_eq!(verify(&bad), None);
-        assert_eq!(verify(&data[..10]), None);
-        assert_eq!(verify(b"garbage"), None);
+        assert!(!verify(&sum, &bad));
+        assert!(!verify(&sum[..20], &payload));
+        assert!(!verify(b"garbage", &payload));
+        let mut old = b"wasmpool-cwasm1\n".to_vec();
+        old.extend_from_slice(blake3::hash(&payload).as_bytes());
+        assert!(!verify(&old, &payload));
     }
 }
