@@ -23,6 +23,16 @@ fn entries(dir: &Path) -> Vec<std::path::PathBuf> {
         .collect()
 }
 
+/// The entry for `bytes` is bad: the next load recompiles and replaces it,
+/// the one after hits.
+fn replaced_then_hit(dir: &Path, bytes: &[u8]) {
+    assert_eq!(
+        load(dir, KnobArgs::default(), bytes),
+        CacheOutcome::Replaced
+    );
+    assert_eq!(load(dir, KnobArgs::default(), bytes), CacheOutcome::Hit);
+}
+
 fn load(dir: &Path, args: KnobArgs, bytes: &[u8]) -> CacheOutcome {
     let knobs = KnobArgs {
         cache_dir: Some(dir.to_path_buf()),
@@ -141,33 +151,16 @@ fn corrupt_entries_are_recompiled() {
     // Truncated, empty, garbage.
     for junk in [&good[..good.len() / 2], &b""[..], &b"not a cache entry"[..]] {
         std::fs::write(&entry, junk).unwrap();
-        assert_eq!(
-            load(dir.path(), KnobArgs::default(), &bytes),
-            CacheOutcome::Replaced
-        );
-        assert_eq!(
-            load(dir.path(), KnobArgs::default(), &bytes),
-            CacheOutcome::Hit
-        );
+        replaced_then_hit(dir.path(), &bytes);
     }
     // No hash beside it, or a hash in the old layout's header.
     let sum = entry.with_extension("b3");
     std::fs::remove_file(&sum).unwrap();
-    assert_eq!(
-        load(dir.path(), KnobArgs::default(), &bytes),
-        CacheOutcome::Replaced
-    );
+    replaced_then_hit(dir.path(), &bytes);
     let mut old = b"wasmpool-cwasm1\n".to_vec();
     old.extend_from_slice(blake3::hash(&good).as_bytes());
     std::fs::write(&sum, &old).unwrap();
-    assert_eq!(
-        load(dir.path(), KnobArgs::default(), &bytes),
-        CacheOutcome::Replaced
-    );
-    assert_eq!(
-        load(dir.path(), KnobArgs::default(), &bytes),
-        CacheOutcome::Hit
-    );
+    replaced_then_hit(dir.path(), &bytes);
 }
 
 #[test]
@@ -193,18 +186,13 @@ fn stale_entries_are_recompiled() {
     let engine = wasmpool::engine::component::engine(&knobs).unwrap();
     let cache = CompileCache::new(dir.path().to_path_buf());
     let path = cache.entry_path(&engine, &bytes);
-    let mut sum = b"wasmpool-cwasm2\n".to_vec();
-    sum.extend_from_slice(blake3::hash(&stale).as_bytes());
     std::fs::write(&path, &stale).unwrap();
-    std::fs::write(path.with_extension("b3"), &sum).unwrap();
-    assert_eq!(
-        load(dir.path(), KnobArgs::default(), &bytes),
-        CacheOutcome::Replaced
-    );
-    assert_eq!(
-        load(dir.path(), KnobArgs::default(), &bytes),
-        CacheOutcome::Hit
-    );
+    std::fs::write(
+        path.with_extension("b3"),
+        wasmpool::engine::cache::checksum(&stale),
+    )
+    .unwrap();
+    replaced_then_hit(dir.path(), &bytes);
 }
 
 #[test]

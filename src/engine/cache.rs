@@ -163,8 +163,7 @@ impl CompileCache {
 
     fn store(&self, path: &Path, payload: &[u8]) -> std::io::Result<()> {
         create_private_dir(&self.dir)?;
-        let mut sum = MAGIC.to_vec();
-        sum.extend_from_slice(blake3::hash(payload).as_bytes());
+        let sum = checksum(payload);
         // The component first: a reader that finds it with the old hash
         // (or none) takes it as a miss.
         write_new(&self.dir, path, payload)?;
@@ -184,6 +183,13 @@ fn write_new(dir: &Path, path: &Path, data: &[u8]) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&tmp.0);
     }
     result
+}
+
+/// What `KEY.b3` holds for a component `payload`: `MAGIC`, then its hash.
+pub fn checksum(payload: &[u8]) -> Vec<u8> {
+    let mut sum = MAGIC.to_vec();
+    sum.extend_from_slice(blake3::hash(payload).as_bytes());
+    sum
 }
 
 /// `KEY.b3` beside `KEY.cwasm`.
@@ -250,8 +256,7 @@ mod tests {
     #[test]
     fn verify_rejects_tampering() {
         let payload = b"hello".to_vec();
-        let mut sum = MAGIC.to_vec();
-        sum.extend_from_slice(blake3::hash(&payload).as_bytes());
+        let sum = checksum(&payload);
         assert!(verify(&sum, &payload));
         let mut bad = payload.clone();
         *bad.last_mut().unwrap() ^= 1;
