@@ -5,15 +5,16 @@
 //! escaping, styling, a date computed per line) cost 7 to 12% of the
 //! requests/s of a small guest. When the process installed its own log
 //! output ([`crate::logging::init`]), lines are formatted here instead, byte
-//! for byte as that formatter writes them (human, journal or JSON), and
-//! written to stderr with one `write`. Otherwise (the library inside a
+//! for byte as that formatter writes them (human, journal or JSON; the time
+//! by `humantime`, in the same RFC 3339 shape), and written to stderr with
+//! one `write`. Otherwise (the library inside a
 //! host's subscriber, or colours on a terminal) they go through `tracing`.
 
 use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::sync::OnceLock;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 /// The shape of the lines `logging::init` set up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,14 +53,8 @@ pub struct Line<'a> {
 }
 
 thread_local! {
-    static BUF: RefCell<(String, String, Stamp)> =
-        const { RefCell::new((String::new(), String::new(), Stamp { secs: u64::MAX, text: [0; 19] })) };
-}
-
-/// The date and time to the second, kept per thread while the second lasts.
-struct Stamp {
-    secs: u64,
-    text: [u8; 19],
+    /// The line and the client's text, reused by each thread's lines.
+    static BUF: RefCell<(String, String)> = const { RefCell::new((String::new(), String::new())) };
 }
 
 /// Writes `line` if an output shape is installed; `false` means the caller
@@ -70,7 +65,7 @@ pub fn write(line: &Line<'_>) -> bool {
     };
     BUF.with(|b| {
         let mut b = b.borrow_mut();
-        let (out, client, stamp) = &mut *b;
+        let (out, client) = &mut *b;
         out.clear();
         client.clear();
         let _ = write!(client, "{}", line.client);
@@ -84,7 +79,7 @@ pub fn write(line: &Line<'_>) -> bool {
         }
         match shape {
             Shape::Human => {
-                now(stamp, out);
+                now(out);
                 out.push_str("  INFO access: ");
                 fields(out, client, line);
             }
@@ -92,7 +87,7 @@ pub fn write(line: &Line<'_>) -> bool {
                 out.push_str("<6>access: ");
                 fields(out, client, line);
             }
-            Shape::Json => json(out, stamp, client, line),
+            Shape::Json => json(out, client, line),
         }
         out.push('\n');
         // One write: lines from different threads do not mix.
@@ -131,9 +126,9 @@ fn fields(out: &mut String, client: &str, l: &Line<'_>) {
     );
 }
 
-fn json(out: &mut String, stamp: &mut Stamp, client: &str, l: &Line<'_>) {
+fn json(out: &mut String, client: &str, l: &Line<'_>) {
     out.push_str("{\"timestamp\":\"");
-    now(stamp, out);
+    now(out);
     out.push_str("\",\"level\":\"INFO\",\"fields\":{\"message\":\"");
     let _ = write!(out, "{client} {} ", l.method);
     json_str(out, l.target);
@@ -168,58 +163,17 @@ fn json_str(out: &mut String, s: &str) {
 }
 
 /// `2026-12-01T07:28:21.885528Z`, as `tracing-subscriber`'s default timer.
-fn now(stamp: &mut Stamp, out: &mut String) {
-    let d = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let secs = d.as_secs();
-    if secs != stamp.secs {
-        stamp.secs = secs;
-        let (y, mo, day) = civil(secs / 86_400);
-        let s = secs % 86_400;
-        let mut t = String::with_capacity(19);
-        let _ = write!(
-            t,
-            "{y:04}-{mo:02}-{day:02}T{:02}:{:02}:{:02}",
-            s / 3600,
-            s / 60 % 60,
-            s % 60
-        );
-        stamp.text.copy_from_slice(&t.as_bytes()[..19]);
-    }
-    // The stamp is ASCII written above.
-    out.push_str(std::str::from_utf8(&stamp.text).unwrap_or("1970-01-01T00:00:00"));
-    let _ = write!(out, ".{:06}Z", d.subsec_micros());
-}
-
-/// Year, month, day of a day count since 1970-01-01 (Howard Hinnant's
-/// `civil_from_days`).
-fn civil(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + u64::from(m <= 2);
-    (y, m, d)
+fn now(out: &mut String) {
+    let _ = write!(
+        out,
+        "{}",
+        humantime::format_rfc3339_micros(SystemTime::now())
+    );
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn civil_dates() {
-        assert_eq!(civil(0), (1970, 1, 1));
-        assert_eq!(civil(59), (1970, 3, 1));
-        assert_eq!(civil(11_016), (2000, 2, 29));
-        assert_eq!(civil(20_788), (2026, 12, 1));
-        assert_eq!(civil(20_818), (2026, 12, 31));
-        assert_eq!(civil(20_819), (2027, 1, 1));
-    }
 
     fn line<'a>(client: &'a dyn std::fmt::Display, target: &'a str) -> Line<'a> {
         Line {
@@ -252,16 +206,7 @@ mod tests {
     #[test]
     fn json_is_json() {
         let mut out = String::new();
-        let mut stamp = Stamp {
-            secs: u64::MAX,
-            text: [0; 19],
-        };
-        json(
-            &mut out,
-            &mut stamp,
-            "::1",
-            &line(&"::1", "/a\"b\\c?x=\u{e9}"),
-        );
+        json(&mut out, "::1", &line(&"::1", "/a\"b\\c?x=\u{e9}"));
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["target"], "access");
         assert_eq!(v["level"], "INFO");
