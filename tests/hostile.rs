@@ -314,6 +314,43 @@ async fn idle_keep_alive_connections_close_after_their_own_timeout() {
         t.elapsed()
     );
     assert_eq!(stat(&s, |h| &h.header_timeouts), 1);
+
+    // A request body's bytes are not a head: idle after a POST is idle.
+    let mut c = TcpStream::connect(s.addr).await.unwrap();
+    c.write_all(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello")
+        .await
+        .unwrap();
+    let (got, closed) = raw_read(&mut c, Duration::from_millis(300)).await;
+    assert!(status_of(&got) == Some(200) && !closed, "{got}");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let n = c.read(&mut buf).await.unwrap();
+    assert_eq!(
+        status_of(&String::from_utf8_lossy(&buf[..n])),
+        Some(200),
+        "idle after a request body is keep-alive, not a head"
+    );
+
+    // The next head begins while a request still runs (as a client may
+    // send it before the response's last bytes): once that request ends,
+    // the rest of the head is timed from its first bytes, not as idle.
+    let mut c = TcpStream::connect(s.addr).await.unwrap();
+    c.write_all(b"GET /sleep/300 HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    c.write_all(b"GET / HT").await.unwrap();
+    let t = Instant::now();
+    let (got, closed) = raw_read(&mut c, Duration::from_secs(5)).await;
+    assert_eq!(status_of(&got), Some(200), "{got}");
+    assert!(
+        closed && t.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(stat(&s, |h| &h.header_timeouts), 2);
     s.stop().await;
 }
 

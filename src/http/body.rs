@@ -12,7 +12,7 @@
 //!   (taken from the memory budget) rather than an admission slot and a
 //!   guest instance.
 
-use super::limits::HttpStats;
+use super::limits::{Conn, HttpStats};
 use crate::engine::budget::{Held, MemoryBudget};
 use bytes::Bytes;
 use http_body::{Body as _, Frame};
@@ -56,6 +56,8 @@ pub struct ClientBody {
     limits: BodyLimits,
     outcome: Arc<Outcome>,
     stats: Arc<HttpStats>,
+    /// Told when the body has all arrived.
+    conn: Arc<Conn>,
     received: u64,
     /// Time spent waiting for the client, before the current wait.
     waited: Duration,
@@ -69,13 +71,18 @@ impl ClientBody {
         limits: BodyLimits,
         outcome: Arc<Outcome>,
         stats: Arc<HttpStats>,
+        conn: Arc<Conn>,
     ) -> ClientBody {
+        if inner.is_end_stream() {
+            conn.body_ended();
+        }
         ClientBody {
             inner,
             remaining: limits.max_size,
             limits,
             outcome,
             stats,
+            conn,
             received: 0,
             waited: Duration::ZERO,
             waiting_since: None,
@@ -126,10 +133,16 @@ impl http_body::Body for ClientBody {
                     this.received += n;
                     this.outcome.received.fetch_add(n, Relaxed);
                 }
+                if this.inner.is_end_stream() {
+                    this.conn.body_ended();
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => this.fail(e.into()),
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(None) => {
+                this.conn.body_ended();
+                Poll::Ready(None)
+            }
             Poll::Pending => {
                 let since = *this.waiting_since.get_or_insert_with(Instant::now);
                 let deadline = tokio::time::Instant::from_std(this.deadline(since));

@@ -3,7 +3,7 @@
 //! pool behind it can be swapped while serving (reload).
 
 use super::body::{self, BodyLimits, ClientBody, Outcome, ReadAheadError};
-use super::limits::{HttpStats, RequestGuard};
+use super::limits::{Conn, HttpStats, RequestGuard};
 use super::response::{AccessRecord, Body};
 use super::tls::Tls;
 use crate::engine::{Pool, RequestError, ResponseBody};
@@ -167,7 +167,10 @@ impl Front {
         };
         let (response, unread) = match refusal_on_head(pool.knobs(), &req) {
             Some((r, keep_body)) => (r, keep_body.then(|| req.into_body())),
-            None => (guarded(self.respond(&pool, req, outcome)).await, None),
+            None => {
+                let conn = guard.conn().clone();
+                (guarded(self.respond(&pool, req, outcome, conn)).await, None)
+            }
         };
         if let (Some(m), Some(start)) = (&self.metrics, start) {
             m.observe(response.status(), start.elapsed());
@@ -231,6 +234,7 @@ impl Front {
         pool: &Arc<Pool>,
         req: http::Request<Incoming>,
         outcome: Arc<Outcome>,
+        conn: Arc<Conn>,
     ) -> Response<Inner> {
         let knobs = pool.knobs();
         let limit = knobs.max_request_body_size;
@@ -240,7 +244,7 @@ impl Front {
             min_rate: knobs.client_body_min_rate,
         };
         let (parts, body) = req.into_parts();
-        let body = ClientBody::new(body, limits, outcome.clone(), self.stats.clone());
+        let body = ClientBody::new(body, limits, outcome.clone(), self.stats.clone(), conn);
         let body = if http_body::Body::is_end_stream(&body) || knobs.client_body_buffer_size == 0 {
             body.boxed_unsync()
         } else {

@@ -5,7 +5,10 @@
 //!   it) must arrive within `header-read-timeout` of the accept;
 //! - **keep-alive**: an idle connection (no request running) is closed
 //!   after `keepalive-timeout`; once the first byte of a new request head
-//!   arrives, the rest must follow within `header-read-timeout`;
+//!   arrives, the rest must follow within `header-read-timeout` (also
+//!   when it began before the previous response ended, once that request
+//!   has read its whole body; a partial head that came in one read with
+//!   the request before it is bounded by `keepalive-timeout`);
 //! - **send**: a write the client does not take for `send-timeout` closes
 //!   the connection; so does a client that takes less than `send-min-rate`
 //!   bytes per second of waiting on average, once `send-timeout` of
@@ -68,6 +71,10 @@ pub struct TimedIo<T> {
     seen_finished: u64,
     wait: Wait,
     wait_start: Instant,
+    /// HTTP/1: the next request's head began to arrive while a request
+    /// ran (its body all in): when, and `conn.finished()` then. Once that
+    /// request ends, the rest of the head is timed from then, not as idle.
+    early_head: Option<(u64, Instant)>,
     read_sleep: Option<Pin<Box<Sleep>>>,
     /// An idle HTTP/2 connection was asked to close; after this, an error.
     h2_close_backstop: Option<Instant>,
@@ -106,6 +113,7 @@ impl<T> TimedIo<T> {
             seen_finished: 0,
             wait: Wait::First,
             wait_start: Instant::now(),
+            early_head: None,
             read_sleep: None,
             h2_close_backstop: None,
             written: 0,
@@ -267,16 +275,36 @@ impl<T: AsyncRead + Unpin> AsyncRead for TimedIo<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let finished = this.conn.finished();
         // A request is running: its body has timeouts of its own.
         if this.conn.is_busy() {
-            return Pin::new(&mut this.inner).poll_read(cx, buf);
+            let before = buf.filled().len();
+            let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+            // Bytes after the body are the next head (a client that sends
+            // it before the response's last bytes, or a pipelining one).
+            if !this.h2
+                && buf.filled().len() > before
+                && !this.conn.body_open()
+                && this.early_head.is_none_or(|(f, _)| f != finished)
+            {
+                this.early_head = Some((finished, Instant::now()));
+            }
+            return r;
         }
-        let finished = this.conn.finished();
         if finished != this.seen_finished {
-            // A request ended since: a new wait between requests.
+            // A request ended since: a new wait between requests, or the
+            // rest of a head that began while it ran.
             this.seen_finished = finished;
-            this.wait = Wait::Idle;
-            this.wait_start = Instant::now();
+            match this.early_head.take() {
+                Some((f, since)) if f + 1 == finished => {
+                    this.wait = Wait::Head;
+                    this.wait_start = since;
+                }
+                _ => {
+                    this.wait = Wait::Idle;
+                    this.wait_start = Instant::now();
+                }
+            }
         }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {

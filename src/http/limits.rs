@@ -82,6 +82,9 @@ pub struct Conn {
     idle_since_ms: AtomicU64,
     /// A response is waiting for the client to take it.
     sending: AtomicBool,
+    /// The running request's body may still be arriving: on HTTP/1,
+    /// bytes read now may be that body rather than the next request.
+    body_open: AtomicBool,
     /// Asked to close as soon as it is idle.
     closing: AtomicBool,
     close: Notify,
@@ -115,6 +118,17 @@ impl Conn {
 
     pub(crate) fn add_response(&self, r: std::sync::Weak<Shared>) {
         self.responses.add(r);
+    }
+
+    /// Whether the running request's body may still be arriving.
+    pub fn body_open(&self) -> bool {
+        self.body_open.load(Relaxed)
+    }
+
+    /// The running request's body has all arrived (or will not be read):
+    /// what the client sends from now on is its next request.
+    pub(crate) fn body_ended(&self) {
+        self.body_open.store(false, Relaxed);
     }
 
     /// Requests finished so far.
@@ -287,6 +301,7 @@ impl Registry {
             active: AtomicU32::new(0),
             finished: AtomicU64::new(0),
             sending: AtomicBool::new(false),
+            body_open: AtomicBool::new(false),
             idle_since_ms: AtomicU64::new(self.now_ms()),
             closing: AtomicBool::new(false),
             close: Notify::new(),
@@ -343,6 +358,7 @@ impl Registry {
         &self,
         conn: &Arc<Conn>,
     ) -> Result<RequestGuard, (RequestGuard, TooManyRequests)> {
+        conn.body_open.store(true, Relaxed);
         if conn.active.fetch_add(1, Relaxed) == 0 && conn.finished() == 0 {
             conn.started.notify_waiters();
         }
