@@ -597,6 +597,7 @@ fn the_access_log_in_both_formats() {
                 "reused=false",
                 "duration_ms=",
                 "version=HTTP/1.1",
+                "complete=true",
             ] {
                 assert!(l.contains(needle), "{needle} in {l}");
             }
@@ -617,6 +618,7 @@ fn the_access_log_in_both_formats() {
             assert!(f["instance"].as_i64().unwrap() >= 1, "{f}");
             assert_eq!(f["reused"], false);
             assert_eq!(f["client"], "127.0.0.1");
+            assert_eq!(f["complete"], true, "{f}");
         }
         assert_eq!(p.stop(SIGTERM).code(), Some(0));
     }

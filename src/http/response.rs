@@ -54,6 +54,8 @@ pub struct AccessRecord {
     received: Arc<Outcome>,
     status: u16,
     served: Option<Served>,
+    /// The body's length as the response declared it (`content-length`).
+    declared: Option<u64>,
 }
 
 impl AccessRecord {
@@ -75,6 +77,7 @@ impl AccessRecord {
             received,
             status: 0,
             served: None,
+            declared: None,
         }
     }
 
@@ -82,9 +85,18 @@ impl AccessRecord {
     pub(crate) fn answered<B>(&mut self, r: &http::Response<B>) {
         self.status = r.status().as_u16();
         self.served = r.extensions().get::<Served>().copied();
+        self.declared = r
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok());
     }
 
     fn write(&self, sent: u64, complete: bool) {
+        // hyper drops a body whose declared length went out without
+        // polling its end, and sends none of it for HEAD.
+        let complete = complete
+            || self.declared == Some(sent)
+            || (self.method == http::Method::HEAD && sent == 0);
         let duration_ms = (self.start.elapsed().as_secs_f64() * 1e6).round() / 1e3;
         let (instance, reused) = match self.served {
             Some(s) => (s.instance as i64, s.reused),
