@@ -27,7 +27,6 @@ pub mod defaults {
     pub const MAX_CONCURRENT_CONNECTIONS: u32 = 1000;
     pub const MAX_QUEUE_WAIT: Duration = Duration::from_secs(1);
     pub const MAX_MEMORY_SIZE: u64 = 128 << 20;
-    pub const MEMORY_KEEP_RESIDENT: u64 = 1 << 20;
     pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
     pub const MAX_REQUEST_HEADERS: u32 = 100;
     pub const MAX_REQUEST_HEADER_SIZE: u64 = 16 << 10;
@@ -186,10 +185,12 @@ pub struct KnobArgs {
     #[serde(default, deserialize_with = "de::positive_size")]
     pub max_memory_size: Option<u64>,
 
-    /// Bytes of each linear memory kept resident (zeroed in place) when an
+    /// Bytes of each linear memory kept resident (reset in place) when an
     /// instance ends, so the next instance in that slot takes no page faults
-    /// for them; costs that much RSS per warm slot; at most max-memory-size
-    /// is kept [default: 1MiB].
+    /// for them; costs up to that much RSS per warm slot; at most
+    /// max-memory-size is kept [default: automatic: each slot keeps what its
+    /// instances wrote, up to 16MiB, and idle slots together at most 256MiB
+    /// or an eighth of the memory limit].
     #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
     #[serde(default, deserialize_with = "de::size")]
     pub memory_keep_resident: Option<u64>,
@@ -526,7 +527,7 @@ impl KnobArgs {
             max_queued_requests: self.max_queued_requests,
             max_queue_wait: self.max_queue_wait.unwrap_or(d.max_queue_wait),
             max_memory_size: self.max_memory_size.unwrap_or(d.max_memory_size),
-            memory_keep_resident: self.memory_keep_resident.unwrap_or(d.memory_keep_resident),
+            memory_keep_resident: self.memory_keep_resident.or(d.memory_keep_resident),
             header_read_timeout: self.header_read_timeout.unwrap_or(d.header_read_timeout),
             max_request_headers: self.max_request_headers.unwrap_or(d.max_request_headers),
             max_request_header_size: self
@@ -611,7 +612,8 @@ pub struct Knobs {
     pub max_queued_requests: Option<u32>,
     pub max_queue_wait: Duration,
     pub max_memory_size: u64,
-    pub memory_keep_resident: u64,
+    /// `None`: automatic (see `engine::component::warm_slots`).
+    pub memory_keep_resident: Option<u64>,
     pub header_read_timeout: Duration,
     pub max_request_headers: u32,
     pub max_request_header_size: u64,
@@ -654,7 +656,7 @@ impl Default for Knobs {
             max_queued_requests: None,
             max_queue_wait: defaults::MAX_QUEUE_WAIT,
             max_memory_size: defaults::MAX_MEMORY_SIZE,
-            memory_keep_resident: defaults::MEMORY_KEEP_RESIDENT,
+            memory_keep_resident: None,
             header_read_timeout: defaults::HEADER_READ_TIMEOUT,
             max_request_headers: defaults::MAX_REQUEST_HEADERS,
             max_request_header_size: defaults::MAX_REQUEST_HEADER_SIZE,
@@ -1057,7 +1059,7 @@ mod tests {
         assert_eq!(k.max_instance_reuse_count, Some(8));
         assert_eq!(k.request_timeout, Duration::from_secs(5));
         assert_eq!(k.max_memory_size, 64 << 20);
-        assert_eq!(k.memory_keep_resident, 2 << 20);
+        assert_eq!(k.memory_keep_resident, Some(2 << 20));
         assert_eq!(k.max_request_body_size, 1024);
         assert_eq!(
             k.env,

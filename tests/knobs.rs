@@ -615,17 +615,18 @@ async fn requests_without_host_are_served() {
 /// byte lies in the part kept resident or in the part given back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_keep_resident_starts_instances_clean() {
-    for keep in [0, 64 << 10, 1 << 20] {
+    // `None`: automatic (only the pages an instance wrote are reset).
+    for keep in [None, Some(0), Some(64 << 10), Some(1 << 20)] {
         let s = TestServer::start(
             p2_suite(),
             KnobArgs {
-                memory_keep_resident: Some(keep),
+                memory_keep_resident: keep,
                 ..Default::default()
             },
         )
         .await;
         for _ in 0..6 {
-            assert_eq!(s.get("/stain").await.text(), "0", "keep {keep}");
+            assert_eq!(s.get("/stain").await.text(), "0", "keep {keep:?}");
         }
         s.stop().await;
     }

@@ -175,14 +175,17 @@ pub unsafe extern "C" fn wasmpool_config_set_max_memory_size(
     set(cfg, |k| k.max_memory_size = bytes)
 }
 
-/// Bytes of each linear memory kept resident (zeroed in place) when an
-/// instance ends (default 1 MiB; at most the maximum memory size is kept).
+/// Bytes of each linear memory kept resident (reset in place) when an
+/// instance ends (at most the maximum memory size is kept). Without this
+/// call it is automatic: each slot keeps what its instances wrote, up to
+/// 16 MiB, and idle slots together at most 256 MiB or an eighth of the
+/// memory limit.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn wasmpool_config_set_memory_keep_resident(
     cfg: *mut wasmpool_config,
     bytes: u64,
 ) -> wasmpool_result {
-    set(cfg, |k| k.memory_keep_resident = bytes)
+    set(cfg, |k| k.memory_keep_resident = Some(bytes))
 }
 
 /// Largest response body `wasmpool_handler_push` and

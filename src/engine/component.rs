@@ -63,6 +63,19 @@ const TABLE_KEEP_RESIDENT: usize = 256 << 10;
 /// Idle instance slots the pooling allocator keeps warm.
 const WARM_SLOTS: u32 = 64;
 
+/// The fewest warm slots the automatic setting keeps.
+const MIN_AUTO_WARM_SLOTS: u32 = 4;
+
+/// Automatic `memory-keep-resident`: what each slot may keep of what its
+/// instances wrote. Interpreter guests (componentize-py, -js) write a few
+/// MiB of their 13-40 MiB image per request; a fresh instance in a slot
+/// that keeps those pages takes no page fault for them.
+const AUTO_KEEP_RESIDENT: u64 = 16 << 20;
+
+/// Most bytes all idle slots together keep resident under the automatic
+/// setting (and at most an eighth of the memory limit or budget).
+const AUTO_WARM_TOTAL: u64 = 256 << 20;
+
 /// Bytes of fiber stack kept resident (zeroed in place) when a stack goes
 /// back to the pool; the rest is released, so stacks that a deep guest
 /// touched do not stay resident for good.
@@ -71,10 +84,55 @@ const STACK_KEEP_RESIDENT: usize = 64 << 10;
 /// The fiber stack of each instance (wasmtime's default).
 pub const STACK_SIZE: u64 = 2 << 20;
 
-/// Memory that idle instance slots keep resident (`memory-keep-resident`
-/// for each warm slot's memory).
-pub fn warm_slot_bytes(knobs: &Knobs) -> u64 {
-    WARM_SLOTS as u64 * knobs.memory_keep_resident.min(knobs.max_memory_size)
+/// How idle instance slots stay warm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WarmSlots {
+    /// Bytes of each slot's linear memory kept resident.
+    pub keep: u64,
+    /// Idle slots kept for their component.
+    pub count: u32,
+}
+
+impl WarmSlots {
+    /// The most memory idle slots keep resident.
+    pub fn bytes(&self) -> u64 {
+        self.count as u64 * self.keep
+    }
+}
+
+/// How idle slots stay warm under the knobs. With `memory-keep-resident`
+/// set, each keeps that much. Without it, a slot keeps what its instances
+/// actually wrote (wasmtime finds those pages with the kernel's
+/// `PAGEMAP_SCAN` and copies back only them; pages only read stay mapped),
+/// up to [`AUTO_KEEP_RESIDENT`], and fewer slots are kept warm when that
+/// would pass the memory total. On a kernel without `PAGEMAP_SCAN` (before
+/// 6.7) the same amount is reset by copying, which still costs less than
+/// the page faults it saves for any guest that uses that much memory.
+pub fn warm_slots(knobs: &Knobs) -> WarmSlots {
+    match knobs.memory_keep_resident {
+        Some(keep) => WarmSlots {
+            keep: keep.min(knobs.max_memory_size),
+            count: WARM_SLOTS,
+        },
+        None => {
+            let limit = match knobs.memory_budget {
+                crate::config::MemoryBudgetArg::Bytes(b) => b,
+                crate::config::MemoryBudgetArg::Auto => crate::engine::budget::detect_limit().bytes,
+            };
+            auto_warm_slots(knobs.max_memory_size, limit)
+        }
+    }
+}
+
+/// The automatic setting for guests of at most `max_memory` bytes, in a
+/// process that may use `limit` bytes.
+fn auto_warm_slots(max_memory: u64, limit: u64) -> WarmSlots {
+    const PAGE: u64 = 4096;
+    let total = AUTO_WARM_TOTAL.min(limit / 8);
+    let keep = AUTO_KEEP_RESIDENT.min(max_memory);
+    let count = (total / keep.max(1)).clamp(MIN_AUTO_WARM_SLOTS as u64, WARM_SLOTS as u64) as u32;
+    let keep = keep.min(total / count as u64) / PAGE * PAGE;
+    WarmSlots { keep, count }
 }
 
 /// Instances the pooling allocator has room for, given the knobs: every
@@ -92,7 +150,8 @@ pub fn pool_slots(knobs: &Knobs) -> u32 {
 /// cache key, so everything here that affects code generation changes the key.
 pub fn engine(knobs: &Knobs) -> Result<Engine, LoadError> {
     let slots = pool_slots(knobs);
-    let keep = knobs.memory_keep_resident.min(knobs.max_memory_size) as usize;
+    let warm = warm_slots(knobs);
+    let keep = warm.keep as usize;
     let mut pool = PoolingAllocationConfig::new();
     pool.total_component_instances(slots)
         .total_core_instances(slots.saturating_mul(16))
@@ -106,14 +165,19 @@ pub fn engine(knobs: &Knobs) -> Result<Engine, LoadError> {
         .total_stacks(slots)
         .max_memories_per_component(16)
         .max_memory_size(knobs.max_memory_size as usize)
-        .max_unused_warm_slots(WARM_SLOTS)
+        .max_unused_warm_slots(warm.count)
         .async_stack_keep_resident(STACK_KEEP_RESIDENT)
-        // Zeroing a small memory in place when its instance ends is much
+        // Resetting a small memory in place when its instance ends is much
         // cheaper than madvise and the page faults the next instance in
         // the slot then takes (p2 hello with a fresh instance per request:
         // twice the requests/s with the first 64KiB kept).
         .linear_memory_keep_resident(keep)
         .table_keep_resident(keep.min(TABLE_KEEP_RESIDENT));
+    if knobs.memory_keep_resident.is_none() {
+        // Reset only the pages an instance wrote, and keep them (up to
+        // `keep`): see `warm_slots`.
+        pool.pagemap_scan(wasmtime::Enabled::Auto);
+    }
 
     let mut c = wasmtime::Config::new();
     c.wasm_component_model(true)
@@ -291,4 +355,46 @@ pub fn load(
         cache,
         name,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn automatic_warm_slots_stay_within_the_memory_total() {
+        const MIB: u64 = 1 << 20;
+        const GIB: u64 = 1 << 30;
+        // Plenty of memory: 16 MiB per slot, 256 MiB in all.
+        let w = auto_warm_slots(128 * MIB, 24 * GIB);
+        assert_eq!(
+            w,
+            WarmSlots {
+                keep: 16 * MIB,
+                count: 16
+            }
+        );
+        // Small guests keep at most their maximum size, in more slots.
+        let w = auto_warm_slots(2 * MIB, 24 * GIB);
+        assert_eq!(
+            w,
+            WarmSlots {
+                keep: 2 * MIB,
+                count: WARM_SLOTS
+            }
+        );
+        // A 256 MiB limit: an eighth of it, over at least 4 slots.
+        let w = auto_warm_slots(128 * MIB, 256 * MIB);
+        assert_eq!(
+            w,
+            WarmSlots {
+                keep: 8 * MIB,
+                count: 4
+            }
+        );
+        assert!(w.bytes() <= 32 * MIB);
+        // A tiny limit keeps little, never more than an eighth.
+        let w = auto_warm_slots(128 * MIB, 64 * MIB);
+        assert!(w.bytes() <= 8 * MIB && w.keep.is_multiple_of(4096), "{w:?}");
+    }
 }

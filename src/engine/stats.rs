@@ -21,7 +21,7 @@ pub struct Shared {
 
 /// What the process needs besides its guests under `knobs`.
 fn base(knobs: &Knobs) -> u64 {
-    budget::process_base(crate::engine::component::warm_slot_bytes(knobs))
+    budget::process_base(crate::engine::component::warm_slots(knobs).bytes())
 }
 
 impl Shared {
