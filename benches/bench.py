@@ -154,6 +154,13 @@ SCENARIOS = [
      ["--max-instance-reuse-count", "128"], 16, False, True),
     ("Python p3, defaults", "py_p3.wasm", "/",
      [], 16, False, True),
+    # benches/js: one Hono app, built as a StarlingMonkey fetch-event
+    # handler (its instances answer one request) and as a component that
+    # exports the incoming handler itself (reusable).
+    ("JS (Hono) fetch-event, fresh instance per request", "js_fetch.wasm", "/",
+     ["--max-instance-reuse-count", "1"], 16, False, True),
+    ("JS (Hono) reusable, reuse 64", "js_reuse.wasm", "/",
+     ["--max-instance-reuse-count", "64"], 16, False, True),
 ]
 
 

@@ -7,7 +7,8 @@
 #
 #   benches/run.sh [--rounds N] [--seconds S] [--only REGEX]
 #
-# The first run installs wasmtime-cli 48.0.8 (about 25 minutes on 2 cores)
+# The JavaScript guests are built from benches/js (npm: Hono, esbuild,
+# componentize-js). The first run installs wasmtime-cli 48.0.8 (about 25 minutes on 2 cores)
 # and oha into $WASMPOOL_BENCH_TOOLS (default /var/cache/wasmpool-bench).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +41,8 @@ mkdir -p "$out"
 # One build of everything (one feature resolution: no rebuilds between).
 cargo build --release --locked --bins --lib --example native_hello --example api_push
 cargo bench --locked --bench guests -- "$out/guests"
+command -v npm >/dev/null || { apt-get update -qq && apt-get install -y -qq npm >/dev/null; }
+benches/js/build.sh "$out/guests"
 # The C harness loads the library by its SONAME: link it, fresh, beside it
 # (a stale libwasmpool.so.0 elsewhere must not be what gets measured).
 ln -sf "$target/release/libwasmpool.so" "$out/libwasmpool.so.0"
