@@ -249,6 +249,16 @@ async fn a_reader_that_takes_a_few_bytes_at_a_time_is_cut_by_the_min_rate() {
     s.stop().await;
 }
 
+/// `GET /` on an open connection: the status of the answer's first read.
+async fn get_on(c: &mut TcpStream) -> Option<u16> {
+    c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = c.read(&mut buf).await.unwrap();
+    status_of(&String::from_utf8_lossy(&buf[..n]))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keep_alive_connections_close_after_their_own_timeout() {
     let s = TestServer::start(
@@ -296,12 +306,8 @@ async fn idle_keep_alive_connections_close_after_their_own_timeout() {
     let n = c.read(&mut buf).await.unwrap();
     assert_eq!(status_of(&String::from_utf8_lossy(&buf[..n])), Some(200));
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let n = c.read(&mut buf).await.unwrap();
     assert_eq!(
-        status_of(&String::from_utf8_lossy(&buf[..n])),
+        get_on(&mut c).await,
         Some(200),
         "idle beyond the head timeout is fine"
     );
@@ -323,12 +329,8 @@ async fn idle_keep_alive_connections_close_after_their_own_timeout() {
     let (got, closed) = raw_read(&mut c, Duration::from_millis(300)).await;
     assert!(status_of(&got) == Some(200) && !closed, "{got}");
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let n = c.read(&mut buf).await.unwrap();
     assert_eq!(
-        status_of(&String::from_utf8_lossy(&buf[..n])),
+        get_on(&mut c).await,
         Some(200),
         "idle after a request body is keep-alive, not a head"
     );
