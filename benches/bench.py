@@ -223,6 +223,22 @@ def throughput(bin_, guests, cache, rounds, seconds, native_bin, only=None):
     return results
 
 
+def io_peaks(bin_, guests, cache, runs=10, seconds=3, conns=64, sleep_ms=40):
+    """The I/O-bound scenario's peak live instances over `runs` runs, each
+    on a new wasmpool process (the peak is a process high-water mark)."""
+    out = []
+    for i in range(runs):
+        p, mport = free_port(), free_port()
+        s = Server("wasmpool", wasmpool_cmd(bin_, guests / "p3_suite.wasm", p, [], cache, mport), p,
+                   metrics_port=mport)
+        m = wrk(s.url, seconds, conns, f"/sleep/{sleep_ms}")
+        out.append({"peak": s.metric("wasmpool_instances_peak"), "rps": m["rps"],
+                    "errors": m["non2xx"] + m["socket_errors"]})
+        s.stop()
+        log(f"I/O-bound run {i + 1}: peak {out[-1]['peak']:.0f} instances, {m['rps']:.0f} req/s")
+    return {"connections": conns, "sleep_ms": sleep_ms, "seconds": seconds, "runs": out}
+
+
 def first_response_ms(start_proc, port, deadline_s=120):
     """Starts a process (start_proc()) and times until GET / answers 200."""
     t0 = time.perf_counter()
@@ -486,6 +502,7 @@ def main():
         hello = next(r for r in res["throughput"] if r["scenario"] == "p2 hello, reuse 128")
         rate = int(min(hello["rps"]["wasmpool"], hello["rps"]["wasmtime"]) * 0.5 // 100 * 100)
         res["latency"] = latency(bin_, guests, cache, Path(a.native), rate, 10)
+        res["io_peaks"] = io_peaks(bin_, guests, cache)
         res["cold_start"] = cold_start(bin_, guests, 5)
         res["memory"] = memory(bin_, guests, cache)
         res["api_push"] = api_push(Path(a.api_bins), guests, cache, a.rounds)

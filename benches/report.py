@@ -152,6 +152,16 @@ def main():
         L.append(f"| I/O-bound 40 ms: peak live instances at most 40% of requests in flight | "
                  f"{io['wasmpool_peak_instances']:.0f} instances for {io['connections']} in flight "
                  f"({share:.0%}) | {ok(share <= 0.4)} |")
+    if "io_peaks" in res:
+        iop = res["io_peaks"]
+        peaks = sorted(r["peak"] for r in iop["runs"])
+        good = sum(1 for x in peaks if x <= 0.4 * iop["connections"])
+        bound = iop["connections"] / (iop["sleep_ms"] / 1000)
+        rps = sorted(r["rps"] for r in iop["runs"])
+        L.append(f"| I/O-bound 40 ms, {len(peaks)} runs on new processes: peak live instances at most "
+                 f"40% of {iop['connections']} in flight in every run | peaks {', '.join('%.0f' % x for x in peaks)}; "
+                 f"{good} of {len(peaks)} runs within; {fmt(rps[0])}..{fmt(rps[-1])} req/s "
+                 f"(the limit is {fmt(bound)}) | {ok(good == len(peaks))} |")
     for c in res.get("cold_start", []):
         limit = TARGETS["cold_hello_ms"] if "hello" in c["guest"] else TARGETS["cold_python_ms"]
         L.append(f"| cold start with cache, {c['guest']}: at most {limit} ms | {c['with cache']:.1f} ms | "
