@@ -25,3 +25,97 @@ async fn p3_hello_and_echo() {
     assert_eq!((r.status, r.text().as_str()), (200, "slept\n"));
     s.stop().await;
 }
+
+/// `n` requests for `/sleep/{ms}`, `gap` apart, all in flight together;
+/// returns how many instances served them.
+async fn instances_for_staggered_sleeps(concurrent: u32, n: usize, ms: u64, gap: u64) -> u64 {
+    let s = TestServer::start(
+        p3_suite(),
+        KnobArgs {
+            max_instance_concurrent_reuse_count: Some(concurrent),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let addr = s.addr;
+        let ms = ms - i as u64 * gap;
+        tasks.push(tokio::spawn(async move {
+            send(
+                addr,
+                "GET",
+                &format!("/sleep/{ms}"),
+                &[],
+                bytes::Bytes::new(),
+            )
+            .await
+        }));
+        tokio::time::sleep(std::time::Duration::from_millis(gap)).await;
+    }
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!((r.status, r.text().as_str()), (200, "slept\n"));
+    }
+    let st = s.stats();
+    s.stop().await;
+    assert_eq!((st.responses, st.failed), (n as u64, 0), "{st:?}");
+    st.instances_created
+}
+
+/// The WASIp3 dispatcher (src/engine/p3.rs) sends a request to a live
+/// instance that has room for one more before it makes a new one: requests
+/// arriving while the first one waits on its timer all join its instance.
+/// With one request per instance, each needs its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_join_a_live_instance_with_room_before_a_new_one_is_made() {
+    assert_eq!(instances_for_staggered_sleeps(16, 6, 800, 60).await, 1);
+    assert_eq!(instances_for_staggered_sleeps(1, 6, 800, 60).await, 6);
+    // The limit holds: 4 at a time make 2 instances for 6 requests.
+    assert_eq!(instances_for_staggered_sleeps(4, 6, 800, 60).await, 2);
+}
+
+/// A client that sends a large body to `/echo` and reads none of the echo
+/// holds its own instance's loop (its response body drives it), never
+/// another request's: other requests are answered meanwhile, and the
+/// server still serves once it goes away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_its_response_stalls_no_one_else() {
+    use tokio::io::AsyncWriteExt;
+    let s = TestServer::start(
+        p3_suite(),
+        KnobArgs {
+            max_request_body_size: Some(256 << 20),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut stuck = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let len = 64 << 20;
+    let head = format!("POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: {len}\r\n\r\n");
+    stuck.write_all(head.as_bytes()).await.unwrap();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![b'x'; 1 << 16];
+        for _ in 0..(len / chunk.len()) {
+            if stuck.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        stuck
+    });
+    // Long enough for every buffer between guest and client to fill.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(!writer.is_finished(), "the echo was not held up");
+    for path in ["/", "/sleep/20", "/counter", "/"] {
+        let t = std::time::Instant::now();
+        let r = tokio::time::timeout(std::time::Duration::from_secs(5), s.get(path))
+            .await
+            .unwrap_or_else(|_| panic!("{path} stalled behind the client that does not read"));
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        eprintln!("{path}: {:?}", t.elapsed());
+    }
+    writer.abort();
+    let _ = writer.await;
+    assert_eq!(s.get("/").await.text(), "hello from p3\n");
+    s.stop().await;
+}

@@ -15,13 +15,14 @@
 //! one call; each [`Live`] counts once in `instances_live` until dropped.
 
 use crate::engine::host::Host;
+use crate::engine::idle::Parked;
 use crate::engine::stats::Stats;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use wasmtime::Store;
 use wasmtime_wasi_http::WasiBody;
 use wasmtime_wasi_http::p2::bindings::Proxy;
@@ -43,82 +44,13 @@ impl Drop for Live {
     }
 }
 
-/// Idle instances of one pool, most recently used last.
-#[derive(Default)]
-pub(crate) struct Idle {
-    list: Mutex<Vec<(Live, Instant)>>,
-    reaper: OnceLock<()>,
-}
-
-impl Idle {
-    /// The most recently used idle instance, if any.
-    pub fn take(&self) -> Option<Live> {
-        self.list.lock().unwrap().pop().map(|(live, _)| live)
+impl Parked for Live {
+    fn id(&self) -> u64 {
+        self.id
     }
-
-    /// Keeps `live` for another request. Needs a tokio runtime (the first
-    /// call starts the task that retires instances idle for `idle_timeout`).
-    pub fn put(self: &Arc<Self>, live: Live, idle_timeout: Duration) {
-        self.list.lock().unwrap().push((live, Instant::now()));
-        self.reaper
-            .get_or_init(|| spawn_reaper(Arc::downgrade(self), idle_timeout));
+    fn served(&self) -> u64 {
+        self.served
     }
-
-    /// Drops the instance idle longest; false if there is none.
-    pub fn drop_oldest(&self) -> bool {
-        let mut list = self.list.lock().unwrap();
-        if list.is_empty() {
-            return false;
-        }
-        let (live, _) = list.remove(0);
-        drop(list);
-        tracing::debug!(instance = live.id, "idle instance dropped to free memory");
-        drop(live);
-        true
-    }
-
-    /// Drops every idle instance (their component stops being reused).
-    pub fn clear(&self) {
-        let gone = std::mem::take(&mut *self.list.lock().unwrap());
-        drop(gone);
-    }
-
-    /// Drops the instances idle for at least `timeout`; they are the oldest,
-    /// at the front.
-    fn expire(&self, timeout: Duration) {
-        let gone: Vec<_> = {
-            let mut list = self.list.lock().unwrap();
-            let keep_from = list
-                .iter()
-                .position(|(_, since)| since.elapsed() < timeout)
-                .unwrap_or(list.len());
-            list.drain(..keep_from).collect()
-        };
-        for (live, _) in gone {
-            tracing::debug!(
-                instance = live.id,
-                served = live.served,
-                "idle instance retired"
-            );
-        }
-    }
-}
-
-impl crate::engine::budget::Reclaim for Idle {
-    fn reclaim_one(&self) -> bool {
-        self.drop_oldest()
-    }
-}
-
-fn spawn_reaper(idle: Weak<Idle>, timeout: Duration) {
-    let period = (timeout / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(period).await;
-            let Some(idle) = idle.upgrade() else { return };
-            idle.expire(timeout);
-        }
-    });
 }
 
 /// How one call to `handle` went, as far as the response is concerned.

@@ -1,20 +1,21 @@
-//! The pool: a loaded component and the instances serving it. WASIp3
-//! components go through wasmtime's [`ProxyHandler`], which owns the
-//! workers, reuse and idle expiry; this module supplies the policy it asks
-//! of an embedder (when an instance takes a request, when it expires, how
-//! one is made, and, through [`crate::engine::spare`], when none should be made).
-//! WASIp2 components run on the request's own task ([`crate::engine::p2`]).
-//! Both get what the handler leaves out: admission control, a hard request
-//! timeout, and classification of failures.
+//! The pool: a loaded component and the instances serving it. WASIp2
+//! components run on the request's own task ([`crate::engine::p2`]); WASIp3
+//! ones through wasmpool's dispatcher ([`crate::engine::p3`]), which runs
+//! an instance's event loop on the request's task too when it can. Both
+//! get from here: how instances are made (bounded by the memory budget and
+//! the request timeout), admission control, the hard request timeout, the
+//! `reuse = auto` retry, and classification of failures.
 
 use crate::config::{Knobs, OutboundRule, ReuseMode, defaults};
 use crate::engine::admission::{Admission, Permit, Rejection};
 use crate::engine::budget::MemoryBudget;
 use crate::engine::component::{self, EPOCH_TICK, Loaded, Source, World};
 use crate::engine::host::Host;
-use crate::engine::p2::{self, Answer, Idle, Live};
+use crate::engine::idle::Idle;
+use crate::engine::p2::{self, Answer, Live};
+use crate::engine::p3;
 use crate::engine::reuse::{Replay, ReplayableBody, ReuseSwitch};
-use crate::engine::spare::{Gate, Spare};
+use crate::engine::spare::{Gate, GateSlot};
 use crate::engine::stats::{Shared, Snapshot, Stats};
 use crate::error::LoadError;
 use bytes::Bytes;
@@ -24,19 +25,15 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
-use wasmtime::component::GuestTaskId;
-use wasmtime::{Engine, Store, StoreContextMut};
+use wasmtime::{Engine, Store};
 use wasmtime_wasi_http::WasiBody;
-use wasmtime_wasi_http::handler::{
-    ExpirationError, HandlerState, Instance, InstantiationError, Proxy, ProxyHandler, ProxyPre,
-    ShouldAccept, TrapOrPanicError, WorkerExpiration, WorkerState, WorkerStatus,
-};
+use wasmtime_wasi_http::handler::{ExpirationError, Proxy, ProxyPre, TrapOrPanicError};
 
-/// After the client got its 504, the worker gives the guest this much
-/// longer before it tears the instance down. Keeping the worker's own
+/// After the client got its 504, the instance's loop gives the guest this
+/// much longer before the instance is torn down. Keeping the loop's own
 /// deadline behind the client-facing one makes the client's answer
 /// deterministic (always 504, never a 500 from the teardown racing it).
-const TEARDOWN_GRACE: Duration = Duration::from_millis(100);
+pub(crate) const TEARDOWN_GRACE: Duration = Duration::from_millis(100);
 
 /// Why a request got no response from the guest.
 #[derive(Debug, thiserror::Error)]
@@ -65,18 +62,18 @@ impl RequestError {
     }
 }
 
-/// Per-request state shared between the caller and the worker that takes
+/// Per-request state shared between the caller and the instance that takes
 /// the request. When the caller gives up (timeout), it marks the ticket: the
-/// worker's expiration future fires and the instance is retired.
+/// call's expiration future fires and the instance is retired.
 #[derive(Default)]
 pub struct Ticket {
-    expired: AtomicBool,
-    notify: Notify,
-    worker: OnceLock<Arc<WorkerShared>>,
+    pub(crate) expired: AtomicBool,
+    pub(crate) notify: Notify,
+    pub(crate) worker: OnceLock<Arc<WorkerShared>>,
     /// The instance that took the request had served one before.
-    reused: AtomicBool,
+    pub(crate) reused: AtomicBool,
     /// The id of the instance that took the request (0: none yet).
-    instance: AtomicU64,
+    pub(crate) instance: AtomicU64,
 }
 
 /// Which instance answered a request: in the response's extensions (for
@@ -88,11 +85,11 @@ pub struct Served {
     pub reused: bool,
 }
 
-/// What a worker shares with the tickets of its requests.
+/// What an instance shares with the tickets of its requests.
 #[derive(Default)]
-struct WorkerShared {
+pub(crate) struct WorkerShared {
     /// Set when a request on this instance timed out: it takes no more.
-    poisoned: AtomicBool,
+    pub(crate) poisoned: AtomicBool,
     /// Set (before `ended`) when the instance ended in a trap or panic.
     trapped: AtomicBool,
     ended: AtomicBool,
@@ -100,7 +97,7 @@ struct WorkerShared {
 }
 
 impl WorkerShared {
-    fn end(&self, trapped: bool) {
+    pub(crate) fn end(&self, trapped: bool) {
         self.trapped.store(trapped, Relaxed);
         self.ended.store(true, Relaxed);
         self.ended_notify.notify_waiters();
@@ -177,9 +174,9 @@ impl http_body::Body for ResponseBody {
 
 /// A component being served.
 pub struct Pool {
-    handler: ProxyHandler<PoolState>,
-    /// WASIp2 components bypass the handler's workers (see [`p2`]).
-    direct: Option<Arc<Idle>>,
+    state: Arc<PoolState>,
+    /// Idle WASIp2 instances (see [`p2`]); `None` for WASIp3.
+    direct: Option<Arc<Idle<Live>>>,
     admission: Admission,
     knobs: Arc<Knobs>,
     world: World,
@@ -237,9 +234,14 @@ impl Pool {
             concurrent
         };
         let knobs = Arc::new(knobs);
-        let idle: Option<Arc<Idle>> = (!p3).then(Arc::default);
+        let idle: Option<Arc<Idle<Live>>> = (!p3).then(Arc::default);
         if let Some(idle) = &idle {
             let weak = Arc::downgrade(idle);
+            budget.add_reclaimer(weak);
+        }
+        let dispatch = p3.then(p3::Dispatch::default);
+        if let Some(d) = &dispatch {
+            let weak = Arc::downgrade(&d.idle);
             budget.add_reclaimer(weak);
         }
         let state = PoolState {
@@ -256,10 +258,11 @@ impl Pool {
             stats: stats.clone(),
             budget: budget.clone(),
             config: Arc::new(knobs.config_vars.iter().cloned().collect()),
+            dispatch,
             _epoch: EpochTicker::spawn(engine),
         };
         Pool {
-            handler: ProxyHandler::new(state),
+            state: Arc::new(state),
             direct: idle,
             admission: Admission::new(
                 knobs.max_concurrent_requests,
@@ -278,7 +281,7 @@ impl Pool {
     /// Creates one instance and drops it: proves that the component links
     /// and that its start-up code runs. Needs a tokio runtime.
     pub async fn probe(&self) -> Result<(), LoadError> {
-        let state = self.handler.state();
+        let state = &self.state;
         let mut store = state.new_store(0);
         let r = tokio::time::timeout(
             self.knobs.request_timeout,
@@ -318,7 +321,7 @@ impl Pool {
 
     /// Effective reuse limits: (total per instance, concurrent per instance).
     pub fn reuse_limits(&self) -> (usize, usize) {
-        let s = self.handler.state();
+        let s = &self.state;
         (s.reuse, s.concurrent)
     }
 
@@ -332,7 +335,7 @@ impl Pool {
 
     /// The memory budget the pool's guests draw on.
     pub fn budget(&self) -> &Arc<MemoryBudget> {
-        &self.handler.state().budget
+        &self.state.budget
     }
 
     /// Refuses every later request with [`Rejection::Closed`].
@@ -381,7 +384,7 @@ impl Pool {
         }
         let permit = self.admission.admit().await?;
         let started = Instant::now();
-        let state = self.handler.state();
+        let state = &self.state;
         // Under `reuse = auto`, keep what a retry on a fresh instance needs.
         let replay =
             if state.mode == ReuseMode::Auto && state.reuse > 1 && !state.switch.is_confirmed() {
@@ -431,7 +434,7 @@ impl Pool {
         if left.is_zero() {
             return Err(failure);
         }
-        let switch = &self.handler.state().switch;
+        let switch = &self.state.switch;
         switch.suspect();
         self.stats.retries.fetch_add(1, Relaxed);
         let ticket = Arc::new(Ticket::default());
@@ -483,42 +486,20 @@ impl Pool {
         if let Some(idle) = &self.direct {
             return self.attempt_direct(idle, request, ticket, timeout).await;
         }
-        let gate = &self.handler.state().gate;
+        let gate = &self.state.gate;
         let sent = Instant::now();
         let mut abandoned = ExpireIfAbandoned {
             ticket,
             deadline: sent + timeout + TEARDOWN_GRACE,
             armed: true,
         };
-        let call = async {
-            let mut request = request;
-            let mut refused_since = None;
-            loop {
-                match self.handler.handle(ticket.clone(), request).await {
-                    // Refused by the gate (see `spare`): send it again once
-                    // a worker has room.
-                    Err(e) => match spare_refusal(e) {
-                        Ok(back) => {
-                            request = back;
-                            let since = *refused_since.get_or_insert_with(Instant::now);
-                            if since.elapsed() >= gate.starved_after() {
-                                gate.starved();
-                                refused_since = None;
-                            }
-                            gate.wait().await;
-                        }
-                        Err(e) => break Err(e),
-                    },
-                    Ok(response) => break Ok(response),
-                }
-            }
-        };
-        let result = tokio::time::timeout(timeout, call).await;
+        let result = tokio::time::timeout(timeout, p3::serve(&self.state, request, ticket)).await;
         abandoned.armed = false;
         gate.observe(sent.elapsed());
         match result {
             Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => Err(match classify(e) {
+            Ok(Err(p3::Failure::Create(e))) => Err(instantiate_failure(&e)),
+            Ok(Err(p3::Failure::Call(e))) => Err(match classify(e) {
                 // A trap ends the instance's whole event loop; its requests
                 // then look as if the guest had never answered. The
                 // worker's own outcome, due right after, tells them apart.
@@ -540,12 +521,12 @@ impl Pool {
     /// [`Pool::attempt`] for WASIp2: the guest runs on this task.
     async fn attempt_direct(
         &self,
-        idle: &Arc<Idle>,
+        idle: &Arc<Idle<Live>>,
         request: http::Request<WasiBody>,
         ticket: &Arc<Ticket>,
         timeout: Duration,
     ) -> Result<http::Response<WasiBody>, RequestError> {
-        let state = self.handler.state();
+        let state = &self.state;
         let deadline = Instant::now() + timeout;
         let work = async {
             // Under `reuse = auto` with reuse switched off, instances that
@@ -569,9 +550,9 @@ impl Pool {
             }
             ticket.instance.store(live.id, Relaxed);
             live.served += 1;
-            let finish = state.finish_p2(idle.clone(), self.handler.clone());
-            // The guest may run on after answering, as long as the worker
-            // deadline of the handler path allows.
+            let finish = PoolState::finish_p2(self.state.clone(), idle.clone());
+            // The guest may run on after answering, as long as the
+            // teardown deadline of the WASIp3 path allows.
             let rest_deadline = deadline + TEARDOWN_GRACE;
             match p2::call(live, request, rest_deadline, finish).await {
                 Answer::Response(r) => Ok(r),
@@ -638,7 +619,7 @@ impl Pool {
     /// Whether `reuse = auto` found that this component fails on reused
     /// instances (it then uses each instance once).
     pub fn reuse_disabled(&self) -> bool {
-        self.handler.state().switch.is_confirmed()
+        self.state.switch.is_confirmed()
     }
 }
 
@@ -696,8 +677,8 @@ impl RequestHead {
     }
 }
 
-/// Tells the worker a request is over once its deadline passes, if the
-/// caller went away before the answer (the client hung up). The worker's
+/// Tells the instance a request is over once its deadline passes, if the
+/// caller went away before the answer (the client hung up). The call's
 /// expiration future waits only for the ticket, so that a request costs one
 /// timer (the caller's timeout), not two.
 struct ExpireIfAbandoned<'a> {
@@ -723,21 +704,6 @@ impl Drop for ExpireIfAbandoned<'_> {
     }
 }
 
-/// The request back, if `e` is the gate's refusal to make an instance.
-fn spare_refusal(e: wasmtime::Error) -> Result<http::Request<WasiBody>, wasmtime::Error> {
-    let refused = e
-        .downcast_ref::<InstantiationError<Arc<Ticket>>>()
-        .is_some_and(|ie| ie.error.is::<Spare>());
-    if !refused {
-        return Err(e);
-    }
-    let ie = e.downcast::<InstantiationError<Arc<Ticket>>>()?;
-    Ok(ie
-        .request
-        .into_inner()
-        .unwrap_or_else(|poisoned| poisoned.into_inner()))
-}
-
 /// No instance was made: the memory budget could not hold one more, even
 /// after waiting `max-queue-wait` for memory to be freed.
 #[derive(Debug, thiserror::Error)]
@@ -756,8 +722,6 @@ fn instantiate_failure(e: &wasmtime::Error) -> RequestError {
 fn classify(e: wasmtime::Error) -> RequestError {
     if e.downcast_ref::<ExpirationError>().is_some() {
         RequestError::Timeout
-    } else if let Some(ie) = e.downcast_ref::<InstantiationError<Arc<Ticket>>>() {
-        instantiate_failure(&ie.error)
     } else if e.downcast_ref::<TrapOrPanicError>().is_some()
         // A WASIp2 trap arrives as the cause of "guest never invoked
         // response-outparam::set".
@@ -769,25 +733,27 @@ fn classify(e: wasmtime::Error) -> RequestError {
     }
 }
 
-/// The [`HandlerState`]: how instances are made, and the policy each worker
-/// follows.
-struct PoolState {
+/// How instances are made, and the policy they follow; shared by the pool
+/// and by every instance still running for it.
+pub(crate) struct PoolState {
     engine: Engine,
     pre: ProxyPre<Host>,
-    knobs: Arc<Knobs>,
+    pub(crate) knobs: Arc<Knobs>,
     rules: Arc<[OutboundRule]>,
-    reuse: usize,
-    concurrent: usize,
+    pub(crate) reuse: usize,
+    pub(crate) concurrent: usize,
     mode: ReuseMode,
-    switch: Arc<ReuseSwitch>,
+    pub(crate) switch: Arc<ReuseSwitch>,
     next_instance: AtomicU64,
     /// Holds WASIp3 instances to what the requests in flight need.
-    gate: Arc<Gate>,
-    stats: Arc<Stats>,
+    pub(crate) gate: Arc<Gate>,
+    pub(crate) stats: Arc<Stats>,
     budget: Arc<MemoryBudget>,
     /// The guests' wasi:config variables.
     config: Arc<wasmtime_wasi_config::WasiConfigVariables>,
-    /// Lives as long as any worker does (workers hold the handler), so
+    /// Routing of WASIp3 requests (`None` for WASIp2).
+    dispatch: Option<p3::Dispatch>,
+    /// Lives as long as any instance does (running ones hold the state), so
     /// guests of a pool that was swapped out by a reload still yield.
     _epoch: EpochTicker,
 }
@@ -816,47 +782,6 @@ impl PoolState {
     }
 }
 
-impl HandlerState for PoolState {
-    type StoreData = Host;
-    type WorkerExpiration = Expiration;
-    type WorkerState = WorkerPolicy;
-
-    async fn instantiate(&self) -> wasmtime::Result<Instance<Host, Expiration, WorkerPolicy>> {
-        self.gate
-            .reserve(self.stats.in_flight.load(Relaxed) as usize)
-            .map_err(wasmtime::Error::new)?;
-        let (id, store, proxy) = match self.create().await {
-            Ok(made) => made,
-            Err(e) => {
-                self.gate.stopped_accepting();
-                return Err(e);
-            }
-        };
-        let worker_deadline = self.knobs.request_timeout + TEARDOWN_GRACE;
-        Ok(Instance {
-            store,
-            proxy,
-            view: <Host as wasmtime_wasi_http::WasiHttpView>::http,
-            expiration: Expiration {
-                idle_timeout: self.knobs.idle_instance_timeout,
-                busy_timeout: worker_deadline,
-                sleep: Box::pin(tokio::time::sleep(Duration::MAX / 4)),
-            },
-            state: WorkerPolicy {
-                id,
-                reuse: self.reuse,
-                concurrent: self.concurrent,
-                switch: self.switch.clone(),
-                shared: Arc::default(),
-                served: AtomicU64::new(0),
-                gate: self.gate.clone(),
-                accepting: AtomicBool::new(true),
-                stats: self.stats.clone(),
-            },
-        })
-    }
-}
-
 impl PoolState {
     /// A new store and instance, counted as live; instantiation is bounded
     /// by the request timeout.
@@ -873,7 +798,7 @@ impl PoolState {
         }
         let id = self.next_instance.fetch_add(1, Relaxed);
         let mut store = self.new_store(id);
-        // The embedder bounds instantiation time (see `HandlerState`).
+        // Instantiation is bounded like a request.
         let proxy = match tokio::time::timeout(
             self.knobs.request_timeout,
             self.pre.instantiate_async(&mut store),
@@ -898,6 +823,58 @@ impl PoolState {
         Ok((id, store, proxy))
     }
 
+    /// The WASIp3 dispatcher (only WASIp3 pools route through it).
+    pub(crate) fn p3(&self) -> &p3::Dispatch {
+        static NONE: OnceLock<p3::Dispatch> = OnceLock::new();
+        self.dispatch
+            .as_ref()
+            .unwrap_or_else(|| NONE.get_or_init(p3::Dispatch::default))
+    }
+
+    /// A new WASIp3 instance; `slot` is its place among the gate's
+    /// accepting instances.
+    pub(crate) async fn create_p3(&self, slot: GateSlot) -> wasmtime::Result<p3::Live> {
+        let (id, store, proxy) = self.create().await?;
+        Ok(p3::Live {
+            store,
+            proxy,
+            id,
+            served: 0,
+            worker: Arc::default(),
+            slot,
+            stats: self.stats.clone(),
+            trapped: false,
+        })
+    }
+
+    /// What becomes of a WASIp3 instance whose loop has nothing left: kept
+    /// for another request while the reuse policy allows, dropped otherwise.
+    pub(crate) fn finish_p3(&self, mut live: p3::Live, result: wasmtime::Result<()>) {
+        match result {
+            Ok(()) => {
+                let keep = live.served < self.reuse as u64
+                    && !live.worker.poisoned.load(Relaxed)
+                    && !self.switch.is_off()
+                    && !self.knobs.idle_instance_timeout.is_zero();
+                if keep {
+                    self.p3().idle.put(live, self.knobs.idle_instance_timeout);
+                } else if live.worker.poisoned.load(Relaxed) {
+                    tracing::warn!(
+                        instance = live.id,
+                        "instance discarded after a request timeout"
+                    );
+                } else {
+                    tracing::debug!(instance = live.id, served = live.served, "instance retired");
+                }
+            }
+            Err(e) => {
+                live.trapped = true;
+                self.stats.traps.fetch_add(1, Relaxed);
+                tracing::warn!(instance = live.id, "instance discarded after a trap: {e:#}");
+            }
+        }
+    }
+
     /// A new WASIp2 instance for the direct path.
     async fn create_p2(&self) -> wasmtime::Result<Live> {
         let (id, store, proxy) = self.create().await?;
@@ -916,11 +893,10 @@ impl PoolState {
 
     /// What the direct path does with an instance once `handle` returned:
     /// keep it for another request while the reuse policy allows, drop it
-    /// otherwise. `handler` keeps the epoch ticker running meanwhile.
-    fn finish_p2(&self, idle: Arc<Idle>, handler: ProxyHandler<PoolState>) -> p2::Finish {
-        Box::new(move |live: Live, result: wasmtime::Result<()>| {
-            let state = handler.state();
-            match result {
+    /// otherwise. `state` keeps the epoch ticker running meanwhile.
+    fn finish_p2(state: Arc<PoolState>, idle: Arc<Idle<Live>>) -> p2::Finish {
+        Box::new(
+            move |live: Live, result: wasmtime::Result<()>| match result {
                 Ok(()) => {
                     let keep = live.served < state.reuse as u64
                         && !state.switch.is_off()
@@ -939,144 +915,8 @@ impl PoolState {
                     state.stats.traps.fetch_add(1, Relaxed);
                     tracing::warn!(instance = live.id, "instance discarded after a trap: {e:#}");
                 }
-            }
-        })
-    }
-}
-
-/// Policy of one worker (one instance).
-struct WorkerPolicy {
-    id: u64,
-    reuse: usize,
-    concurrent: usize,
-    switch: Arc<ReuseSwitch>,
-    shared: Arc<WorkerShared>,
-    served: AtomicU64,
-    gate: Arc<Gate>,
-    /// Counted in the gate's accepting instances.
-    accepting: AtomicBool,
-    stats: Arc<Stats>,
-}
-
-impl WorkerPolicy {
-    fn stop_accepting(&self) {
-        if self.accepting.swap(false, Relaxed) {
-            self.gate.stopped_accepting();
-        }
-    }
-}
-
-impl Drop for WorkerPolicy {
-    /// The gate's count stays right even if the handler never called
-    /// `WorkerState::drop` (a panic in the worker).
-    fn drop(&mut self) {
-        self.stop_accepting();
-    }
-}
-
-impl WorkerState for WorkerPolicy {
-    type StoreData = Host;
-    type RequestData = Arc<Ticket>;
-
-    fn should_accept_request(&self, concurrent: usize, total: usize) -> ShouldAccept {
-        if self.shared.poisoned.load(Relaxed)
-            || total >= self.reuse
-            || (total > 0 && self.switch.is_off())
-        {
-            self.stop_accepting();
-            ShouldAccept::Never
-        } else if concurrent >= self.concurrent {
-            ShouldAccept::No
-        } else {
-            self.gate.has_room();
-            ShouldAccept::Yes
-        }
-    }
-
-    fn on_request_start(
-        &self,
-        _store: StoreContextMut<'_, Host>,
-        ticket: Arc<Ticket>,
-        _task: GuestTaskId,
-    ) -> Pin<Box<dyn Future<Output = ()> + Send + Sync + 'static>> {
-        if self.served.fetch_add(1, Relaxed) > 0 {
-            self.stats.instances_reused.fetch_add(1, Relaxed);
-            ticket.reused.store(true, Relaxed);
-        }
-        let _ = ticket.worker.set(self.shared.clone());
-        ticket.instance.store(self.id, Relaxed);
-        if ticket.expired.load(Relaxed) {
-            self.shared.poisoned.store(true, Relaxed);
-        }
-        // The caller expires the ticket: when its timeout fires, or once
-        // the deadline passed if it went away (`ExpireIfAbandoned`).
-        Box::pin(async move {
-            let notified = ticket.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if ticket.expired.load(Relaxed) {
-                return;
-            }
-            notified.await
-        })
-    }
-
-    fn drop(&self, store: Store<Host>, result: wasmtime::Result<()>) {
-        self.stop_accepting();
-        self.stats.instances_live.fetch_sub(1, Relaxed);
-        if let Err(e) = result {
-            let msg = format!("{e:#}");
-            self.shared.end(!msg.contains("timed out"));
-            if msg.contains("timed out") {
-                tracing::warn!(
-                    instance = self.id,
-                    "instance discarded after a request timeout"
-                );
-            } else {
-                self.stats.traps.fetch_add(1, Relaxed);
-                tracing::warn!(instance = self.id, "instance discarded after a trap: {msg}");
-            }
-        } else {
-            self.shared.end(false);
-            tracing::debug!(
-                instance = self.id,
-                served = self.served.load(Relaxed),
-                "instance retired"
-            );
-        }
-        drop(store);
-    }
-}
-
-/// Decides, from outside the instance's event loop, when a worker expires:
-/// after `idle-instance-timeout` without work, or when its most recent
-/// request outlives the request deadline (this is the defence that works
-/// even while a guest monopolises its store).
-struct Expiration {
-    idle_timeout: Duration,
-    busy_timeout: Duration,
-    sleep: Pin<Box<tokio::time::Sleep>>,
-}
-
-impl WorkerExpiration for Expiration {
-    fn poll(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        status: WorkerStatus,
-        start: Instant,
-    ) -> Poll<()> {
-        let timeout = match status {
-            WorkerStatus::Idle => self.idle_timeout,
-            WorkerStatus::Requests | WorkerStatus::PostReturn => self.busy_timeout,
-        };
-        let Some(deadline) = start.checked_add(timeout) else {
-            return Poll::Pending;
-        };
-        let deadline = tokio::time::Instant::from_std(deadline);
-        if self.sleep.deadline() != deadline {
-            self.sleep.as_mut().reset(deadline);
-        }
-        self.sleep.as_mut().poll(cx)
+            },
+        )
     }
 }
 

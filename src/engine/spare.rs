@@ -1,41 +1,38 @@
 //! Keeps WASIp3 instances few: a new instance only when the live ones
 //! cannot take the requests in flight.
 //!
-//! [`ProxyHandler`](wasmtime_wasi_http::handler::ProxyHandler) starts a
-//! worker (and an instance) whenever no worker is *available at that
-//! instant*, and a worker is available only while its event loop has
-//! nothing ready to run. Under a burst (say 64 requests that sleep 40 ms,
-//! all answered at once) every worker is busy for a moment, so nearly every
-//! request gets a new instance although each could take 16.
+//! The dispatcher ([`super::p3`]) gives a request to a running instance
+//! only while that instance's event loop waits on I/O and has room (it
+//! advertises room once per such moment). Under a burst (say 64 requests
+//! that sleep 40 ms, all answered at once) every loop is busy for a
+//! moment, so without more a request would often find none advertising
+//! and make an instance although the live ones could take 16 each.
 //!
-//! The gate sits in `HandlerState::instantiate`: it refuses to make an
-//! instance while the instances that still accept requests could hold every
-//! request in flight (`ceil(in_flight / concurrent)`, and never fewer than
-//! one per CPU so CPU-bound guests still use them all). The handler then
-//! hands the request back in an `InstantiationError` — the recovery its
-//! documentation describes — and the pool sends it again once a worker says
-//! it can take more, or after [`RETRY_AFTER`] at the latest.
+//! The gate decides whether a request that found no loop with room and no
+//! idle instance may make one: it refuses while the instances that still
+//! accept requests could hold every request in flight
+//! (`ceil(in_flight / concurrent)`, with half as much room again, and never
+//! fewer than one per CPU so CPU-bound guests still use them all). A
+//! refused request waits for the next loop to advertise room, or
+//! [`RETRY_AFTER`] at the latest, and is routed again.
 //!
 //! The gate applies to slow requests only: from start-up until answers
 //! show otherwise, and while the typical time to answer is [`SLOW`] or
 //! more (mostly waiting on I/O). For those an instance's busy moments are
 //! short beside a request's life, so waiting for one costs little. Fast
-//! requests would wait on instances as long as they run, and keep the
-//! handler's eagerness.
+//! requests would wait on instances as long as they run.
 //!
 //! Live instances may have room yet take nothing for a while (a guest
 //! busy-looping until its request times out keeps its whole instance
-//! busy, and the handler hands a request only to a worker whose event
-//! loop is idle at that instant). So a request refused for half a typical
-//! answer time (within [`STARVED_MIN`]..=[`STARVED_MAX`]) asks for an
-//! instance regardless, as the handler alone would have made one at once.
+//! busy). So a request refused for half a typical answer time (within
+//! [`STARVED_MIN`]..=[`STARVED_MAX`]) makes an instance regardless.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 use tokio::sync::Notify;
 
-/// Longest wait before a refused request is sent again, should no worker
-/// report spare capacity (a lost wake-up costs at most this).
+/// Longest wait before a refused request is routed again, should no loop
+/// advertise room (a lost wake-up costs at most this).
 pub(crate) const RETRY_AFTER: Duration = Duration::from_millis(1);
 
 /// Shortest and longest a refused request waits before it may have a new
@@ -54,7 +51,7 @@ pub(crate) const SLOW: Duration = Duration::from_millis(10);
 #[error("live instances have spare capacity")]
 pub(crate) struct Spare;
 
-/// Shared by a pool's instantiation gate, its workers and refused requests.
+/// Shared by a pool's instantiation gate, its instances and refused requests.
 #[derive(Debug)]
 pub(crate) struct Gate {
     /// Requests one instance takes at once; the gate is off at 1.
@@ -95,7 +92,7 @@ impl Gate {
             self.accepting.fetch_add(1, Relaxed);
             return Ok(());
         }
-        // Half as much room again as the requests need: a worker that is
+        // Half as much room again as the requests need: an instance that is
         // full, or busy for a moment, does not make the others wait.
         let needed = (in_flight + in_flight / 2)
             .div_ceil(self.concurrent)
@@ -113,6 +110,16 @@ impl Gate {
                     true
                 });
         if granted { Ok(()) } else { Err(Spare) }
+    }
+
+    /// Like [`Gate::reserve`], as a slot that releases the reservation
+    /// when stopped or dropped.
+    pub fn slot(self: &std::sync::Arc<Self>, in_flight: usize) -> Result<GateSlot, Spare> {
+        self.reserve(in_flight)?;
+        Ok(GateSlot {
+            gate: self.clone(),
+            on: true,
+        })
     }
 
     /// A request got its answer (or failed) `took` after it was sent.
@@ -143,7 +150,7 @@ impl Gate {
         self.wake();
     }
 
-    /// A worker may take another request.
+    /// A running instance may take another request.
     pub fn has_room(&self) {
         self.wake();
     }
@@ -154,11 +161,33 @@ impl Gate {
         }
     }
 
-    /// Waits until a worker reports room (or [`RETRY_AFTER`]).
+    /// Waits until an instance reports room (or [`RETRY_AFTER`]).
     pub async fn wait(&self) {
         self.waiting.fetch_add(1, Relaxed);
         let _ = tokio::time::timeout(RETRY_AFTER, self.capacity.notified()).await;
         self.waiting.fetch_sub(1, Relaxed);
+    }
+}
+
+/// An instance's place among the accepting ones: released once, when the
+/// instance stops taking requests or is dropped.
+#[derive(Debug)]
+pub(crate) struct GateSlot {
+    gate: std::sync::Arc<Gate>,
+    on: bool,
+}
+
+impl GateSlot {
+    pub fn stop(&mut self) {
+        if std::mem::take(&mut self.on) {
+            self.gate.stopped_accepting();
+        }
+    }
+}
+
+impl Drop for GateSlot {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

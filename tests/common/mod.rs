@@ -203,9 +203,10 @@ pub async fn try_send(
     })
 }
 
-/// Lets the instance that just answered become available again. A worker
-/// counts as available only once its event loop idles; a request arriving
-/// before that starts a new instance (ProxyHandler's design).
+/// Lets the instance that just answered become available again: a WASIp3
+/// instance is idle once its event loop has nothing left (the guest may
+/// work on after the response ends); a request arriving before that joins
+/// it only if its loop has room, else it takes another instance.
 pub async fn settle() {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
