@@ -90,7 +90,9 @@ const HEADER_DOC: &str = r#"/*
  */"#;
 
 fn main() {
-    println!("cargo:rerun-if-changed=src/capi");
+    // cbindgen reads the whole crate (a type alias anywhere can break it),
+    // so any change under src/ runs it again, not only one to the C API.
+    println!("cargo:rerun-if-changed=src");
     println!("cargo:rerun-if-changed=build.rs");
     // cargo-c (feature `capi`) sets the SONAME itself, from
     // [package.metadata.capi.library]: the same libwasmpool.so.0.

@@ -46,9 +46,9 @@ use wasmtime::{AsContextMut as _, Store};
 use wasmtime_wasi_http::WasiBody;
 use wasmtime_wasi_http::handler::{Prepared, Proxy, TrapOrPanicError};
 
-type Request = http::Request<WasiBody>;
-type Response = http::Response<WasiBody>;
-type Reply = oneshot::Sender<wasmtime::Result<Response>>;
+// (No aliases named `Request` or `Response`: cbindgen, which reads the
+// whole crate for the C header, would take them for `http`'s.)
+type Reply = oneshot::Sender<wasmtime::Result<http::Response<WasiBody>>>;
 
 /// One WASIp3 instance and its store; counted in `instances_live` (and, until
 /// it stops taking requests, among the gate's accepting instances) while it
@@ -93,7 +93,7 @@ pub(crate) enum Failure {
 
 /// A request on its way to a loop.
 struct Job {
-    request: Request,
+    request: http::Request<WasiBody>,
     ticket: Arc<Ticket>,
     reply: Reply,
 }
@@ -101,7 +101,7 @@ struct Job {
 /// The loop closed before taking the request: it goes elsewhere.
 #[derive(Debug, thiserror::Error)]
 #[error("the instance closed before taking the request")]
-struct Bounced(Mutex<Option<Request>>);
+struct Bounced(Mutex<Option<http::Request<WasiBody>>>);
 
 impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -117,7 +117,7 @@ impl Job {
 }
 
 /// The request back, if `e` says it was bounced.
-fn bounced(e: &wasmtime::Error) -> Option<Request> {
+fn bounced(e: &wasmtime::Error) -> Option<http::Request<WasiBody>> {
     e.downcast_ref::<Bounced>()
         .and_then(|b| b.0.lock().unwrap_or_else(|p| p.into_inner()).take())
 }
@@ -371,9 +371,9 @@ impl Drop for Driven {
 /// response head (see the module documentation for where it runs).
 pub(crate) async fn serve(
     state: &Arc<PoolState>,
-    mut request: Request,
+    mut request: http::Request<WasiBody>,
     ticket: &Arc<Ticket>,
-) -> Result<Response, Failure> {
+) -> Result<http::Response<WasiBody>, Failure> {
     let dispatch = state.p3();
     let gate = &state.gate;
     let mut refused_since: Option<Instant> = None;
@@ -442,7 +442,9 @@ pub(crate) async fn serve(
 }
 
 /// The reply to a request handed to a loop.
-async fn answer(rx: oneshot::Receiver<wasmtime::Result<Response>>) -> Result<Response, Failure> {
+async fn answer(
+    rx: oneshot::Receiver<wasmtime::Result<http::Response<WasiBody>>>,
+) -> Result<http::Response<WasiBody>, Failure> {
     match rx.await {
         Ok(r) => r.map_err(Failure::Call),
         // The loop ended without a word: its instance trapped (or was torn
@@ -458,8 +460,8 @@ async fn own(
     state: &Arc<PoolState>,
     live: Live,
     job: Job,
-    mut rx: oneshot::Receiver<wasmtime::Result<Response>>,
-) -> Result<Response, Failure> {
+    mut rx: oneshot::Receiver<wasmtime::Result<http::Response<WasiBody>>>,
+) -> Result<http::Response<WasiBody>, Failure> {
     let run = Arc::new(Run::new(
         live.id,
         state.knobs.request_timeout + crate::engine::pool::TEARDOWN_GRACE,
