@@ -76,17 +76,10 @@ async fn peak_for_concurrent_sleeps(concurrent: u32) -> u64 {
     .await;
     // Requests arrive 25 ms apart while each sleeps 400 ms, so up to 16
     // are in flight. (In a simultaneous burst every request may find no
-    // available worker yet, and ProxyHandler starts one per request.)
-    let mut tasks = Vec::new();
-    for _ in 0..16 {
-        let addr = s.addr;
-        tasks.push(tokio::spawn(async move {
-            send(addr, "GET", "/sleep/400", &[], Bytes::new()).await
-        }));
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    for t in tasks {
-        assert_eq!(t.await.unwrap().status, 200);
+    // instance with room yet, and each may make one.)
+    let paths = vec!["/sleep/400".to_string(); 16];
+    for r in staggered(s.addr, paths, Duration::from_millis(25)).await {
+        assert_eq!(r.status, 200);
     }
     let peak = s.stats().instances_peak;
     s.stop().await;

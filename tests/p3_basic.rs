@@ -41,24 +41,10 @@ async fn instances_for_staggered_sleeps(concurrent: u32, n: usize, ms: u64, gap:
     // nothing depends on how long instantiation takes on a loaded machine.
     assert_eq!(s.get("/").await.status, 200);
     settle().await;
-    let mut tasks = Vec::new();
-    for i in 0..n {
-        let addr = s.addr;
-        let ms = ms - i as u64 * gap;
-        tasks.push(tokio::spawn(async move {
-            send(
-                addr,
-                "GET",
-                &format!("/sleep/{ms}"),
-                &[],
-                bytes::Bytes::new(),
-            )
-            .await
-        }));
-        tokio::time::sleep(std::time::Duration::from_millis(gap)).await;
-    }
-    for t in tasks {
-        let r = t.await.unwrap();
+    let paths = (0..n as u64)
+        .map(|i| format!("/sleep/{}", ms - i * gap))
+        .collect();
+    for r in staggered(s.addr, paths, std::time::Duration::from_millis(gap)).await {
         assert_eq!((r.status, r.text().as_str()), (200, "slept\n"));
     }
     let st = s.stats();

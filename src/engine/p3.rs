@@ -103,12 +103,6 @@ struct Job {
 #[error("the instance closed before taking the request")]
 struct Bounced(Mutex<Option<http::Request<WasiBody>>>);
 
-impl std::fmt::Debug for Job {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Job")
-    }
-}
-
 impl Job {
     fn bounce(self) {
         let back = Bounced(Mutex::new(Some(self.request)));
@@ -186,6 +180,13 @@ struct RunState {
     busy_since: Instant,
 }
 
+impl RunState {
+    fn close(&mut self) {
+        self.closed = true;
+        self.room = false;
+    }
+}
+
 impl Run {
     fn new(instance: u64, busy_timeout: Duration) -> Run {
         Run {
@@ -230,8 +231,7 @@ impl Run {
     fn close(&self) {
         let jobs = {
             let mut s = self.state.lock().unwrap();
-            s.closed = true;
-            s.room = false;
+            s.close();
             std::mem::take(&mut s.jobs)
         };
         jobs.into_iter().for_each(Job::bounce);
@@ -241,8 +241,7 @@ impl Run {
     fn close_if_idle(&self) -> bool {
         let mut s = self.state.lock().unwrap();
         if s.jobs.is_empty() {
-            s.closed = true;
-            s.room = false;
+            s.close();
         }
         s.closed
     }
@@ -252,8 +251,7 @@ impl Run {
     fn attach(&self) -> bool {
         let mut s = self.state.lock().unwrap();
         if s.joined == 0 && s.jobs.is_empty() {
-            s.closed = true;
-            s.room = false;
+            s.close();
         }
         s.closed
     }
@@ -312,6 +310,17 @@ fn detach(lp: Loop) {
 /// Detaches the loop it holds when dropped.
 struct Driver(Option<Loop>);
 
+impl Driver {
+    /// Polls the loop, if it still runs (it is gone once finished).
+    fn poll(&mut self, cx: &mut Context<'_>) {
+        if let Some(lp) = self.0.as_mut()
+            && lp.fut.as_mut().poll(cx).is_ready()
+        {
+            self.0 = None;
+        }
+    }
+}
+
 impl Drop for Driver {
     fn drop(&mut self) {
         if let Some(lp) = self.0.take() {
@@ -320,10 +329,11 @@ impl Drop for Driver {
     }
 }
 
-/// A response body that drives its instance's loop while it is read.
+/// A response body that drives its instance's loop while it is read (and
+/// detaches it when dropped first).
 struct Driven {
     inner: WasiBody,
-    lp: Option<Loop>,
+    lp: Driver,
 }
 
 impl http_body::Body for Driven {
@@ -335,14 +345,10 @@ impl http_body::Body for Driven {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         let this = &mut *self;
-        if let Some(lp) = this.lp.as_mut()
-            && lp.fut.as_mut().poll(cx).is_ready()
-        {
-            this.lp = None;
-        }
+        this.lp.poll(cx);
         let r = Pin::new(&mut this.inner).poll_frame(cx);
         if matches!(r, Poll::Ready(None | Some(Err(_))))
-            && let Some(lp) = this.lp.take()
+            && let Some(lp) = this.lp.0.take()
         {
             // Work past the body (post-return) goes on by itself.
             detach(lp);
@@ -359,14 +365,6 @@ impl http_body::Body for Driven {
     }
 }
 
-impl Drop for Driven {
-    fn drop(&mut self) {
-        if let Some(lp) = self.lp.take() {
-            detach(lp);
-        }
-    }
-}
-
 /// Serves `request` on a WASIp3 instance of `state` and returns its
 /// response head (see the module documentation for where it runs).
 pub(crate) async fn serve(
@@ -374,7 +372,7 @@ pub(crate) async fn serve(
     mut request: http::Request<WasiBody>,
     ticket: &Arc<Ticket>,
 ) -> Result<http::Response<WasiBody>, Failure> {
-    let dispatch = state.p3();
+    let dispatch = &state.dispatch;
     let gate = &state.gate;
     let mut refused_since: Option<Instant> = None;
     loop {
@@ -469,11 +467,7 @@ async fn own(
     let mut driver = Driver(Some(event_loop(state.clone(), live, run.clone(), job)));
     let head = poll_fn(|cx| {
         // The loop first: it is what makes progress.
-        if let Some(lp) = driver.0.as_mut()
-            && lp.fut.as_mut().poll(cx).is_ready()
-        {
-            driver.0 = None;
-        }
+        driver.poll(cx);
         Pin::new(&mut rx).poll(cx)
     })
     .await;
@@ -487,7 +481,7 @@ async fn own(
             use http_body_util::BodyExt as _;
             Driven {
                 inner,
-                lp: Some(lp),
+                lp: Driver(Some(lp)),
             }
             .boxed_unsync()
         }),
@@ -532,8 +526,7 @@ fn event_loop(state: Arc<PoolState>, live: Live, run: Arc<Run>, first: Job) -> L
             } = &mut live;
             let (id, proxy, worker) = (*id, &*proxy, &*worker);
             let concurrent = state.concurrent;
-            let reuse = state.reuse as u64;
-            let switch = &*state.switch;
+            let state_ref = &state;
             let run_ref = &run;
             let inner = store.run_concurrent(async move |accessor: &Accessor<Host>| {
                 let Proxy::P3(guest) = proxy else {
@@ -562,9 +555,7 @@ fn event_loop(state: Arc<PoolState>, live: Live, run: Arc<Run>, first: Job) -> L
                             Poll::Ready(None) | Poll::Pending => {}
                         }
                         if open
-                            && (worker.poisoned.load(Relaxed)
-                                || *served >= reuse
-                                || (*served > 0 && switch.is_off()))
+                            && (worker.poisoned.load(Relaxed) || !state_ref.takes_another(*served))
                         {
                             // This instance takes no more requests.
                             open = false;
@@ -587,13 +578,9 @@ fn event_loop(state: Arc<PoolState>, live: Live, run: Arc<Run>, first: Job) -> L
                                 reply,
                             }) = job
                             {
+                                ticket.taken_by(id, *served, stats);
                                 *served += 1;
-                                if *served > 1 {
-                                    stats.instances_reused.fetch_add(1, Relaxed);
-                                    ticket.reused.store(true, Relaxed);
-                                }
                                 let _ = ticket.worker.set(worker.clone());
-                                ticket.instance.store(id, Relaxed);
                                 if ticket.expired.load(Relaxed) {
                                     worker.poisoned.store(true, Relaxed);
                                 }
@@ -640,7 +627,7 @@ fn event_loop(state: Arc<PoolState>, live: Live, run: Arc<Run>, first: Job) -> L
                 .await
             });
             let mut inner = pin!(inner);
-            let dispatch = state.p3();
+            let dispatch = &state.dispatch;
             poll_fn(|cx| {
                 let poll = inner.as_mut().poll(cx);
                 // Every task of the loop waits: it may take another request.

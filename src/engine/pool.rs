@@ -116,6 +116,16 @@ impl WorkerShared {
 }
 
 impl Ticket {
+    /// Instance `instance`, which had taken `served_before` requests, took
+    /// this one.
+    pub(crate) fn taken_by(&self, instance: u64, served_before: u64, stats: &Stats) {
+        if served_before > 0 {
+            stats.instances_reused.fetch_add(1, Relaxed);
+            self.reused.store(true, Relaxed);
+        }
+        self.instance.store(instance, Relaxed);
+    }
+
     fn expire(&self) {
         self.expired.store(true, Relaxed);
         if let Some(w) = self.worker.get() {
@@ -239,9 +249,9 @@ impl Pool {
             let weak = Arc::downgrade(idle);
             budget.add_reclaimer(weak);
         }
-        let dispatch = p3.then(p3::Dispatch::default);
-        if let Some(d) = &dispatch {
-            let weak = Arc::downgrade(&d.idle);
+        let dispatch = p3::Dispatch::default();
+        if p3 {
+            let weak = Arc::downgrade(&dispatch.idle);
             budget.add_reclaimer(weak);
         }
         let state = PoolState {
@@ -544,11 +554,7 @@ impl Pool {
                     .await
                     .map_err(|e| instantiate_failure(&e))?,
             };
-            if live.served > 0 {
-                self.stats.instances_reused.fetch_add(1, Relaxed);
-                ticket.reused.store(true, Relaxed);
-            }
-            ticket.instance.store(live.id, Relaxed);
+            ticket.taken_by(live.id, live.served, &self.stats);
             live.served += 1;
             let finish = PoolState::finish_p2(self.state.clone(), idle.clone());
             // The guest may run on after answering, as long as the
@@ -751,8 +757,8 @@ pub(crate) struct PoolState {
     budget: Arc<MemoryBudget>,
     /// The guests' wasi:config variables.
     config: Arc<wasmtime_wasi_config::WasiConfigVariables>,
-    /// Routing of WASIp3 requests (`None` for WASIp2).
-    dispatch: Option<p3::Dispatch>,
+    /// Routing of WASIp3 requests (unused by WASIp2 pools).
+    pub(crate) dispatch: p3::Dispatch,
     /// Lives as long as any instance does (running ones hold the state), so
     /// guests of a pool that was swapped out by a reload still yield.
     _epoch: EpochTicker,
@@ -823,12 +829,16 @@ impl PoolState {
         Ok((id, store, proxy))
     }
 
-    /// The WASIp3 dispatcher (only WASIp3 pools route through it).
-    pub(crate) fn p3(&self) -> &p3::Dispatch {
-        static NONE: OnceLock<p3::Dispatch> = OnceLock::new();
-        self.dispatch
-            .as_ref()
-            .unwrap_or_else(|| NONE.get_or_init(p3::Dispatch::default))
+    /// Whether an instance that has taken `served` requests may take
+    /// another under the reuse policy (its count, and `reuse = auto`).
+    pub(crate) fn takes_another(&self, served: u64) -> bool {
+        served < self.reuse as u64 && !(served > 0 && self.switch.is_off())
+    }
+
+    /// Whether an instance that has taken `served` requests, and ended
+    /// well, is kept idle for another.
+    fn keeps_idle(&self, served: u64) -> bool {
+        self.takes_another(served) && !self.knobs.idle_instance_timeout.is_zero()
     }
 
     /// A new WASIp3 instance; `slot` is its place among the gate's
@@ -852,12 +862,10 @@ impl PoolState {
     pub(crate) fn finish_p3(&self, mut live: p3::Live, result: wasmtime::Result<()>) {
         match result {
             Ok(()) => {
-                let keep = live.served < self.reuse as u64
-                    && !live.worker.poisoned.load(Relaxed)
-                    && !self.switch.is_off()
-                    && !self.knobs.idle_instance_timeout.is_zero();
-                if keep {
-                    self.p3().idle.put(live, self.knobs.idle_instance_timeout);
+                if self.keeps_idle(live.served) && !live.worker.poisoned.load(Relaxed) {
+                    self.dispatch
+                        .idle
+                        .put(live, self.knobs.idle_instance_timeout);
                 } else if live.worker.poisoned.load(Relaxed) {
                     tracing::warn!(
                         instance = live.id,
@@ -898,10 +906,7 @@ impl PoolState {
         Box::new(
             move |live: Live, result: wasmtime::Result<()>| match result {
                 Ok(()) => {
-                    let keep = live.served < state.reuse as u64
-                        && !state.switch.is_off()
-                        && !state.knobs.idle_instance_timeout.is_zero();
-                    if keep {
+                    if state.keeps_idle(live.served) {
                         idle.put(live, state.knobs.idle_instance_timeout);
                     } else {
                         tracing::debug!(

@@ -211,6 +211,24 @@ pub async fn settle() {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
+/// Sends a GET for each of `paths`, `gap` apart, each on its own
+/// connection without waiting for the ones before (so they overlap), and
+/// returns the replies in order.
+pub async fn staggered(addr: SocketAddr, paths: Vec<String>, gap: Duration) -> Vec<Reply> {
+    let mut tasks = Vec::new();
+    for path in paths {
+        tasks.push(tokio::spawn(async move {
+            send(addr, "GET", &path, &[], Bytes::new()).await
+        }));
+        tokio::time::sleep(gap).await;
+    }
+    let mut replies = Vec::new();
+    for t in tasks {
+        replies.push(t.await.expect("request task"));
+    }
+    replies
+}
+
 /// Polls `f` until it returns true or `timeout` passes.
 pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = tokio::time::Instant::now() + timeout;
