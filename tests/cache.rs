@@ -253,3 +253,50 @@ fn no_cache_neither_reads_nor_writes() {
         "no-cache read the cache"
     );
 }
+
+/// A component file that has not changed since it was last loaded is
+/// neither read nor hashed again; any write to it undoes that.
+#[test]
+fn unchanged_component_files_are_not_read_again() {
+    use wasmpool::engine::cache::read_source;
+    let dir = tempfile::tempdir().unwrap();
+    let cache_dir = dir.path().join("cache");
+    let (p2, p3) = (dir.path().join("p2.wasm"), dir.path().join("p3.wasm"));
+    std::fs::write(&p2, p2_suite()).unwrap();
+    std::fs::write(&p3, p3_suite()).unwrap();
+    // Files changed in the last two seconds are always read.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let load = |file: &Path| {
+        let knobs = KnobArgs {
+            cache_dir: Some(cache_dir.clone()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        let pool = Pool::load(knobs, &Source::File(file.to_path_buf())).unwrap();
+        (pool.cache_outcome(), pool.world().is_p3())
+    };
+    assert_eq!(load(&p2), (CacheOutcome::Stored, false));
+    assert_eq!(load(&p3), (CacheOutcome::Stored, true));
+    assert_eq!(files(&cache_dir.join("sources")).len(), 2);
+    assert_eq!(load(&p2), (CacheOutcome::Hit, false));
+
+    // Tell the cache that p2.wasm, as it is, hashes like p3.wasm: a load
+    // that does not read the file then gets the WASIp3 component.
+    let cache = CompileCache::new(cache_dir.clone());
+    let (_, stamp) = read_source(&p2).unwrap();
+    cache.remember(
+        &p2,
+        &stamp.unwrap(),
+        &blake3::hash(&std::fs::read(&p3).unwrap()),
+    );
+    assert_eq!(load(&p2), (CacheOutcome::Hit, true), "the file was read");
+
+    // Writing the file (here: the same bytes again) makes it be read.
+    std::fs::write(&p2, p2_suite()).unwrap();
+    assert_eq!(
+        load(&p2),
+        (CacheOutcome::Hit, false),
+        "a changed file was not read"
+    );
+}

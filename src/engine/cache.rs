@@ -2,17 +2,27 @@
 //! component's bytes, the engine configuration and the wasmtime version.
 //!
 //! An entry is two files: `KEY.cwasm`, wasmtime's serialized component as
-//! it is, and `KEY.b3`, `MAGIC` and the BLAKE3 hash of the first. The
+//! it is, and `KEY.b3`, `MAGIC` and a checksum (XXH3-128) of the first. The
 //! component is mapped from its file, not read and copied: loading the
 //! Python guest from the cache reads no 43 MB into memory, and its code is
 //! shared page cache rather than the process's own memory. An entry whose
-//! hash does not match (or has none), or that wasmtime refuses to
+//! checksum does not match (or has none), or that wasmtime refuses to
 //! deserialize, is treated as absent and rewritten: the cache is never
 //! trusted blindly. Files are written to a temporary file in the same
 //! directory and renamed into place, never changed in place, so a mapped
-//! file stays what was hashed, and a reader sees either the old entry,
-//! none, or the complete new one (a new component with the old hash is a
-//! mismatch, hence a miss).
+//! file stays what was checked, and a reader sees either the old entry,
+//! none, or the complete new one (a new component with the old checksum is
+//! a mismatch, hence a miss).
+//!
+//! The key needs the BLAKE3 hash of the component's bytes. For a component
+//! file, `sources/` remembers that hash beside the file's identity and
+//! times (device, inode, size, modification and change times), so a
+//! restart with an unchanged file neither reads nor hashes it (the Python
+//! guest: 21 MB read and hashed at every start before). Any change to the
+//! file changes its change time, which nobody can set back; a file changed
+//! within two seconds of being looked at is not remembered (its times could
+//! still collide with a later change in the same clock tick), and anything
+//! that does not match exactly is hashed again.
 
 use std::hash::Hasher;
 use std::io::Write;
@@ -20,7 +30,13 @@ use std::path::{Path, PathBuf};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
-const MAGIC: &[u8; 16] = b"wasmpool-cwasm2\n";
+const MAGIC: &[u8; 16] = b"wasmpool-cwasm3\n";
+
+/// First line of a `sources/` record.
+const SOURCE_MAGIC: &str = "wasmpool-source1";
+
+/// How long a file must have been left alone before its hash is remembered.
+const SETTLED: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Where the cache lives when no `cache-dir` is configured:
 /// `$CACHE_DIRECTORY` (set by systemd's `CacheDirectory=`; the first entry if
@@ -85,6 +101,11 @@ impl CompileCache {
 
     /// The entry path for `bytes` under `engine`'s configuration.
     pub fn entry_path(&self, engine: &Engine, bytes: &[u8]) -> PathBuf {
+        self.entry_path_for(engine, &blake3::hash(bytes))
+    }
+
+    /// The entry path for bytes with BLAKE3 hash `digest`.
+    fn entry_path_for(&self, engine: &Engine, digest: &blake3::Hash) -> PathBuf {
         let mut h = blake3::Hasher::new();
         h.update(b"wasmpool layout 2 ");
         h.update(env!("CARGO_PKG_VERSION").as_bytes());
@@ -94,7 +115,7 @@ impl CompileCache {
             &engine.precompile_compatibility_hash(),
             &mut Blake3Hasher(&mut h),
         );
-        h.update(&blake3::hash(bytes).as_bytes()[..]);
+        h.update(&digest.as_bytes()[..]);
         self.dir.join(format!("{}.cwasm", h.finalize().to_hex()))
     }
 
@@ -106,45 +127,25 @@ impl CompileCache {
         bytes: &[u8],
         compile: impl FnOnce() -> wasmtime::Result<Component>,
     ) -> wasmtime::Result<(Component, CacheOutcome)> {
-        let path = self.entry_path(engine, bytes);
-        let mut found_bad = false;
-        match open_verified(&path) {
-            Ok(Some((file, map))) => {
-                // Through the descriptor that was hashed: the file at `path`
-                // may have been replaced since.
-                use std::os::fd::AsRawFd;
-                let fd_path = format!("/proc/self/fd/{}", file.as_raw_fd());
-                // SAFETY: the file was written by `Component::serialize` of
-                // this program (its hash matches what we stored, and the key
-                // covers the engine configuration and versions); entries are
-                // replaced by rename, never modified in place, so the mapping
-                // stays what was hashed; wasmtime checks the header's
-                // compatibility again.
-                let mapped = unsafe { Component::deserialize_file(engine, &fd_path) };
-                // A cache on a `noexec` mount cannot be mapped executable:
-                // then the verified bytes are copied instead.
-                // SAFETY: as above.
-                let loaded = mapped.or_else(|e| {
-                    tracing::debug!(path = %path.display(), "cannot map the cache entry, copying it: {e:#}");
-                    unsafe { Component::deserialize(engine, &map[..]) }
-                });
-                match loaded {
-                    Ok(c) => return Ok((c, CacheOutcome::Hit)),
-                    Err(e) => {
-                        tracing::warn!(path = %path.display(), "stale compile cache entry, recompiling: {e:#}");
-                        found_bad = true;
-                    }
-                }
-            }
-            Ok(None) => {
-                tracing::warn!(path = %path.display(), "corrupt compile cache entry, recompiling");
-                found_bad = true;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::warn!(path = %path.display(), "cannot read compile cache entry: {e}")
-            }
-        }
+        self.load_or_compile_digest(engine, &blake3::hash(bytes), None, compile)
+    }
+
+    /// As [`CompileCache::load_or_compile`], for bytes with hash `digest`.
+    /// `looked_up` is what an earlier [`CompileCache::lookup`] of the same
+    /// digest found, if there was one (it is not looked up twice).
+    pub fn load_or_compile_digest(
+        &self,
+        engine: &Engine,
+        digest: &blake3::Hash,
+        looked_up: Option<Lookup>,
+        compile: impl FnOnce() -> wasmtime::Result<Component>,
+    ) -> wasmtime::Result<(Component, CacheOutcome)> {
+        let found_bad = match looked_up.unwrap_or_else(|| self.lookup(engine, digest)) {
+            Lookup::Hit(c) => return Ok((c, CacheOutcome::Hit)),
+            Lookup::Missing => false,
+            Lookup::Bad => true,
+        };
+        let path = self.entry_path_for(engine, digest);
         let component = compile()?;
         let outcome = match component
             .serialize()
@@ -161,22 +162,194 @@ impl CompileCache {
         Ok((component, outcome))
     }
 
+    /// The cache entry for bytes with hash `digest`, if there is a valid one.
+    pub fn lookup(&self, engine: &Engine, digest: &blake3::Hash) -> Lookup {
+        let path = self.entry_path_for(engine, digest);
+        match open_verified(&path) {
+            Ok(Ok((file, map))) => {
+                // Through the descriptor that was checked: the file at `path`
+                // may have been replaced since.
+                use std::os::fd::AsRawFd;
+                let fd_path = format!("/proc/self/fd/{}", file.as_raw_fd());
+                // SAFETY: the file was written by `Component::serialize` of
+                // this program (its checksum matches what we stored, and the
+                // key covers the engine configuration and versions); entries
+                // are replaced by rename, never modified in place, so the
+                // mapping stays what was checked; wasmtime checks the
+                // header's compatibility again.
+                let mapped = unsafe { Component::deserialize_file(engine, &fd_path) };
+                // A cache on a `noexec` mount cannot be mapped executable:
+                // then the verified bytes are copied instead.
+                // SAFETY: as above.
+                let loaded = mapped.or_else(|e| {
+                    tracing::debug!(path = %path.display(), "cannot map the cache entry, copying it: {e:#}");
+                    unsafe { Component::deserialize(engine, &map[..]) }
+                });
+                match loaded {
+                    Ok(c) => Lookup::Hit(c),
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), "stale compile cache entry, recompiling: {e:#}");
+                        Lookup::Bad
+                    }
+                }
+            }
+            Ok(Err(Unusable::OtherLayout)) => {
+                tracing::info!(path = %path.display(), "compile cache entry of another wasmpool version, recompiling");
+                Lookup::Bad
+            }
+            Ok(Err(Unusable::Corrupt)) => {
+                tracing::warn!(path = %path.display(), "corrupt compile cache entry, recompiling");
+                Lookup::Bad
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Lookup::Missing,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), "cannot read compile cache entry: {e}");
+                Lookup::Missing
+            }
+        }
+    }
+
     fn store(&self, path: &Path, payload: &[u8]) -> std::io::Result<()> {
         create_private_dir(&self.dir)?;
         let sum = checksum(payload);
-        // The component first: a reader that finds it with the old hash
+        // The component first: a reader that finds it with the old checksum
         // (or none) takes it as a miss.
-        write_new(&self.dir, path, payload)?;
-        write_new(&self.dir, &sum_path(path), &sum)
+        write_new(&self.dir, path, payload, Durable::Yes)?;
+        write_new(&self.dir, &sum_path(path), &sum, Durable::Yes)
+    }
+
+    /// Where the hash of the component file at `path` is remembered.
+    fn source_record(&self, path: &Path) -> Option<PathBuf> {
+        let canonical = std::fs::canonicalize(path).ok()?;
+        let name = blake3::hash(canonical.as_os_str().as_encoded_bytes()).to_hex();
+        Some(self.dir.join("sources").join(name.as_str()))
+    }
+
+    /// The BLAKE3 hash of the component file at `path`, if it was
+    /// remembered for exactly the file that is there now.
+    pub fn remembered(&self, path: &Path) -> Option<blake3::Hash> {
+        let record = std::fs::read_to_string(self.source_record(path)?).ok()?;
+        let now = SourceStamp::of(&std::fs::metadata(path).ok()?);
+        let mut lines = record.lines();
+        (lines.next()? == SOURCE_MAGIC && lines.next()? == now.to_string()).then_some(())?;
+        blake3::Hash::from_hex(lines.next()?).ok()
+    }
+
+    /// Remembers that the file at `path`, as `stamp` describes it, has
+    /// hash `digest`, if it has been left alone long enough.
+    pub fn remember(&self, path: &Path, stamp: &SourceStamp, digest: &blake3::Hash) {
+        self.remember_at(path, stamp, digest, std::time::SystemTime::now())
+    }
+
+    fn remember_at(
+        &self,
+        path: &Path,
+        stamp: &SourceStamp,
+        digest: &blake3::Hash,
+        now: std::time::SystemTime,
+    ) {
+        if !stamp.settled(now) {
+            return;
+        }
+        let Some(record) = self.source_record(path) else {
+            return;
+        };
+        let text = format!("{SOURCE_MAGIC}\n{stamp}\n{}\n", digest.to_hex());
+        let dir = self.dir.join("sources");
+        // Only a shortcut: a record lost in a crash means hashing again.
+        if let Err(e) = create_private_dir(&dir)
+            .and_then(|()| write_new(&dir, &record, text.as_bytes(), Durable::No))
+        {
+            tracing::debug!(dir = %dir.display(), "cannot remember the component's hash: {e}");
+        }
     }
 }
 
+/// What [`CompileCache::lookup`] found.
+pub enum Lookup {
+    /// A valid entry, deserialized.
+    Hit(Component),
+    /// No entry.
+    Missing,
+    /// An entry that is corrupt or stale (it will be replaced).
+    Bad,
+}
+
+/// A component file's identity and times: while they stay the same, so do
+/// its bytes (any write moves the change time forward).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl SourceStamp {
+    pub fn of(meta: &std::fs::Metadata) -> SourceStamp {
+        use std::os::unix::fs::MetadataExt;
+        SourceStamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+
+    /// Whether the file was last changed at least [`SETTLED`] before `now`
+    /// (a later change cannot then share its times).
+    fn settled(&self, now: std::time::SystemTime) -> bool {
+        let Ok(now) = now.duration_since(std::time::UNIX_EPOCH) else {
+            return false;
+        };
+        let latest = self.mtime.max(self.ctime);
+        let Ok(secs) = u64::try_from(latest.0) else {
+            return true;
+        };
+        let changed = std::time::Duration::new(secs, latest.1.clamp(0, 999_999_999) as u32);
+        now.checked_sub(changed).is_some_and(|d| d >= SETTLED)
+    }
+}
+
+impl std::fmt::Display for SourceStamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} {} {}.{:09} {}.{:09}",
+            self.dev, self.ino, self.size, self.mtime.0, self.mtime.1, self.ctime.0, self.ctime.1
+        )
+    }
+}
+
+/// Reads the component file at `path`, with its stamp when the file did
+/// not change while it was read.
+pub fn read_source(path: &Path) -> std::io::Result<(Vec<u8>, Option<SourceStamp>)> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let before = SourceStamp::of(&file.metadata()?);
+    let mut bytes = Vec::with_capacity(before.size as usize);
+    file.read_to_end(&mut bytes)?;
+    let after = SourceStamp::of(&file.metadata()?);
+    Ok((bytes, (before == after).then_some(before)))
+}
+
+/// Whether a file must reach the disk before it is renamed into place.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Durable {
+    Yes,
+    No,
+}
+
 /// Writes `data` to a new file in `dir` and renames it to `path`.
-fn write_new(dir: &Path, path: &Path, data: &[u8]) -> std::io::Result<()> {
+fn write_new(dir: &Path, path: &Path, data: &[u8], durable: Durable) -> std::io::Result<()> {
     let mut tmp = tempfile_in(dir)?;
     let result = (|| {
         tmp.1.write_all(data)?;
-        tmp.1.sync_all()?;
+        if durable == Durable::Yes {
+            tmp.1.sync_all()?;
+        }
         std::fs::rename(&tmp.0, path)
     })();
     if result.is_err() {
@@ -185,10 +358,14 @@ fn write_new(dir: &Path, path: &Path, data: &[u8]) -> std::io::Result<()> {
     result
 }
 
-/// What `KEY.b3` holds for a component `payload`: `MAGIC`, then its hash.
+/// What `KEY.b3` holds for a component `payload`: `MAGIC`, then its
+/// checksum. It guards against corruption, not against someone who can
+/// write the cache (they could write the checksum too), so it is XXH3-128:
+/// checking the 43 MB Python entry at every start took 21 ms with BLAKE3
+/// on a 2-core test host, and takes 6 ms with XXH3.
 pub fn checksum(payload: &[u8]) -> Vec<u8> {
     let mut sum = MAGIC.to_vec();
-    sum.extend_from_slice(blake3::hash(payload).as_bytes());
+    sum.extend_from_slice(&xxhash_rust::xxh3::xxh3_128(payload).to_le_bytes());
     sum
 }
 
@@ -197,26 +374,42 @@ fn sum_path(path: &Path) -> PathBuf {
     path.with_extension("b3")
 }
 
-/// Opens (and maps) the entry at `path` if its hash file matches its
-/// contents; `Ok(None)` when it does not (or has no hash), `NotFound` when
-/// there is no entry.
-fn open_verified(path: &Path) -> std::io::Result<Option<(std::fs::File, memmap2::Mmap)>> {
+/// Why an entry that exists cannot be used.
+#[derive(Debug, PartialEq, Eq)]
+enum Unusable {
+    /// Its checksum does not match, or it has none.
+    Corrupt,
+    /// Written by a version of wasmpool with another layout.
+    OtherLayout,
+}
+
+/// Opens (and maps) the entry at `path` if its checksum file matches its
+/// contents; `NotFound` when there is no entry.
+#[allow(clippy::type_complexity)]
+fn open_verified(path: &Path) -> std::io::Result<Result<(std::fs::File, memmap2::Mmap), Unusable>> {
     let file = std::fs::File::open(path)?;
     let sum = match std::fs::read(sum_path(path)) {
         Ok(s) => s,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Err(Unusable::Corrupt)),
         Err(e) => return Err(e),
     };
+    if !sum.starts_with(MAGIC) && sum.starts_with(b"wasmpool-cwasm") {
+        return Ok(Err(Unusable::OtherLayout));
+    }
     // SAFETY: entries are replaced by rename, never modified in place, so
-    // the mapping does not change while it is hashed or used.
+    // the mapping does not change while it is checked or used.
     let map = unsafe { memmap2::Mmap::map(&file) }?;
-    Ok(verify(&sum, &map).then_some((file, map)))
+    Ok(if verify(&sum, &map) {
+        Ok((file, map))
+    } else {
+        Err(Unusable::Corrupt)
+    })
 }
 
-/// Whether `sum` (a `.b3` file's contents) is the hash of `payload`.
+/// Whether `sum` (a `.b3` file's contents) is the checksum of `payload`.
 fn verify(sum: &[u8], payload: &[u8]) -> bool {
     sum.strip_prefix(MAGIC)
-        .is_some_and(|hash| hash == blake3::hash(payload).as_bytes())
+        .is_some_and(|hash| hash == xxhash_rust::xxh3::xxh3_128(payload).to_le_bytes())
 }
 
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {
@@ -263,8 +456,78 @@ mod tests {
         assert!(!verify(&sum, &bad));
         assert!(!verify(&sum[..20], &payload));
         assert!(!verify(b"garbage", &payload));
-        let mut old = b"wasmpool-cwasm1\n".to_vec();
+        // The previous layout (BLAKE3) is a miss, hence recompiled.
+        let mut old = b"wasmpool-cwasm2\n".to_vec();
         old.extend_from_slice(blake3::hash(&payload).as_bytes());
         assert!(!verify(&old, &payload));
+    }
+
+    #[test]
+    fn a_hash_is_remembered_only_for_the_same_settled_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CompileCache::new(dir.path().join("cache"));
+        let file = dir.path().join("guest.wasm");
+        std::fs::write(&file, b"first").unwrap();
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(10);
+
+        // Just written: not settled, so not remembered.
+        let (bytes, stamp) = read_source(&file).unwrap();
+        let stamp = stamp.expect("the file did not change while read");
+        let digest = blake3::hash(&bytes);
+        cache.remember(&file, &stamp, &digest);
+        assert_eq!(cache.remembered(&file), None);
+
+        // Settled: remembered, also under another spelling of its path.
+        cache.remember_at(&file, &stamp, &digest, later);
+        assert_eq!(cache.remembered(&file), Some(digest));
+        let other = dir.path().join(".").join("guest.wasm");
+        assert_eq!(cache.remembered(&other), Some(digest));
+
+        let remember_as_is = |file: &Path| {
+            let stamp = read_source(file).unwrap().1.unwrap();
+            cache.remember_at(file, &stamp, &digest, later)
+        };
+
+        // Rewritten with bytes of the same size: forgotten.
+        std::fs::write(&file, b"secnd").unwrap();
+        assert_eq!(cache.remembered(&file), None);
+
+        // Replaced by another file: forgotten.
+        remember_as_is(&file);
+        assert!(cache.remembered(&file).is_some());
+        let new = dir.path().join("new.wasm");
+        std::fs::write(&new, b"secnd").unwrap();
+        std::fs::rename(&new, &file).unwrap();
+        assert_eq!(cache.remembered(&file), None);
+
+        // A damaged record is no record.
+        remember_as_is(&file);
+        let record = cache.source_record(&file).unwrap();
+        std::fs::write(&record, "wasmpool-source1\n").unwrap();
+        assert_eq!(cache.remembered(&file), None);
+        assert_eq!(cache.remembered(&dir.path().join("missing.wasm")), None);
+    }
+
+    #[test]
+    fn only_files_left_alone_for_a_while_are_settled() {
+        let t = |secs: i64| SourceStamp {
+            dev: 1,
+            ino: 2,
+            size: 3,
+            mtime: (secs, 0),
+            ctime: (secs, 0),
+        };
+        let at = |secs: u64| std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        assert!(t(100).settled(at(102)));
+        assert!(!t(100).settled(at(101)));
+        // A modification time in the future (or a clock set back).
+        assert!(!t(200).settled(at(100)));
+        // The later of the two times counts.
+        let s = SourceStamp {
+            ctime: (105, 0),
+            ..t(100)
+        };
+        assert!(!s.settled(at(106)));
+        assert!(s.settled(at(107)));
     }
 }

@@ -3,11 +3,11 @@
 //! and compilation through the compile cache.
 
 use crate::config::Knobs;
-use crate::engine::cache::{CacheOutcome, CompileCache};
+use crate::engine::cache::{CacheOutcome, CompileCache, Lookup, read_source};
 use crate::engine::host::Host;
 use crate::error::LoadError;
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 use wasmtime_wasi_http::handler::ProxyPre;
@@ -226,14 +226,6 @@ fn release_free_heap() {
     }
 }
 
-/// Reads a component file.
-pub fn read(path: &Path) -> Result<Vec<u8>, LoadError> {
-    std::fs::read(path).map_err(|io| LoadError::Read {
-        path: path.to_path_buf(),
-        io,
-    })
-}
-
 /// Refuses what is plainly not a component before handing it to the
 /// compiler, so the message names the actual problem.
 fn sniff(what: &str, bytes: &[u8]) -> Result<(), LoadError> {
@@ -303,16 +295,6 @@ pub fn load(
     source: &Source,
 ) -> Result<Loaded, LoadError> {
     let name = source.describe();
-    let owned;
-    let bytes: &[u8] = match source {
-        Source::File(p) => {
-            owned = read(p)?;
-            &owned
-        }
-        Source::Bytes { bytes, .. } => bytes,
-    };
-    sniff(&name, bytes)?;
-    let compile = || Component::new(engine, bytes);
     let cache_dir = if knobs.no_cache {
         None
     } else {
@@ -321,19 +303,64 @@ pub fn load(
             .clone()
             .or_else(crate::engine::cache::default_dir)
     };
-    let (component, cache) = match cache_dir {
-        Some(dir) => CompileCache::new(dir).load_or_compile(engine, bytes, compile),
-        None => compile().map(|c| (c, CacheOutcome::Compiled)),
-    }
-    .map_err(|e| LoadError::Compile {
+    let cache = cache_dir.map(CompileCache::new);
+    let compile_err = |e: wasmtime::Error| LoadError::Compile {
         what: name.clone(),
         reason: format!("{e:#}"),
-    })?;
-    if cache != CacheOutcome::Hit {
+    };
+    // A file the cache has seen, unchanged since, is neither read nor hashed.
+    let mut looked_up = None;
+    if let (Source::File(path), Some(cache)) = (source, &cache)
+        && let Some(digest) = cache.remembered(path)
+    {
+        match cache.lookup(engine, &digest) {
+            Lookup::Hit(c) => return finish(engine, linker, name, c, CacheOutcome::Hit),
+            other => looked_up = Some((digest, other)),
+        }
+    }
+    let owned;
+    let mut stamp = None;
+    let bytes: &[u8] = match source {
+        Source::File(p) => {
+            let (b, s) = read_source(p).map_err(|io| LoadError::Read {
+                path: p.to_path_buf(),
+                io,
+            })?;
+            (owned, stamp) = (b, s);
+            &owned
+        }
+        Source::Bytes { bytes, .. } => bytes,
+    };
+    sniff(&name, bytes)?;
+    let compile = || Component::new(engine, bytes);
+    let (component, outcome) = match &cache {
+        Some(cache) => {
+            let digest = blake3::hash(bytes);
+            if let (Source::File(path), Some(stamp)) = (source, &stamp) {
+                cache.remember(path, stamp, &digest);
+            }
+            let looked_up = looked_up.and_then(|(d, l)| (d == digest).then_some(l));
+            cache.load_or_compile_digest(engine, &digest, looked_up, compile)
+        }
+        None => compile().map(|c| (c, CacheOutcome::Compiled)),
+    }
+    .map_err(compile_err)?;
+    if outcome != CacheOutcome::Hit {
         // Compiling leaves hundreds of MB of freed heap behind; give it
         // back, or it counts against the service's memory limit for good.
         release_free_heap();
     }
+    finish(engine, linker, name, component, outcome)
+}
+
+/// Links a loaded component.
+fn finish(
+    engine: &Engine,
+    linker: &Linker<Host>,
+    name: String,
+    component: Component,
+    cache: CacheOutcome,
+) -> Result<Loaded, LoadError> {
     let world = detect_world(engine, &name, &component)?;
     let link_err = |e: wasmtime::Error| LoadError::Link {
         what: name.clone(),
