@@ -107,3 +107,49 @@ async fn a_client_that_does_not_read_its_response_stalls_no_one_else() {
     assert_eq!(s.get("/").await.text(), "hello from p3\n");
     s.stop().await;
 }
+
+/// A response that streams for longer than `request-timeout` is not cut
+/// when its instance is shared: the loop then runs on a task of its own
+/// and is torn down only after `request-timeout` without progress, and
+/// every frame of a response body is progress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_on_a_shared_instance_outlives_the_request_timeout() {
+    use std::time::Duration;
+    let s = TestServer::start(
+        p3_suite(),
+        KnobArgs {
+            request_timeout: Some(Duration::from_millis(500)),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(s.get("/").await.status, 200);
+    settle().await;
+    // The sleeper takes the idle instance and runs its loop; the drip
+    // joins it, so once the sleeper is answered the loop is on its own
+    // task. The drip then streams for 2 s: 10 chunks, 200 ms apart.
+    let paths = vec!["/sleep/300".to_string(), "/drip/200".to_string()];
+    let t = std::time::Instant::now();
+    let replies = staggered(s.addr, paths, Duration::from_millis(60)).await;
+    assert_eq!(
+        (replies[0].status, replies[0].text().as_str()),
+        (200, "slept\n")
+    );
+    assert_eq!(replies[1].status, 200);
+    assert_eq!(replies[1].text(), "drip\n".repeat(10), "the stream was cut");
+    assert!(
+        t.elapsed() >= Duration::from_millis(1800),
+        "{:?}",
+        t.elapsed()
+    );
+    let st = s.stats();
+    assert_eq!(
+        (st.instances_created, st.failed),
+        (1, 0),
+        "the drip did not share the sleeper's instance: {st:?}"
+    );
+    // The instance was not torn down as stuck: it serves again.
+    assert_eq!(s.get("/counter").await.text(), "4");
+    assert_eq!(s.stats().instances_created, 1);
+    s.stop().await;
+}

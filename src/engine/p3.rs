@@ -8,7 +8,11 @@
 //! it, and when the loop has nothing left the instance goes back to the
 //! idle list. The loop moves to a task of its own ("detached") only when
 //! other requests joined it, when its owner gives up (timeout, client
-//! gone), or when work outlives the response body.
+//! gone), or when work outlives the response body. A detached loop is
+//! torn down once it has made no progress (taken a request, answered one,
+//! or produced or handed over a frame of a response body) for
+//! `request-timeout` plus a grace period, so a streaming response outlives
+//! the timeout while a stuck guest does not.
 //!
 //! Where a request goes, in this order:
 //! 1. a running loop that advertised room: all its tasks wait on I/O, it
@@ -125,15 +129,15 @@ pub(crate) struct Dispatch {
 }
 
 impl Dispatch {
-    /// Hands `job` to a loop that advertised room.
+    /// Hands `job` to a loop that advertised room; returns its run.
     #[allow(clippy::result_large_err)] // the job comes back as it went, unboxed
-    fn join(&self, mut job: Job) -> Result<(), Job> {
+    fn join(&self, mut job: Job) -> Result<Arc<Run>, Job> {
         loop {
             let Some(run) = self.spare.lock().unwrap().pop() else {
                 return Err(job);
             };
             match run.push(job) {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Ok(run),
                 Err(back) => job = back,
             }
         }
@@ -158,8 +162,8 @@ struct Run {
     state: Mutex<RunState>,
     waker: futures::task::AtomicWaker,
     instance: u64,
-    /// How long the loop may be busy (since its last request, or since its
-    /// last answer) before it is torn down.
+    /// How long a detached loop may go without progress before it is
+    /// torn down.
     busy_timeout: Duration,
 }
 
@@ -176,7 +180,12 @@ struct RunState {
     room: bool,
     /// Requests taken and not yet answered.
     outstanding: usize,
-    /// The last request taken or, with none outstanding, the last answer.
+    /// Response bodies whose last frame their client has not taken yet:
+    /// the guest may be waiting for that client (whom the HTTP front's
+    /// send timeouts bound), not stuck.
+    with_client: usize,
+    /// The last sign of progress: a request taken, a frame of a response
+    /// body or, with none outstanding, an answer.
     busy_since: Instant,
 }
 
@@ -197,6 +206,7 @@ impl Run {
                 advertised: false,
                 room: false,
                 outstanding: 0,
+                with_client: 0,
                 busy_since: Instant::now(),
             }),
             waker: Default::default(),
@@ -256,8 +266,31 @@ impl Run {
         s.closed
     }
 
+    /// When a detached loop is torn down unless it makes progress.
     fn deadline(&self) -> Instant {
-        self.state.lock().unwrap().busy_since + self.busy_timeout
+        let s = self.state.lock().unwrap();
+        if s.with_client > 0 {
+            Instant::now() + self.busy_timeout
+        } else {
+            s.busy_since + self.busy_timeout
+        }
+    }
+
+    /// A response body produced a frame (`true`), or its client took one.
+    fn body_progress(&self, handed_to_client: bool) {
+        let mut s = self.state.lock().unwrap();
+        if handed_to_client {
+            s.with_client += 1;
+        } else {
+            s.with_client -= 1;
+        }
+        s.busy_since = Instant::now();
+    }
+
+    /// A response body ended or was dropped: the loop gets a whole timeout
+    /// for what is left.
+    fn touch(&self) {
+        self.state.lock().unwrap().busy_since = Instant::now();
     }
 }
 
@@ -329,14 +362,39 @@ impl Drop for Driver {
     }
 }
 
-/// A response body that drives its instance's loop while it is read (and
-/// detaches it when dropped first).
-struct Driven {
+/// The response body of a request served by a loop. It drives the loop
+/// while it is read if its request owns the loop (and detaches it when
+/// dropped first), and its frames count as the loop's progress, so a
+/// response that streams for longer than `request-timeout` is not cut by
+/// the detached loop's deadline.
+struct LoopBody {
     inner: WasiBody,
+    run: Arc<Run>,
     lp: Driver,
+    /// A frame was handed out and the client has not asked for the next.
+    with_client: bool,
 }
 
-impl http_body::Body for Driven {
+impl LoopBody {
+    fn wrap(
+        response: http::Response<WasiBody>,
+        run: Arc<Run>,
+        lp: Option<Loop>,
+    ) -> http::Response<WasiBody> {
+        use http_body_util::BodyExt as _;
+        response.map(|inner| {
+            LoopBody {
+                inner,
+                run,
+                lp: Driver(lp),
+                with_client: false,
+            }
+            .boxed_unsync()
+        })
+    }
+}
+
+impl http_body::Body for LoopBody {
     type Data = bytes::Bytes;
     type Error = wasmtime_wasi_http::Error;
 
@@ -345,13 +403,25 @@ impl http_body::Body for Driven {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         let this = &mut *self;
+        if std::mem::take(&mut this.with_client) {
+            this.run.body_progress(false);
+        }
         this.lp.poll(cx);
         let r = Pin::new(&mut this.inner).poll_frame(cx);
-        if matches!(r, Poll::Ready(None | Some(Err(_))))
-            && let Some(lp) = this.lp.0.take()
-        {
-            // Work past the body (post-return) goes on by itself.
-            detach(lp);
+        match &r {
+            Poll::Ready(Some(Ok(_))) => {
+                this.with_client = true;
+                this.run.body_progress(true);
+            }
+            Poll::Ready(None | Some(Err(_))) => {
+                if let Some(lp) = this.lp.0.take() {
+                    // Work past the body (post-return) goes on by itself,
+                    // with a whole timeout from here.
+                    this.run.touch();
+                    detach(lp);
+                }
+            }
+            Poll::Pending => {}
         }
         r
     }
@@ -362,6 +432,18 @@ impl http_body::Body for Driven {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl Drop for LoopBody {
+    fn drop(&mut self) {
+        // (A loop detached from here gets its deadline from now, not from
+        // the response head, which may be long ago.)
+        if std::mem::take(&mut self.with_client) {
+            self.run.body_progress(false);
+        } else if self.lp.0.is_some() {
+            self.run.touch();
+        }
     }
 }
 
@@ -391,7 +473,7 @@ pub(crate) async fn serve(
             Err(job)
         };
         let job = match joined {
-            Ok(()) => match answer(rx).await {
+            Ok(run) => match answer(rx).await.map(|r| LoopBody::wrap(r, run, None)) {
                 Err(Failure::Call(e)) => match bounced(&e) {
                     Some(back) => {
                         request = back;
@@ -477,17 +559,10 @@ async fn own(
     };
     Ok(match driver.0.take() {
         None => response,
-        Some(lp) if run.attach() => response.map(|inner| {
-            use http_body_util::BodyExt as _;
-            Driven {
-                inner,
-                lp: Driver(Some(lp)),
-            }
-            .boxed_unsync()
-        }),
+        Some(lp) if run.attach() => LoopBody::wrap(response, run, Some(lp)),
         Some(lp) => {
             detach(lp);
-            response
+            LoopBody::wrap(response, run, None)
         }
     })
 }

@@ -1,13 +1,17 @@
 ;; WASIp3 test guest: one behaviour per path (see p2_suite.wat), written
 ;; against the async canonical ABI with a callback-style export.
-;;   /echo /counter /sleep/N /busy /trap /trap-after /bomb /grow/N ; else "hello from p3"
+;;   /echo /counter /sleep/N /busy /trap /trap-after /bomb /grow/N
+;;   /drip/N (head at once, then "drip\n" 10 times, N ms apart) ; else "hello from p3"
 ;; Several requests run concurrently in one instance, so per-request state
 ;; lives in a frame whose address is kept in context slot 0.
 ;; Frame: +0 waitable set, +4 phase, +8 request, +12 out ptr, +16 out len,
 ;;        +20 written, +24 body stream (writable), +28 trailers future
 ;;        (writable), +32 subtask, +36 request body stream (readable),
 ;;        +40 consume-body result future (writable), +44 request trailers
-;;        future (readable), +48 status, +52 out capacity, +56 trap after send
+;;        future (readable), +48 status, +52 out capacity, +56 trap after send,
+;;        +60 read buffer, +64 drips left, +68 drip interval (ms)
+;; Phases: 1 sleeping, 2 reading, 3 writing, 4 consume-body result,
+;;         5 trailers, 6 writing a drip, 7 sleeping between drips
 (module
   (import "$root" "[waitable-set-new]" (func $set_new (result i32)))
   (import "$root" "[waitable-set-drop]" (func $set_drop (param i32)))
@@ -60,6 +64,8 @@
   (data (i32.const 1380) ": \n ")
   (data (i32.const 1390) "/grow")
   (data (i32.const 1470) "grown\n")
+  (data (i32.const 1480) "/drip")
+  (data (i32.const 1490) "drip\n")
   ;; 1400..1464: zeroes, the value `ok(none)` / `ok(())` for futures
 
   (func $cabi_realloc (export "cabi_realloc") (param $old i32) (param $old_size i32) (param $align i32) (param $size i32) (result i32)
@@ -135,6 +141,12 @@
 
   ;; sends the response head and starts writing the buffered body
   (func $send (param $f i32) (result i32)
+    (call $send_head (local.get $f))
+    (i32.store offset=4 (local.get $f) (i32.const 3))
+    (call $pump_write (local.get $f)))
+
+  ;; sends the response head (the body stream is then at +24)
+  (func $send_head (param $f i32)
     (local $s i64) (local $fu i64) (local $ret i32)
     (local.set $s (call $stream_new))
     (local.set $fu (call $future_new))
@@ -144,9 +156,29 @@
     (i32.store offset=24 (local.get $f) (i32.wrap_i64 (i64.shr_u (local.get $s) (i64.const 32))))
     (i32.store offset=28 (local.get $f) (i32.wrap_i64 (i64.shr_u (local.get $fu) (i64.const 32))))
     (call $task_return (i32.const 0) (i32.load (local.get $ret)) (i32.const 0) (i64.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0))
-    (if (i32.load offset=56 (local.get $f)) (then unreachable))
-    (i32.store offset=4 (local.get $f) (i32.const 3))
-    (call $pump_write (local.get $f)))
+    (if (i32.load offset=56 (local.get $f)) (then unreachable)))
+
+  ;; drip: writes the next chunk (phase 6), or ends the body
+  (func $drip_next (param $f i32) (result i32)
+    (local $r i32)
+    (if (i32.eqz (i32.load offset=64 (local.get $f)))
+      (then (return (call $finish_body (local.get $f)))))
+    (i32.store offset=4 (local.get $f) (i32.const 6))
+    (local.set $r (call $stream_write (i32.load offset=24 (local.get $f)) (i32.const 1490) (i32.const 5)))
+    (if (i32.eq (local.get $r) (i32.const -1))
+      (then (return (call $wait (local.get $f) (i32.load offset=24 (local.get $f))))))
+    (call $drip_written (local.get $f) (local.get $r)))
+
+  ;; a drip was written (`r`: count << 4 | dropped): sleep (phase 7)
+  (func $drip_written (param $f i32) (param $r i32) (result i32)
+    (if (i32.and (local.get $r) (i32.const 15))
+      (then (return (call $finish_body (local.get $f)))))
+    (i32.store offset=64 (local.get $f) (i32.sub (i32.load offset=64 (local.get $f)) (i32.const 1)))
+    (i32.store offset=4 (local.get $f) (i32.const 7))
+    (local.set $r (call $wait_for (i64.mul (i64.extend_i32_u (i32.load offset=68 (local.get $f))) (i64.const 1000000))))
+    (if (i32.eq (i32.and (local.get $r) (i32.const 15)) (i32.const 2))
+      (then (return (call $drip_next (local.get $f)))))
+    (call $wait (local.get $f) (i32.shr_u (local.get $r) (i32.const 4))))
 
   ;; phase 3: writing the body; phase 5: writing the trailers
   (func $pump_write (param $f i32) (result i32)
@@ -256,8 +288,8 @@
   (func (export "[async-lift]wasi:http/handler@0.3.0#handle") (param $req i32) (result i32)
     (local $f i32) (local $p i32) (local $n i32) (local $r i32)
     (global.set $count (i32.add (global.get $count) (i32.const 1)))
-    (local.set $f (call $cabi_realloc (i32.const 0) (i32.const 0) (i32.const 8) (i32.const 64)))
-    (memory.fill (local.get $f) (i32.const 0) (i32.const 64))
+    (local.set $f (call $cabi_realloc (i32.const 0) (i32.const 0) (i32.const 8) (i32.const 72)))
+    (memory.fill (local.get $f) (i32.const 0) (i32.const 72))
     (call $ctx_set (local.get $f))
     (i32.store (local.get $f) (call $set_new))
     (i32.store offset=8 (local.get $f) (local.get $req))
@@ -294,6 +326,12 @@
         (if (i32.eq (memory.grow (call $digits (local.get $p) (local.get $n))) (i32.const -1)) (then unreachable))
         (call $append (local.get $f) (i32.const 1470) (i32.const 6))
         (return (call $send (local.get $f)))))
+    (if (call $starts_with (local.get $p) (local.get $n) (i32.const 1480) (i32.const 5))
+      (then
+        (i32.store offset=64 (local.get $f) (i32.const 10))
+        (i32.store offset=68 (local.get $f) (call $digits (local.get $p) (local.get $n)))
+        (call $send_head (local.get $f))
+        (return (call $drip_next (local.get $f)))))
     (call $append (local.get $f) (i32.const 1300) (i32.const 14))
     (call $send (local.get $f)))
 
@@ -306,6 +344,8 @@
         (if (i32.ne (local.get $payload) (i32.const 2)) (then (return (i32.or (i32.const 2) (i32.shl (i32.load (local.get $f)) (i32.const 4))))))
         (call $join (local.get $h) (i32.const 0))
         (call $subtask_drop (local.get $h))
+        (if (i32.eq (i32.load offset=4 (local.get $f)) (i32.const 7))
+          (then (return (call $drip_next (local.get $f)))))
         (return (call $send (local.get $f)))))
     (if (i32.eq (local.get $event) (i32.const 2))
       (then
@@ -314,6 +354,10 @@
         (return (call $pump_read (local.get $f)))))
     (if (i32.eq (local.get $event) (i32.const 3))
       (then
+        (if (i32.eq (i32.load offset=4 (local.get $f)) (i32.const 6))
+          (then
+            (call $join (local.get $h) (i32.const 0))
+            (return (call $drip_written (local.get $f) (local.get $payload)))))
         (call $advance (local.get $f) (local.get $payload))
         (if (i32.and (local.get $payload) (i32.const 15)) (then (return (call $finish_body (local.get $f)))))
         (return (call $pump_write (local.get $f)))))
