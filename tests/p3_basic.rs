@@ -153,3 +153,37 @@ async fn a_stream_on_a_shared_instance_outlives_the_request_timeout() {
     assert_eq!(s.stats().instances_created, 1);
     s.stop().await;
 }
+
+/// A guest that sets backpressure takes no new request until it lifts it:
+/// a request that arrives meanwhile goes to another instance at once
+/// instead of joining (or waiting for) the held one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_backpressure_keeps_requests_off_its_instance() {
+    use std::time::Duration;
+    let s = TestServer::start(p3_suite(), KnobArgs::default()).await;
+    assert_eq!(s.get("/").await.status, 200);
+    settle().await;
+    let held = tokio::spawn({
+        let addr = s.addr;
+        async move { send(addr, "GET", "/hold/800", &[], bytes::Bytes::new()).await }
+    });
+    // The holder has the instance (and its backpressure) by now.
+    assert!(eventually(Duration::from_secs(5), || s.stats().in_flight == 1).await);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t = std::time::Instant::now();
+    let r = s.get("/counter").await;
+    let took = t.elapsed();
+    assert_eq!(r.status, 200);
+    // A new instance: its first request (a joiner would count 3).
+    assert_eq!(r.text(), "1", "the request ran on the held instance");
+    assert!(
+        took < Duration::from_millis(600),
+        "waited for the hold: {took:?}"
+    );
+    let h = held.await.unwrap();
+    assert_eq!((h.status, h.text().as_str()), (200, "held\n"));
+    // Lifted: the held instance takes requests again.
+    let st = s.stats();
+    assert_eq!((st.instances_created, st.failed), (2, 0), "{st:?}");
+    s.stop().await;
+}

@@ -1,7 +1,9 @@
 ;; WASIp3 test guest: one behaviour per path (see p2_suite.wat), written
 ;; against the async canonical ABI with a callback-style export.
 ;;   /echo /counter /sleep/N /busy /trap /trap-after /bomb /grow/N
-;;   /drip/N (head at once, then "drip\n" 10 times, N ms apart) ; else "hello from p3"
+;;   /drip/N (head at once, then "drip\n" 10 times, N ms apart)
+;;   /hold/N (sets backpressure: the instance takes no new request for N ms)
+;;   ; else "hello from p3"
 ;; Several requests run concurrently in one instance, so per-request state
 ;; lives in a frame whose address is kept in context slot 0.
 ;; Frame: +0 waitable set, +4 phase, +8 request, +12 out ptr, +16 out len,
@@ -11,7 +13,8 @@
 ;;        future (readable), +48 status, +52 out capacity, +56 trap after send,
 ;;        +60 read buffer, +64 drips left, +68 drip interval (ms)
 ;; Phases: 1 sleeping, 2 reading, 3 writing, 4 consume-body result,
-;;         5 trailers, 6 writing a drip, 7 sleeping between drips
+;;         5 trailers, 6 writing a drip, 7 sleeping between drips,
+;;         8 holding backpressure
 (module
   (import "$root" "[waitable-set-new]" (func $set_new (result i32)))
   (import "$root" "[waitable-set-drop]" (func $set_drop (param i32)))
@@ -19,6 +22,8 @@
   (import "$root" "[context-get-0]" (func $ctx_get (result i32)))
   (import "$root" "[context-set-0]" (func $ctx_set (param i32)))
   (import "$root" "[subtask-drop]" (func $subtask_drop (param i32)))
+  (import "$root" "[backpressure-inc]" (func $backpressure_inc))
+  (import "$root" "[backpressure-dec]" (func $backpressure_dec))
   (import "[export]wasi:http/handler@0.3.0" "[task-return]handle"
     (func $task_return (param i32 i32 i32 i64 i32 i32 i32 i32)))
   (import "wasi:http/types@0.3.0" "[constructor]fields" (func $fields_new (result i32)))
@@ -66,6 +71,8 @@
   (data (i32.const 1470) "grown\n")
   (data (i32.const 1480) "/drip")
   (data (i32.const 1490) "drip\n")
+  (data (i32.const 1500) "/hold")
+  (data (i32.const 1510) "held\n")
   ;; 1400..1464: zeroes, the value `ok(none)` / `ok(())` for futures
 
   (func $cabi_realloc (export "cabi_realloc") (param $old i32) (param $old_size i32) (param $align i32) (param $size i32) (result i32)
@@ -157,6 +164,12 @@
     (i32.store offset=28 (local.get $f) (i32.wrap_i64 (i64.shr_u (local.get $fu) (i64.const 32))))
     (call $task_return (i32.const 0) (i32.load (local.get $ret)) (i32.const 0) (i64.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0))
     (if (i32.load offset=56 (local.get $f)) (then unreachable)))
+
+  ;; hold: lifts backpressure and answers
+  (func $held (param $f i32) (result i32)
+    (call $backpressure_dec)
+    (call $append (local.get $f) (i32.const 1510) (i32.const 5))
+    (call $send (local.get $f)))
 
   ;; drip: writes the next chunk (phase 6), or ends the body
   (func $drip_next (param $f i32) (result i32)
@@ -326,6 +339,14 @@
         (if (i32.eq (memory.grow (call $digits (local.get $p) (local.get $n))) (i32.const -1)) (then unreachable))
         (call $append (local.get $f) (i32.const 1470) (i32.const 6))
         (return (call $send (local.get $f)))))
+    (if (call $starts_with (local.get $p) (local.get $n) (i32.const 1500) (i32.const 5))
+      (then
+        (call $backpressure_inc)
+        (i32.store offset=4 (local.get $f) (i32.const 8))
+        (local.set $r (call $wait_for (i64.mul (i64.extend_i32_u (call $digits (local.get $p) (local.get $n))) (i64.const 1000000))))
+        (if (i32.eq (i32.and (local.get $r) (i32.const 15)) (i32.const 2))
+          (then (return (call $held (local.get $f)))))
+        (return (call $wait (local.get $f) (i32.shr_u (local.get $r) (i32.const 4))))))
     (if (call $starts_with (local.get $p) (local.get $n) (i32.const 1480) (i32.const 5))
       (then
         (i32.store offset=64 (local.get $f) (i32.const 10))
@@ -346,6 +367,8 @@
         (call $subtask_drop (local.get $h))
         (if (i32.eq (i32.load offset=4 (local.get $f)) (i32.const 7))
           (then (return (call $drip_next (local.get $f)))))
+        (if (i32.eq (i32.load offset=4 (local.get $f)) (i32.const 8))
+          (then (return (call $held (local.get $f)))))
         (return (call $send (local.get $f)))))
     (if (i32.eq (local.get $event) (i32.const 2))
       (then
