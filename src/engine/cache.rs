@@ -329,7 +329,12 @@ pub fn read_source(path: &Path) -> std::io::Result<(Vec<u8>, Option<SourceStamp>
     use std::io::Read;
     let mut file = std::fs::File::open(path)?;
     let before = SourceStamp::of(&file.metadata()?);
-    let mut bytes = Vec::with_capacity(before.size as usize);
+    let mut bytes = Vec::new();
+    // (As `std::fs::read`: a size that cannot be allocated is an error, not
+    // an abort.)
+    bytes
+        .try_reserve_exact(usize::try_from(before.size).unwrap_or(usize::MAX))
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::OutOfMemory))?;
     file.read_to_end(&mut bytes)?;
     let after = SourceStamp::of(&file.metadata()?);
     Ok((bytes, (before == after).then_some(before)))
