@@ -10,7 +10,7 @@
 //! other requests joined it, when its owner gives up (timeout, client
 //! gone), or when work outlives the response body. A detached loop is
 //! torn down once it has made no progress (taken a request, answered one,
-//! or produced or handed over a frame of a response body) for
+//! or produced a frame of a response body) for
 //! `request-timeout` plus a grace period, so a streaming response outlives
 //! the timeout while a stuck guest does not.
 //!
@@ -180,10 +180,6 @@ struct RunState {
     room: bool,
     /// Requests taken and not yet answered.
     outstanding: usize,
-    /// Response bodies whose last frame their client has not taken yet:
-    /// the guest may be waiting for that client (whom the HTTP front's
-    /// send timeouts bound), not stuck.
-    with_client: usize,
     /// The last sign of progress: a request taken, a frame of a response
     /// body or, with none outstanding, an answer.
     busy_since: Instant,
@@ -206,7 +202,6 @@ impl Run {
                 advertised: false,
                 room: false,
                 outstanding: 0,
-                with_client: 0,
                 busy_since: Instant::now(),
             }),
             waker: Default::default(),
@@ -268,27 +263,14 @@ impl Run {
 
     /// When a detached loop is torn down unless it makes progress.
     fn deadline(&self) -> Instant {
-        let s = self.state.lock().unwrap();
-        if s.with_client > 0 {
-            Instant::now() + self.busy_timeout
-        } else {
-            s.busy_since + self.busy_timeout
-        }
+        self.state.lock().unwrap().busy_since + self.busy_timeout
     }
 
-    /// A response body produced a frame (`true`), or its client took one.
-    fn body_progress(&self, handed_to_client: bool) {
-        let mut s = self.state.lock().unwrap();
-        if handed_to_client {
-            s.with_client += 1;
-        } else {
-            s.with_client -= 1;
-        }
-        s.busy_since = Instant::now();
-    }
-
-    /// A response body ended or was dropped: the loop gets a whole timeout
-    /// for what is left.
+    /// A response body produced a frame, ended or was dropped: progress
+    /// (after the end, the loop gets a whole timeout for what is left).
+    /// A client that takes no frame for that long is not progress: on a
+    /// detached loop its response is cut then, whatever the HTTP front's
+    /// send timeouts (which HTTP/2 flow control can escape) would allow.
     fn touch(&self) {
         self.state.lock().unwrap().busy_since = Instant::now();
     }
@@ -371,8 +353,6 @@ struct LoopBody {
     inner: WasiBody,
     run: Arc<Run>,
     lp: Driver,
-    /// A frame was handed out and the client has not asked for the next.
-    with_client: bool,
 }
 
 impl LoopBody {
@@ -387,7 +367,6 @@ impl LoopBody {
                 inner,
                 run,
                 lp: Driver(lp),
-                with_client: false,
             }
             .boxed_unsync()
         })
@@ -403,16 +382,10 @@ impl http_body::Body for LoopBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         let this = &mut *self;
-        if std::mem::take(&mut this.with_client) {
-            this.run.body_progress(false);
-        }
         this.lp.poll(cx);
         let r = Pin::new(&mut this.inner).poll_frame(cx);
         match &r {
-            Poll::Ready(Some(Ok(_))) => {
-                this.with_client = true;
-                this.run.body_progress(true);
-            }
+            Poll::Ready(Some(Ok(_))) => this.run.touch(),
             Poll::Ready(None | Some(Err(_))) => {
                 if let Some(lp) = this.lp.0.take() {
                     // Work past the body (post-return) goes on by itself,
@@ -439,11 +412,7 @@ impl Drop for LoopBody {
     fn drop(&mut self) {
         // (A loop detached from here gets its deadline from now, not from
         // the response head, which may be long ago.)
-        if std::mem::take(&mut self.with_client) {
-            self.run.body_progress(false);
-        } else if self.lp.0.is_some() {
-            self.run.touch();
-        }
+        self.run.touch();
     }
 }
 
