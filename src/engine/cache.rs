@@ -119,21 +119,12 @@ impl CompileCache {
         self.dir.join(format!("{}.cwasm", h.finalize().to_hex()))
     }
 
-    /// Loads `bytes` as a component: from the cache when a valid entry
-    /// exists, otherwise by compiling (and storing the result).
+    /// Loads the component whose bytes have BLAKE3 hash `digest`: from the
+    /// cache when a valid entry exists, otherwise with `compile` (and
+    /// stores the result). `looked_up` is what an earlier
+    /// [`CompileCache::lookup`] of the same digest found, if there was one
+    /// (it is not looked up twice).
     pub fn load_or_compile(
-        &self,
-        engine: &Engine,
-        bytes: &[u8],
-        compile: impl FnOnce() -> wasmtime::Result<Component>,
-    ) -> wasmtime::Result<(Component, CacheOutcome)> {
-        self.load_or_compile_digest(engine, &blake3::hash(bytes), None, compile)
-    }
-
-    /// As [`CompileCache::load_or_compile`], for bytes with hash `digest`.
-    /// `looked_up` is what an earlier [`CompileCache::lookup`] of the same
-    /// digest found, if there was one (it is not looked up twice).
-    pub fn load_or_compile_digest(
         &self,
         engine: &Engine,
         digest: &blake3::Hash,

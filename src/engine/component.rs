@@ -336,11 +336,12 @@ pub fn load(
     let (component, outcome) = match &cache {
         Some(cache) => {
             let digest = blake3::hash(bytes);
-            if let (Source::File(path), Some(stamp)) = (source, &stamp) {
+            // (A file remembered with these very bytes needs no new record.)
+            let looked_up = looked_up.and_then(|(d, l)| (d == digest).then_some(l));
+            if let (Source::File(path), Some(stamp), None) = (source, &stamp, &looked_up) {
                 cache.remember(path, stamp, &digest);
             }
-            let looked_up = looked_up.and_then(|(d, l)| (d == digest).then_some(l));
-            cache.load_or_compile_digest(engine, &digest, looked_up, compile)
+            cache.load_or_compile(engine, &digest, looked_up, compile)
         }
         None => compile().map(|c| (c, CacheOutcome::Compiled)),
     }
