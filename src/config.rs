@@ -239,7 +239,9 @@ pub struct KnobArgs {
 
     /// Longest writing a response to a client may make no progress; then
     /// the connection is closed and the request's instance and slot are
-    /// freed (stops slow-reader attacks) [default: 10s].
+    /// freed (stops slow-reader attacks). On HTTP/2 this also holds for
+    /// each stream: one whose client takes none of its next 16KiB (keeps
+    /// its window shut) for this long closes the connection [default: 10s].
     #[arg(long, value_name = "DURATION", value_parser = units::parse_positive_duration)]
     #[serde(default, deserialize_with = "de::positive_duration")]
     pub send_timeout: Option<Duration>,

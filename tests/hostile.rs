@@ -257,6 +257,135 @@ async fn a_reader_that_takes_a_few_bytes_at_a_time_is_cut_by_the_min_rate() {
     s.stop().await;
 }
 
+/// An HTTP/2 connection to `addr` whose streams start with a window of
+/// `window` bytes; the client reads every frame the server sends (its
+/// socket never fills) and opens a stream's window only as that stream's
+/// body is read.
+async fn h2_client(
+    addr: SocketAddr,
+    window: u32,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(window)
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    (sender, tokio::spawn(conn))
+}
+
+fn h2_request(
+    method: &str,
+    path: &str,
+    body: Bytes,
+) -> hyper::Request<http_body_util::Full<Bytes>> {
+    hyper::Request::builder()
+        .method(method)
+        .uri(format!("http://x{path}"))
+        .body(http_body_util::Full::new(body))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_whose_window_stays_shut_free_their_guests_and_end_at_the_send_timeout() {
+    let s = TestServer::start(
+        p2_suite(),
+        KnobArgs {
+            max_concurrent_requests: Some(4),
+            request_timeout: Some(Duration::from_secs(30)),
+            send_timeout: Some(Duration::from_secs(2)),
+            max_queue_wait: Some(Duration::from_millis(100)),
+            ..Default::default()
+        },
+    )
+    .await;
+    // Window 0 and never a WINDOW_UPDATE: the heads arrive (they are not
+    // flow-controlled), no byte of any body can.
+    let (mut sender, conn) = h2_client(s.addr, 0).await;
+    let started = Instant::now();
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let r = sender
+            .send_request(h2_request("POST", "/echo", Bytes::from(vec![b'z'; 4096])))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        held.push(r);
+    }
+    // The answers are read ahead into the response buffer: the guests
+    // finish and their slots are free long before the send timeout.
+    assert!(
+        eventually(Duration::from_secs(1), || s.stats().in_flight == 0).await,
+        "the stalled streams still hold their slots: {:?}",
+        s.stats()
+    );
+    assert_eq!(s.get("/").await.status, 200);
+    assert_eq!(stat(&s, |h| &h.send_timeouts), 0);
+    // At the send timeout (checked every send-timeout/8) the connection
+    // closes.
+    let ended = tokio::time::timeout(Duration::from_secs(6), conn).await;
+    let took = started.elapsed();
+    assert!(ended.is_ok(), "the connection is still open after {took:?}");
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_millis(3500),
+        "closed after {took:?}"
+    );
+    assert_eq!(stat(&s, |h| &h.send_timeouts), 1);
+    drop(held);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_but_steady_http2_reader_of_a_large_answer_is_not_cut() {
+    let s = TestServer::start(
+        p2_suite(),
+        KnobArgs {
+            send_timeout: Some(Duration::from_secs(1)),
+            response_buffer_size: Some(64 << 10),
+            ..Default::default()
+        },
+    )
+    .await;
+    // A 16 KiB window, reopened as the client reads at 128 KiB/s (half
+    // a window, 8 KiB, is what h2 waits for before a WINDOW_UPDATE):
+    // 512 KiB take about 4 s, far longer than the send timeout, yet the
+    // stream never waits as long as one for room.
+    let (mut sender, conn) = h2_client(s.addr, 16 << 10).await;
+    let sent = 512 << 10;
+    let r = sender
+        .send_request(h2_request("POST", "/echo", Bytes::from(vec![b'q'; sent])))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut body = r.into_body();
+    let t = Instant::now();
+    let (mut got, mut qs) = (0, 0);
+    while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+        let frame = frame.unwrap_or_else(|e| {
+            panic!(
+                "the stream was cut after {got} bytes, {:?}: {e}",
+                t.elapsed()
+            )
+        });
+        if let Some(d) = frame.data_ref() {
+            got += d.len();
+            qs += d.iter().filter(|b| **b == b'q').count();
+            let due = Duration::from_secs_f64(got as f64 / (128 << 10) as f64);
+            tokio::time::sleep(due.saturating_sub(t.elapsed())).await;
+        }
+    }
+    assert!(t.elapsed() > Duration::from_secs(3), "{:?}", t.elapsed());
+    assert_eq!(qs, sent, "the whole body came back ({got} bytes in all)");
+    assert_eq!(stat(&s, |h| &h.send_timeouts), 0);
+    drop(sender);
+    let _ = conn.await;
+    s.stop().await;
+}
+
 /// `GET /` on an open connection: the status of the answer's first read.
 async fn get_on(c: &mut TcpStream) -> Option<u16> {
     c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")

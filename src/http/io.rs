@@ -15,6 +15,10 @@
 //!   waiting has passed (a reader that opens a tiny window and takes a few
 //!   bytes now and then does make progress, too little).
 //!
+//! HTTP/2 flow control lets a client stop taking one stream while its
+//! socket keeps moving; that stream's send timeout is `response`'s and
+//! `limits::Conn::stalled_stream`'s.
+//!
 //! Request bodies have timeouts of their own (see `body`). A timeout
 //! surfaces as an I/O error (`TimedOut`), which ends the connection; for
 //! HTTP/2 an idle connection is closed gracefully (GOAWAY) instead.
@@ -100,6 +104,9 @@ impl<T> TimedIo<T> {
         t: Timeouts,
         h2: bool,
     ) -> Self {
+        if h2 {
+            conn.set_h2();
+        }
         TimedIo {
             inner,
             fd,
@@ -128,6 +135,7 @@ impl<T> TimedIo<T> {
     pub fn set_h2(&mut self) {
         self.h2 = true;
         self.sniffed = None;
+        self.conn.set_h2();
     }
 
     /// Nothing else wraps this stream (no TLS): watch the first bytes for
@@ -147,6 +155,7 @@ impl<T> TimedIo<T> {
         } else if seen + n == H2_PREFACE.len() {
             self.sniffed = None;
             self.h2 = true;
+            self.conn.set_h2();
         } else {
             self.sniffed = Some(seen + n);
         }

@@ -92,6 +92,11 @@ pub struct Conn {
     started: Notify,
     /// Responses a pump may take over when the client stops reading.
     responses: Responses,
+    /// The connection speaks HTTP/2 (by ALPN or its preface).
+    h2: AtomicBool,
+    /// Notified when an HTTP/2 response starts: the stream watch runs
+    /// while any is live (see `watch_streams`).
+    streams: Notify,
     epoch: Instant,
 }
 
@@ -118,6 +123,38 @@ impl Conn {
 
     pub(crate) fn add_response(&self, r: std::sync::Weak<Shared>) {
         self.responses.add(r);
+        if self.is_h2() {
+            self.streams.notify_one();
+        }
+    }
+
+    /// The connection speaks HTTP/2.
+    pub fn is_h2(&self) -> bool {
+        self.h2.load(Relaxed)
+    }
+
+    pub(crate) fn set_h2(&self) {
+        self.h2.store(true, Relaxed);
+    }
+
+    /// Watches this HTTP/2 connection's responses while any is live, and
+    /// resolves once one has waited `send_timeout` for the client to take
+    /// its next bytes: the connection must close (see
+    /// [`Responses::check`]). HTTP/2 flow control lets a client stop one
+    /// stream without its socket ever filling, so the socket's own send
+    /// timeout (in `io`) does not see it.
+    pub(crate) async fn stalled_stream(&self, send_timeout: Duration) {
+        let tick = (send_timeout / 8).clamp(Duration::from_millis(25), Duration::from_secs(1));
+        loop {
+            if !self.is_h2() || !self.responses.any_live() {
+                self.streams.notified().await;
+                continue;
+            }
+            tokio::time::sleep(tick).await;
+            if self.responses.check(Instant::now(), tick, send_timeout) {
+                return;
+            }
+        }
     }
 
     /// Whether the running request's body may still be arriving.
@@ -307,6 +344,8 @@ impl Registry {
             close: Notify::new(),
             started: Notify::new(),
             responses: Responses::default(),
+            h2: AtomicBool::new(false),
+            streams: Notify::new(),
             epoch: self.epoch,
         });
         inner.conns.insert(conn.id, conn.clone());

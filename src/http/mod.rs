@@ -249,9 +249,10 @@ async fn serve_connection(
     let mut c = std::pin::pin!(c);
     let result = tokio::select! {
         r = c.as_mut() => r,
+        _ = conn.stalled_stream(knobs.send_timeout) => stream_send_timeout(&front),
         _ = conn.closing() => {
             c.as_mut().graceful_shutdown();
-            finish_idle(c, &conn).await
+            finish_idle(c, &conn, &front, knobs.send_timeout).await
         }
         _ = stopped(&mut stop) => {
             if conn.finished() == 0 && !conn.is_busy() {
@@ -264,7 +265,7 @@ async fn serve_connection(
                 }
             }
             c.as_mut().graceful_shutdown();
-            finish_idle(c, &conn).await
+            finish_idle(c, &conn, &front, knobs.send_timeout).await
         }
     };
     drop(handle);
@@ -275,13 +276,21 @@ async fn serve_connection(
 /// responses reach the client, and drops the connection as soon as neither
 /// is left (hyper would otherwise wait for a request head that is being
 /// received, however slowly).
-async fn finish_idle<F>(mut c: Pin<&mut F>, conn: &limits::Conn) -> ConnResult
+async fn finish_idle<F>(
+    mut c: Pin<&mut F>,
+    conn: &limits::Conn,
+    front: &Front,
+    send_timeout: Duration,
+) -> ConnResult
 where
     F: Future<Output = ConnResult>,
 {
+    let stalled = conn.stalled_stream(send_timeout);
+    let mut stalled = std::pin::pin!(stalled);
     loop {
         tokio::select! {
             r = c.as_mut() => return r,
+            _ = stalled.as_mut() => return stream_send_timeout(front),
             _ = tokio::time::sleep(IDLE_CLOSE_CHECK) => {
                 if !conn.is_busy() && !conn.is_sending() {
                     return Ok(());
@@ -292,6 +301,13 @@ where
 }
 
 type ConnResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// An HTTP/2 stream waited `send-timeout` for its client's window: the
+/// connection closes, as it does when its socket stops taking bytes.
+fn stream_send_timeout(front: &Front) -> ConnResult {
+    front.http_stats().send_timeouts.fetch_add(1, Relaxed);
+    Err("an HTTP/2 stream's client took none of its response for send-timeout".into())
+}
 
 /// How often a connection asked to close checks whether it may be dropped.
 const IDLE_CLOSE_CHECK: Duration = Duration::from_millis(20);

@@ -9,6 +9,15 @@
 //! its instance and its admission slot are freed, and the client's
 //! slowness costs a buffer until the send timeout ends it.
 //!
+//! On HTTP/2 the connection's socket may keep moving while one stream's
+//! window stays shut (a client that never sends WINDOW_UPDATE), so the
+//! stream itself is watched: a response that has waited a moment for the
+//! client to take its next bytes is pumped the same way, and one that has
+//! waited `send-timeout` closes the connection (`Responses::check`). Data
+//! goes to an HTTP/2 connection in pieces of at most [`H2_CHUNK`], so
+//! "waiting" means the client took none of the last 16 KiB, however large
+//! the guest's frames are.
+//!
 //! Invariants: the guest's body is polled by one side at a time (the
 //! connection until the pump starts, the pump after); frames reach the
 //! connection in order; the guest's body is dropped as soon as it ends.
@@ -26,7 +35,13 @@ use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// The largest piece of data handed to an HTTP/2 connection at once
+/// (HTTP/2's default frame size): hyper asks for the next piece only once
+/// the client's window has room, so a stream that takes nothing is seen
+/// within a piece, not within a guest's whole frame.
+pub(crate) const H2_CHUNK: usize = 16 << 10;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -154,6 +169,8 @@ enum Kind {
 pub(crate) struct Shared {
     state: Mutex<State>,
     limit: u64,
+    /// On an HTTP/2 connection: watched for a shut window, sent in pieces.
+    h2: bool,
 }
 
 struct State {
@@ -166,6 +183,10 @@ struct State {
     reader: Option<Waker>,
     /// The pump, waiting for room in the buffer.
     pump: Option<Waker>,
+    /// HTTP/2: since when the connection has not asked for the next
+    /// frame after taking one (it asks once the client's window has
+    /// room); `None` while it waits for the guest instead.
+    waiting: Option<Instant>,
 }
 
 impl State {
@@ -209,6 +230,7 @@ impl Body {
         limit: u64,
         budget: Arc<MemoryBudget>,
     ) -> Body {
+        let h2 = conn.is_h2();
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 inner: Some(inner),
@@ -217,10 +239,12 @@ impl Body {
                 pumping: false,
                 reader: None,
                 pump: None,
+                waiting: h2.then(Instant::now),
             }),
             limit,
+            h2,
         });
-        if limit > 0 {
+        if limit > 0 || h2 {
             conn.add_response(Arc::downgrade(&shared));
         }
         Body {
@@ -350,6 +374,22 @@ fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The first [`H2_CHUNK`] of a data frame; the rest goes back to the
+/// front of the queue (counted as buffered, like what the pump reads).
+fn first_piece(st: &mut State, f: Frame<Bytes>) -> Frame<Bytes> {
+    match f.into_data() {
+        Ok(mut data) => {
+            if data.len() > H2_CHUNK {
+                let rest = data.split_off(H2_CHUNK);
+                st.held.force_grow(rest.len() as u64);
+                st.queue.push_front(Ok(Frame::data(rest)));
+            }
+            Frame::data(data)
+        }
+        Err(f) => f,
+    }
+}
+
 fn data_len(item: &Result<Frame<Bytes>, BoxError>) -> u64 {
     match item {
         Ok(f) => f.data_ref().map_or(0, |d| d.len() as u64),
@@ -361,6 +401,27 @@ impl Shared {
     /// The connection's side.
     fn poll_reader(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut st = lock(&self.state);
+        let r = self.poll_reader_locked(&mut st, cx);
+        if !self.h2 {
+            return r;
+        }
+        match r {
+            Poll::Ready(Some(Ok(f))) => {
+                st.waiting = Some(Instant::now());
+                Poll::Ready(Some(Ok(first_piece(&mut st, f))))
+            }
+            r => {
+                st.waiting = None;
+                r
+            }
+        }
+    }
+
+    fn poll_reader_locked(
+        &self,
+        st: &mut State,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if let Some(item) = st.queue.pop_front() {
             st.held.shrink(data_len(&item));
             if let Some(w) = st.pump.take() {
@@ -458,6 +519,42 @@ impl Responses {
         v.push(r);
     }
 
+    /// Whether any response registered here is still held by its
+    /// connection.
+    pub fn any_live(&self) -> bool {
+        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        v.retain(|w| w.strong_count() > 0);
+        !v.is_empty()
+    }
+
+    /// HTTP/2: pumps every response that has waited `pump_after` or more
+    /// for its client's window, and says whether one has waited
+    /// `timeout` (the connection must close).
+    pub fn check(&self, now: Instant, pump_after: Duration, timeout: Duration) -> bool {
+        let live: Vec<_> = {
+            let v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            v.iter().filter_map(Weak::upgrade).collect()
+        };
+        let mut stalled = false;
+        for r in live {
+            let waited = {
+                let st = lock(&r.state);
+                // All handed over: the connection drops the body now.
+                let over =
+                    st.queue.is_empty() && st.inner.as_ref().is_none_or(|b| b.is_end_stream());
+                match st.waiting {
+                    Some(since) if !over => now.saturating_duration_since(since),
+                    _ => continue,
+                }
+            };
+            stalled |= waited >= timeout;
+            if waited >= pump_after && r.limit > 0 {
+                r.start_pump();
+            }
+        }
+        stalled
+    }
+
     /// The connection cannot write: pump every response still coming.
     pub fn pump_all(&self) {
         let live: Vec<_> = {
@@ -474,5 +571,77 @@ impl Responses {
 impl std::fmt::Debug for Responses {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Responses")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::budget::MemoryBudget;
+    use http_body_util::BodyExt as _;
+
+    fn h2_body(len: usize) -> Shared {
+        let inner = Full::new(Bytes::from(vec![7u8; len]))
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        Shared {
+            state: Mutex::new(State {
+                inner: Some(ResponseBody::new(inner)),
+                queue: VecDeque::new(),
+                held: Held::new(Arc::new(MemoryBudget::new(1 << 20))),
+                pumping: false,
+                reader: None,
+                pump: None,
+                waiting: Some(Instant::now()),
+            }),
+            limit: 0,
+            h2: true,
+        }
+    }
+
+    #[test]
+    fn http2_data_goes_out_in_pieces_and_each_piece_starts_a_wait() {
+        let shared = h2_body(2 * H2_CHUNK + 5);
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut pieces = Vec::new();
+        loop {
+            match shared.poll_reader(&mut cx) {
+                Poll::Ready(Some(Ok(f))) => {
+                    pieces.push(f.into_data().unwrap().len());
+                    // The connection took a piece: until it asks for the
+                    // next one, the stream waits for its client.
+                    assert!(lock(&shared.state).waiting.is_some());
+                }
+                Poll::Ready(None) => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(pieces, [H2_CHUNK, H2_CHUNK, 5]);
+        let st = lock(&shared.state);
+        // The end was asked for: nothing waits for the client any more,
+        // and what the pieces held in the meantime is given back.
+        assert_eq!(st.waiting, None);
+        assert_eq!(st.held.bytes(), 0);
+    }
+
+    #[test]
+    fn only_a_stream_that_waits_for_its_client_counts_as_stalled() {
+        let shared = Arc::new(h2_body(100));
+        let responses = Responses::default();
+        responses.add(Arc::downgrade(&shared));
+        let long = Duration::from_secs(10);
+        let later = Instant::now() + long;
+        // Waiting since it was made (the connection never asked for it).
+        assert!(responses.check(later, long, long));
+        assert!(!responses.check(Instant::now(), long, long));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(matches!(
+            shared.poll_reader(&mut cx),
+            Poll::Ready(Some(Ok(_)))
+        ));
+        // Its last bytes were taken: nothing of it waits any more.
+        assert!(!responses.check(Instant::now() + long, long, long));
+        drop(shared);
+        assert!(!responses.any_live());
     }
 }
