@@ -299,6 +299,7 @@ async fn http2_streams_whose_window_stays_shut_free_their_guests_and_end_at_the_
             request_timeout: Some(Duration::from_secs(30)),
             send_timeout: Some(Duration::from_secs(2)),
             max_queue_wait: Some(Duration::from_millis(100)),
+            max_request_body_size: Some(8 << 10),
             ..Default::default()
         },
     )
@@ -306,6 +307,18 @@ async fn http2_streams_whose_window_stays_shut_free_their_guests_and_end_at_the_
     // Window 0 and never a WINDOW_UPDATE: the heads arrive (they are not
     // flow-controlled), no byte of any body can.
     let (mut sender, conn) = h2_client(s.addr, 0).await;
+    // The server's own answers are watched too: a 413 alone on its
+    // connection.
+    let (mut refused, refused_conn) = h2_client(s.addr, 0).await;
+    let r = refused
+        .send_request(h2_request(
+            "POST",
+            "/echo",
+            Bytes::from(vec![b'z'; 16 << 10]),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
     let started = Instant::now();
     let mut held = Vec::new();
     for _ in 0..4 {
@@ -334,8 +347,14 @@ async fn http2_streams_whose_window_stays_shut_free_their_guests_and_end_at_the_
         took >= Duration::from_secs(2) && took < Duration::from_millis(3500),
         "closed after {took:?}"
     );
-    assert_eq!(stat(&s, |h| &h.send_timeouts), 1);
-    drop(held);
+    let ended = tokio::time::timeout(Duration::from_secs(2), refused_conn).await;
+    assert!(
+        ended.is_ok(),
+        "the 413's connection is still open: {} send timeouts",
+        stat(&s, |h| &h.send_timeouts)
+    );
+    assert_eq!(stat(&s, |h| &h.send_timeouts), 2);
+    drop((held, r));
     s.stop().await;
 }
 

@@ -186,7 +186,7 @@ impl Front {
                     pool.budget().clone(),
                 )
             }
-            Either::Right(own) => Body::own(own, guard),
+            Either::Right(own) => Body::own(own, guard, pool.budget()),
         });
         if let Some(unread) = unread {
             response.body_mut().keep_unread(unread);
@@ -220,7 +220,8 @@ impl Front {
             m.observe(r.status(), Duration::ZERO);
         }
         let peer = guard.conn().peer;
-        let mut r = r.map(|b| Body::own(b, guard));
+        let budget = self.pool().budget().clone();
+        let mut r = r.map(|b| Body::own(b, guard, &budget));
         if self.access_logging() {
             let mut record = AccessRecord::new(req, peer, Instant::now(), Arc::default());
             record.answered(&r);

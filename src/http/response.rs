@@ -38,9 +38,10 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 /// The largest piece of data handed to an HTTP/2 connection at once
-/// (HTTP/2's default frame size): hyper asks for the next piece only once
-/// the client's window has room, so a stream that takes nothing is seen
-/// within a piece, not within a guest's whole frame.
+/// (HTTP/2's default frame size): hyper holds one piece until the
+/// client's window has room for it before it asks for the next, so a
+/// stream that takes nothing is seen within a piece, not within a guest's
+/// whole frame.
 pub(crate) const H2_CHUNK: usize = 16 << 10;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -184,8 +185,9 @@ struct State {
     /// The pump, waiting for room in the buffer.
     pump: Option<Waker>,
     /// HTTP/2: since when the connection has not asked for the next
-    /// frame after taking one (it asks once the client's window has
-    /// room); `None` while it waits for the guest instead.
+    /// frame after taking one (hyper sends a piece, and asks for the
+    /// next, once the client's window has room for it); `None` while it
+    /// waits for the guest instead.
     waiting: Option<Instant>,
 }
 
@@ -199,8 +201,16 @@ impl State {
 }
 
 impl Body {
-    /// One of the front's own answers.
-    pub(crate) fn own(inner: Full<Bytes>, guard: RequestGuard) -> Body {
+    /// One of the front's own answers. On HTTP/2 it is watched like a
+    /// guest's (a client that keeps its stream shut must not keep the
+    /// connection and its request's place), with nothing read ahead.
+    pub(crate) fn own(inner: Full<Bytes>, guard: RequestGuard, budget: &Arc<MemoryBudget>) -> Body {
+        if guard.conn().is_h2() && !inner.is_end_stream() {
+            use http_body_util::BodyExt as _;
+            let conn = guard.conn().clone();
+            let inner = ResponseBody::new(inner.map_err(|never| match never {}).boxed_unsync());
+            return Body::guest(inner, guard, &conn, 0, budget.clone());
+        }
         Body {
             kind: Kind::Own(inner),
             guard: Some(guard),
@@ -537,15 +547,11 @@ impl Responses {
         };
         let mut stalled = false;
         for r in live {
-            let waited = {
-                let st = lock(&r.state);
-                // All handed over: the connection drops the body now.
-                let over =
-                    st.queue.is_empty() && st.inner.as_ref().is_none_or(|b| b.is_end_stream());
-                match st.waiting {
-                    Some(since) if !over => now.saturating_duration_since(since),
-                    _ => continue,
-                }
+            // A body still held whose last piece was taken waits too:
+            // hyper holds that piece until the window has room for it.
+            let waited = match lock(&r.state).waiting {
+                Some(since) => now.saturating_duration_since(since),
+                None => continue,
             };
             stalled |= waited >= timeout;
             if waited >= pump_after && r.limit > 0 {
@@ -639,7 +645,11 @@ mod tests {
             shared.poll_reader(&mut cx),
             Poll::Ready(Some(Ok(_)))
         ));
-        // Its last bytes were taken: nothing of it waits any more.
+        // Its last bytes were taken, but the connection still holds the
+        // body: it holds them until the client has room for them.
+        assert!(responses.check(Instant::now() + long, long, long));
+        // Asked for the end: the window had room.
+        assert!(matches!(shared.poll_reader(&mut cx), Poll::Ready(None)));
         assert!(!responses.check(Instant::now() + long, long, long));
         drop(shared);
         assert!(!responses.any_live());
