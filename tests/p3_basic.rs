@@ -154,6 +154,58 @@ async fn a_stream_on_a_shared_instance_outlives_the_request_timeout() {
     s.stop().await;
 }
 
+/// The other side of the test above: a loop on its own task whose guest
+/// produces nothing for longer than the request timeout is torn down. The
+/// stream is cut (not ended as if complete), and the instance is not used
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detached_loop_that_makes_no_progress_is_torn_down() {
+    use std::time::Duration;
+    let s = TestServer::start(
+        p3_suite(),
+        KnobArgs {
+            request_timeout: Some(Duration::from_millis(500)),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(s.get("/").await.status, 200);
+    settle().await;
+    // As above, but the drips are 5 s apart: after the first one the loop
+    // (on its own task once the sleeper is answered) makes no progress.
+    let t = std::time::Instant::now();
+    let sleeper = tokio::spawn({
+        let addr = s.addr;
+        async move { send(addr, "GET", "/sleep/300", &[], bytes::Bytes::new()).await }
+    });
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let drip = try_send(s.addr, "GET", "/drip/5000", &[], bytes::Bytes::new()).await;
+    let took = t.elapsed();
+    let sleeper = sleeper.await.unwrap();
+    assert_eq!((sleeper.status, sleeper.text().as_str()), (200, "slept\n"));
+    assert!(
+        drip.is_err(),
+        "the stalled stream ended as if complete: {drip:?}"
+    );
+    // Cut once it made no progress for the request timeout (500 ms after
+    // the first drip, plus the check's 100 ms), long before the next drip.
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    let st = s.stats();
+    assert_eq!(st.instances_created, 1, "{st:?}");
+    assert!(
+        eventually(Duration::from_secs(2), || s.stats().instances_live == 0).await,
+        "the stuck instance is still live: {:?}",
+        s.stats()
+    );
+    // The next request gets a fresh instance.
+    assert_eq!(s.get("/counter").await.text(), "1");
+    assert_eq!(s.stats().instances_created, 2);
+    s.stop().await;
+}
+
 /// A guest that sets backpressure takes no new request until it lifts it:
 /// a request that arrives meanwhile goes to another instance at once
 /// instead of joining (or waiting for) the held one.

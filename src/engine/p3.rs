@@ -41,7 +41,7 @@ use futures::stream::{FuturesUnordered, StreamExt as _};
 use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
 use std::pin::{Pin, pin};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -165,6 +165,10 @@ struct Run {
     /// How long a detached loop may go without progress before it is
     /// torn down.
     busy_timeout: Duration,
+    /// Torn down for making no progress: its response bodies that had not
+    /// ended fail rather than end as if complete. (Set before the
+    /// instance is dropped, which ends the guest's streams.)
+    torn_down: AtomicBool,
 }
 
 struct RunState {
@@ -207,6 +211,7 @@ impl Run {
             waker: Default::default(),
             instance,
             busy_timeout,
+            torn_down: AtomicBool::new(false),
         }
     }
 
@@ -310,6 +315,7 @@ fn detach(lp: Loop) {
                 () = &mut fut => return,
                 () = tokio::time::sleep_until(deadline.into()) => {
                     if Instant::now() >= run.deadline() {
+                        run.torn_down.store(true, Relaxed);
                         tracing::warn!(
                             instance = run.instance,
                             "instance discarded after a request timeout"
@@ -383,7 +389,13 @@ impl http_body::Body for LoopBody {
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         let this = &mut *self;
         this.lp.poll(cx);
-        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        let mut r = Pin::new(&mut this.inner).poll_frame(cx);
+        if matches!(r, Poll::Ready(None)) && this.run.torn_down.load(Relaxed) {
+            // The guest's stream ended because its instance was dropped.
+            r = Poll::Ready(Some(Err(wasmtime_wasi_http::Error::InternalError(Some(
+                "instance discarded after a request timeout".into(),
+            )))));
+        }
         match &r {
             Poll::Ready(Some(Ok(_))) => this.run.touch(),
             Poll::Ready(None | Some(Err(_))) => {
