@@ -6,7 +6,9 @@
 //!   `max-concurrent-connections`, from 127.0.0.1, while a probe from
 //!   127.0.0.2 asks `GET /` once a second;
 //! - a memory storm: many concurrent large uploads to the echo route with
-//!   the server in a memory cgroup.
+//!   the server in a memory cgroup;
+//! - h2load (Debian `nghttp2-client`) opening HTTP/2 streams whose window
+//!   it keeps shut (`-w 0`).
 mod common;
 use common::*;
 use std::net::SocketAddr;
@@ -257,6 +259,64 @@ impl Drop for MemoryCgroup {
 }
 
 /// The body of `GET path`, over a plain connection.
+/// h2load with a stream window of 0 (`-w 0`): every stream gets its head
+/// and none can get a byte of its body, while the connections themselves
+/// keep moving. 40 such streams against 16 admission slots held every slot
+/// for as long as the connections lived (probes got 503); now the answers
+/// are read ahead at once, so the slots are free, and each connection
+/// closes at `send-timeout`.
+#[test]
+fn http2_streams_kept_shut_by_h2load_leave_the_service_answering_others() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let guest = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("attacks-suite.wasm");
+    std::fs::write(&guest, p2_suite()).unwrap();
+    let (p, addrs) = Proc::serve(
+        &[
+            "serve",
+            guest.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--no-cache",
+            "--max-concurrent-requests",
+            "16",
+            "--max-queue-wait",
+            "200ms",
+            "--send-timeout",
+            "3s",
+        ],
+        &[],
+    );
+    let addr = sockaddr(&addrs[0]);
+    let started = Instant::now();
+    let h2load = Command::new("h2load")
+        .args(["-w", "0", "-c", "4", "-m", "10", "-n", "40"])
+        .arg(format!("http://{addr}/echo"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("h2load is installed (Debian nghttp2-client)");
+    std::thread::sleep(Duration::from_millis(500));
+    let mut answered = 0;
+    for _ in 0..5 {
+        answered += probe(addr, Duration::from_secs(2)) as usize;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let out = h2load.wait_with_output().unwrap();
+    let took = started.elapsed();
+    let out = String::from_utf8_lossy(&out.stdout);
+    eprintln!("h2load -w 0 ({took:?}):\n{out}");
+    assert_eq!(answered, 5, "probes answered during the attack");
+    // Every attacking connection was closed at the send timeout; none of
+    // its streams got its answer.
+    assert!(took < Duration::from_secs(10), "h2load ran {took:?}");
+    assert!(
+        out.contains("0 succeeded, 40 failed, 40 errored"),
+        "the shut streams were answered in full: {out}"
+    );
+    assert!(probe(addr, Duration::from_secs(2)));
+    assert_eq!(p.stop(SIGTERM).code(), Some(0));
+}
+
 fn http_get(addr: SocketAddr, path: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
