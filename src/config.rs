@@ -40,6 +40,8 @@ pub mod defaults {
     pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
     pub const SEND_MIN_RATE: u64 = 1 << 10;
     pub const RESPONSE_BUFFER_SIZE: u64 = 256 << 10;
+    /// About twenty versions of a componentize-py guest (43 MiB compiled).
+    pub const CACHE_MAX_SIZE: u64 = 1 << 30;
     /// nginx's `http2_max_concurrent_streams` is 128.
     pub const MAX_CONCURRENT_STREAMS: u32 = 128;
     /// nginx's `keepalive_timeout` is 75s, Apache's 5s.
@@ -297,6 +299,13 @@ pub struct KnobArgs {
     #[serde(default)]
     pub cache_dir: Option<PathBuf>,
 
+    /// Most disk space the compile cache may take: after storing a new
+    /// entry, the entries used longest ago are removed until the cache
+    /// fits (the new one always stays); 0 for no limit [default: 1GiB].
+    #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
+    #[serde(default, deserialize_with = "de::size")]
+    pub cache_max_size: Option<u64>,
+
     /// Compile on every start; neither read nor write the compile cache.
     #[arg(long)]
     #[serde(default)]
@@ -495,7 +504,8 @@ impl KnobArgs {
             max_connections_per_client,
             max_requests_per_client,
             memory_budget,
-            cache_dir
+            cache_dir,
+            cache_max_size
         );
         self.no_cache |= other.no_cache;
         self.env.extend(other.env);
@@ -551,6 +561,7 @@ impl KnobArgs {
             max_requests_per_client: self.max_requests_per_client,
             memory_budget: self.memory_budget.unwrap_or_default(),
             cache_dir: self.cache_dir.clone(),
+            cache_max_size: self.cache_max_size.unwrap_or(d.cache_max_size),
             no_cache: self.no_cache,
             env: {
                 let mut env: Vec<(String, String)> = Vec::new();
@@ -635,6 +646,8 @@ pub struct Knobs {
     pub max_requests_per_client: Option<u32>,
     pub memory_budget: MemoryBudgetArg,
     pub cache_dir: Option<PathBuf>,
+    /// Bytes; 0 for no limit.
+    pub cache_max_size: u64,
     pub no_cache: bool,
     pub env: Vec<(String, String)>,
     pub allow_outbound: Vec<OutboundRule>,
@@ -674,6 +687,7 @@ impl Default for Knobs {
             max_requests_per_client: None,
             memory_budget: MemoryBudgetArg::Auto,
             cache_dir: None,
+            cache_max_size: defaults::CACHE_MAX_SIZE,
             no_cache: false,
             env: Vec::new(),
             allow_outbound: Vec::new(),

@@ -300,3 +300,57 @@ fn unchanged_component_files_are_not_read_again() {
         "a changed file was not read"
     );
 }
+
+#[test]
+fn a_full_cache_removes_the_entries_used_longest_ago() {
+    use std::time::{Duration, SystemTime};
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let (p2, p3) = (p2_suite(), p3_suite());
+    let size = |p: &Path| std::fs::metadata(p).unwrap().len();
+    assert_eq!(load(dir, KnobArgs::default(), &p2), CacheOutcome::Stored);
+    let p2_entry = entries(dir).pop().unwrap();
+    assert_eq!(load(dir, KnobArgs::default(), &p3), CacheOutcome::Stored);
+    let p3_entry = entries(dir).into_iter().find(|e| *e != p2_entry).unwrap();
+    // A hit marks its entry as used now: p2's is then the newer one.
+    let old = SystemTime::now() - Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&p2_entry)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    assert_eq!(load(dir, KnobArgs::default(), &p2), CacheOutcome::Hit);
+    let used = std::fs::metadata(&p2_entry).unwrap().modified().unwrap();
+    assert!(used > old + Duration::from_secs(3000), "{used:?}");
+    // Room for two entries the size of p2's: storing a third (p2 under
+    // another engine configuration, another key) removes the one used
+    // longest ago, p3's, and keeps the new one.
+    let limit = 2 * size(&p2_entry) + size(&p3_entry) / 2;
+    let other_engine = || KnobArgs {
+        cache_max_size: Some(limit),
+        max_memory_size: Some(32 << 20),
+        ..KnobArgs::default()
+    };
+    assert_eq!(load(dir, other_engine(), &p2), CacheOutcome::Stored);
+    let left = entries(dir);
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(left.contains(&p2_entry), "the entry used last was removed");
+    assert!(
+        !left.contains(&p3_entry),
+        "the entry used longest ago stayed"
+    );
+    assert!(!p3_entry.with_extension("b3").exists());
+    assert_eq!(load(dir, KnobArgs::default(), &p3), CacheOutcome::Stored);
+    assert_eq!(load(dir, KnobArgs::default(), &p2), CacheOutcome::Hit);
+    assert_eq!(load(dir, other_engine(), &p2), CacheOutcome::Hit);
+    // 0: no limit.
+    let before = entries(dir).len();
+    let unlimited = KnobArgs {
+        cache_max_size: Some(0),
+        max_memory_size: Some(16 << 20),
+        ..KnobArgs::default()
+    };
+    assert_eq!(load(dir, unlimited, &p3), CacheOutcome::Stored);
+    assert_eq!(entries(dir).len(), before + 1);
+}

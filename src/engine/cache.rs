@@ -23,6 +23,13 @@
 //! within two seconds of being looked at is not remembered (its times could
 //! still collide with a later change in the same clock tick), and anything
 //! that does not match exactly is hashed again.
+//!
+//! The cache is bounded (`cache-max-size`): a hit sets its entry's
+//! modification time, so after a new entry is stored the entries used
+//! longest ago are removed until the cache fits; a running server keeps
+//! using an entry removed under it (it is mapped), and the next start that
+//! needs it compiles again. Temporary files that a crash left behind go
+//! too, and `sources/` keeps at most [`MAX_SOURCE_RECORDS`] records.
 
 use std::hash::Hasher;
 use std::io::Write;
@@ -34,6 +41,13 @@ const MAGIC: &[u8; 16] = b"wasmpool-cwasm3\n";
 
 /// First line of a `sources/` record.
 const SOURCE_MAGIC: &str = "wasmpool-source1";
+
+/// Most `sources/` records kept (the most recently written).
+pub const MAX_SOURCE_RECORDS: usize = 1024;
+
+/// Age past which a temporary file is a crash's leftover, not a write in
+/// progress.
+const STALE_TEMPORARY: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// How long a file must have been left alone before its hash is remembered.
 const SETTLED: std::time::Duration = std::time::Duration::from_secs(2);
@@ -77,6 +91,8 @@ pub enum CacheOutcome {
 /// A cache directory bound to one engine configuration.
 pub struct CompileCache {
     dir: PathBuf,
+    /// Bytes; 0 for no limit.
+    max_size: u64,
 }
 
 struct Blake3Hasher<'a>(&'a mut blake3::Hasher);
@@ -91,8 +107,15 @@ impl Hasher for Blake3Hasher<'_> {
 }
 
 impl CompileCache {
+    /// A cache in `dir` with no size limit.
     pub fn new(dir: PathBuf) -> CompileCache {
-        CompileCache { dir }
+        CompileCache { dir, max_size: 0 }
+    }
+
+    /// Keeps the cache within `bytes` (0: no limit).
+    pub fn with_max_size(mut self, bytes: u64) -> CompileCache {
+        self.max_size = bytes;
+        self
     }
 
     pub fn dir(&self) -> &Path {
@@ -177,7 +200,13 @@ impl CompileCache {
                     unsafe { Component::deserialize(engine, &map[..]) }
                 });
                 match loaded {
-                    Ok(c) => Lookup::Hit(c),
+                    Ok(c) => {
+                        // Used now: pruning removes the entries used
+                        // longest ago (best effort: a read-only cache
+                        // still serves).
+                        let _ = file.set_modified(std::time::SystemTime::now());
+                        Lookup::Hit(c)
+                    }
                     Err(e) => {
                         tracing::warn!(path = %path.display(), "stale compile cache entry, recompiling: {e:#}");
                         Lookup::Bad
@@ -206,7 +235,98 @@ impl CompileCache {
         // The component first: a reader that finds it with the old checksum
         // (or none) takes it as a miss.
         write_new(&self.dir, path, payload, Durable::Yes)?;
-        write_new(&self.dir, &sum_path(path), &sum, Durable::Yes)
+        write_new(&self.dir, &sum_path(path), &sum, Durable::Yes)?;
+        self.prune(path);
+        Ok(())
+    }
+
+    /// Removes the entries used longest ago until the cache fits in
+    /// `max_size` (`keep`, the entry just stored, stays whatever its size),
+    /// temporary files a crash left behind, and the oldest `sources/`
+    /// records beyond [`MAX_SOURCE_RECORDS`]. Best effort: what cannot be
+    /// removed stays.
+    pub fn prune(&self, keep: &Path) {
+        let now = std::time::SystemTime::now();
+        let Ok(dir) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut entries = Vec::new();
+        let mut total = 0u64;
+        for e in dir.flatten() {
+            let path = e.path();
+            let Ok(meta) = e.metadata() else { continue };
+            let name = e.file_name();
+            if name.as_encoded_bytes().starts_with(b".tmp-") {
+                let age = meta
+                    .modified()
+                    .ok()
+                    .and_then(|m| now.duration_since(m).ok());
+                if age.is_some_and(|a| a > STALE_TEMPORARY) {
+                    let _ = std::fs::remove_file(&path);
+                }
+                continue;
+            }
+            if path.extension() != Some("cwasm".as_ref()) {
+                continue;
+            }
+            let size = meta.len() + std::fs::metadata(sum_path(&path)).map_or(0, |m| m.len());
+            total += size;
+            if path != keep {
+                let used = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+                entries.push((used, path, size));
+            }
+        }
+        if self.max_size > 0 && total > self.max_size {
+            entries.sort_by_key(|(used, ..)| *used);
+            let before = total;
+            let mut removed = 0;
+            for (_, path, size) in entries {
+                if total <= self.max_size {
+                    break;
+                }
+                // The checksum first: an entry without one is a miss,
+                // never a wrong hit.
+                let _ = std::fs::remove_file(sum_path(&path));
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {
+                        total -= size;
+                        removed += 1;
+                    }
+                    Err(e) => {
+                        tracing::debug!(path = %path.display(), "cannot remove a cache entry: {e}")
+                    }
+                }
+            }
+            tracing::info!(
+                removed,
+                before,
+                after = total,
+                limit = self.max_size,
+                "compile cache over cache-max-size: removed the entries used longest ago"
+            );
+        }
+        self.prune_source_records();
+    }
+
+    /// Keeps the newest [`MAX_SOURCE_RECORDS`] records of `sources/`.
+    fn prune_source_records(&self) {
+        let Ok(dir) = std::fs::read_dir(self.dir.join("sources")) else {
+            return;
+        };
+        let mut records: Vec<_> = dir
+            .flatten()
+            .filter_map(|e| {
+                let used = e.metadata().ok()?.modified().ok()?;
+                Some((used, e.path()))
+            })
+            .collect();
+        if records.len() <= MAX_SOURCE_RECORDS {
+            return;
+        }
+        records.sort_by_key(|(used, _)| std::cmp::Reverse(*used));
+        for (_, path) in records.drain(MAX_SOURCE_RECORDS..) {
+            let _ = std::fs::remove_file(path);
+        }
     }
 
     /// Where the hash of the component file at `path` is remembered.
@@ -248,10 +368,13 @@ impl CompileCache {
         let text = format!("{SOURCE_MAGIC}\n{stamp}\n{}\n", digest.to_hex());
         let dir = self.dir.join("sources");
         // Only a shortcut: a record lost in a crash means hashing again.
-        if let Err(e) = create_private_dir(&dir)
+        match create_private_dir(&dir)
             .and_then(|()| write_new(&dir, &record, text.as_bytes(), Durable::No))
         {
-            tracing::debug!(dir = %dir.display(), "cannot remember the component's hash: {e}");
+            Ok(()) => self.prune_source_records(),
+            Err(e) => {
+                tracing::debug!(dir = %dir.display(), "cannot remember the component's hash: {e}")
+            }
         }
     }
 }
@@ -502,6 +625,44 @@ mod tests {
         std::fs::write(&record, "wasmpool-source1\n").unwrap();
         assert_eq!(cache.remembered(&file), None);
         assert_eq!(cache.remembered(&dir.path().join("missing.wasm")), None);
+    }
+
+    #[test]
+    fn pruning_removes_crash_leftovers_and_old_source_records() {
+        use std::time::{Duration, SystemTime};
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CompileCache::new(dir.path().to_path_buf());
+        let touch = |p: &Path, age: Duration| {
+            std::fs::write(p, b"x").unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(SystemTime::now() - age)
+                .unwrap();
+        };
+        let stale = dir.path().join(".tmp-1-2-3");
+        let writing = dir.path().join(".tmp-4-5-6");
+        touch(&stale, Duration::from_secs(7200));
+        touch(&writing, Duration::from_secs(1));
+        let sources = dir.path().join("sources");
+        std::fs::create_dir(&sources).unwrap();
+        for i in 0..MAX_SOURCE_RECORDS + 5 {
+            // Record i was written i minutes ago.
+            touch(
+                &sources.join(format!("r{i}")),
+                Duration::from_secs(60 * i as u64),
+            );
+        }
+        cache.prune(&dir.path().join("none.cwasm"));
+        assert!(!stale.exists());
+        assert!(writing.exists(), "a write in progress was removed");
+        assert_eq!(
+            std::fs::read_dir(&sources).unwrap().count(),
+            MAX_SOURCE_RECORDS
+        );
+        assert!(sources.join("r0").exists());
+        assert!(!sources.join(format!("r{}", MAX_SOURCE_RECORDS)).exists());
     }
 
     #[test]

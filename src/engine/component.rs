@@ -303,7 +303,7 @@ pub fn load(
             .clone()
             .or_else(crate::engine::cache::default_dir)
     };
-    let cache = cache_dir.map(CompileCache::new);
+    let cache = cache_dir.map(|d| CompileCache::new(d).with_max_size(knobs.cache_max_size));
     let compile_err = |e: wasmtime::Error| LoadError::Compile {
         what: name.clone(),
         reason: format!("{e:#}"),
