@@ -478,6 +478,13 @@ wasmpool_result wasmpool_config_set_memory_budget(struct wasmpool_config *cfg, u
 wasmpool_result wasmpool_config_set_cache_dir(struct wasmpool_config *cfg, const char *dir);
 
 /**
+ * Most disk space the compile cache may take, in bytes (default 1 GiB; 0
+ * for no limit): when a new entry is stored, the entries used longest ago
+ * are removed until the cache fits (never the new one).
+ */
+wasmpool_result wasmpool_config_set_cache_max_size(struct wasmpool_config *cfg, uint64_t bytes);
+
+/**
  * Whether to skip the compile cache (neither read nor write it).
  */
 wasmpool_result wasmpool_config_set_no_cache(struct wasmpool_config *cfg, bool no_cache);

@@ -131,6 +131,9 @@ static void test_config(void) {
   CHECK_RESULT(wasmpool_config_set_cache_dir(cfg, "/tmp/x"), WASMPOOL_OK);
   CHECK_RESULT(wasmpool_config_set_cache_dir(cfg, ""), WASMPOOL_INVALID_ARGUMENT);
   CHECK_RESULT(wasmpool_config_set_cache_dir(cfg, NULL), WASMPOOL_NULL_ARGUMENT);
+  CHECK_RESULT(wasmpool_config_set_cache_max_size(cfg, 64u << 20), WASMPOOL_OK);
+  CHECK_RESULT(wasmpool_config_set_cache_max_size(cfg, 0), WASMPOOL_OK); /* no limit */
+  CHECK_RESULT(wasmpool_config_set_cache_max_size(NULL, 0), WASMPOOL_NULL_ARGUMENT);
   CHECK_RESULT(wasmpool_config_set_no_cache(cfg, true), WASMPOOL_OK);
   CHECK_RESULT(wasmpool_config_add_env(cfg, "A", "1"), WASMPOOL_OK);
   CHECK_RESULT(wasmpool_config_add_env(cfg, "", "1"), WASMPOOL_INVALID_ARGUMENT);

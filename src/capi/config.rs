@@ -269,6 +269,17 @@ pub unsafe extern "C" fn wasmpool_config_set_cache_dir(
     })
 }
 
+/// Most disk space the compile cache may take, in bytes (default 1 GiB; 0
+/// for no limit): when a new entry is stored, the entries used longest ago
+/// are removed until the cache fits (never the new one).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wasmpool_config_set_cache_max_size(
+    cfg: *mut wasmpool_config,
+    bytes: u64,
+) -> wasmpool_result {
+    set(cfg, |k| k.cache_max_size = bytes)
+}
+
 /// Whether to skip the compile cache (neither read nor write it).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn wasmpool_config_set_no_cache(
