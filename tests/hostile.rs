@@ -297,7 +297,7 @@ async fn http2_streams_whose_window_stays_shut_free_their_guests_and_end_at_the_
         KnobArgs {
             max_concurrent_requests: Some(4),
             request_timeout: Some(Duration::from_secs(30)),
-            send_timeout: Some(Duration::from_secs(2)),
+            send_timeout: Some(Duration::from_secs(3)),
             max_queue_wait: Some(Duration::from_millis(100)),
             max_request_body_size: Some(8 << 10),
             ..Default::default()
@@ -332,7 +332,7 @@ async fn http2_streams_whose_window_stays_shut_free_their_guests_and_end_at_the_
     // The answers are read ahead into the response buffer: the guests
     // finish and their slots are free long before the send timeout.
     assert!(
-        eventually(Duration::from_secs(1), || s.stats().in_flight == 0).await,
+        eventually(Duration::from_millis(1500), || s.stats().in_flight == 0).await,
         "the stalled streams still hold their slots: {:?}",
         s.stats()
     );
@@ -340,11 +340,11 @@ async fn http2_streams_whose_window_stays_shut_free_their_guests_and_end_at_the_
     assert_eq!(stat(&s, |h| &h.send_timeouts), 0);
     // At the send timeout (checked every send-timeout/8) the connection
     // closes.
-    let ended = tokio::time::timeout(Duration::from_secs(6), conn).await;
+    let ended = tokio::time::timeout(Duration::from_secs(8), conn).await;
     let took = started.elapsed();
     assert!(ended.is_ok(), "the connection is still open after {took:?}");
     assert!(
-        took >= Duration::from_secs(2) && took < Duration::from_millis(3500),
+        took >= Duration::from_secs(3) && took < Duration::from_secs(5),
         "closed after {took:?}"
     );
     let ended = tokio::time::timeout(Duration::from_secs(2), refused_conn).await;
