@@ -95,7 +95,7 @@ pub struct Conn {
     /// The connection speaks HTTP/2 (by ALPN or its preface).
     h2: AtomicBool,
     /// Notified when an HTTP/2 response starts: the stream watch runs
-    /// while any is live (see `watch_streams`).
+    /// while any is live (see `stalled_stream`).
     streams: Notify,
     epoch: Instant,
 }
