@@ -541,12 +541,8 @@ impl Responses {
     /// for its client's window, and says whether one has waited
     /// `timeout` (the connection must close).
     pub fn check(&self, now: Instant, pump_after: Duration, timeout: Duration) -> bool {
-        let live: Vec<_> = {
-            let v = self.0.lock().unwrap_or_else(|e| e.into_inner());
-            v.iter().filter_map(Weak::upgrade).collect()
-        };
         let mut stalled = false;
-        for r in live {
+        for r in self.live() {
             // A body still held whose last piece was taken waits too:
             // hyper holds that piece until the window has room for it.
             let waited = match lock(&r.state).waiting {
@@ -563,14 +559,17 @@ impl Responses {
 
     /// The connection cannot write: pump every response still coming.
     pub fn pump_all(&self) {
-        let live: Vec<_> = {
-            let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
-            v.retain(|w| w.strong_count() > 0);
-            v.iter().filter_map(Weak::upgrade).collect()
-        };
-        for r in live {
+        for r in self.live() {
             r.start_pump();
         }
+    }
+
+    /// The responses still held by their connection (the others are
+    /// forgotten).
+    fn live(&self) -> Vec<Arc<Shared>> {
+        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        v.retain(|w| w.strong_count() > 0);
+        v.iter().filter_map(Weak::upgrade).collect()
     }
 }
 
