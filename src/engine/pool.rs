@@ -414,7 +414,9 @@ impl Pool {
             (Err(e @ (RequestError::Trap(_) | RequestError::Guest(_))), Some((head, replay)))
                 if ticket.reused.load(Relaxed) =>
             {
-                self.retry_fresh(e, head, &replay, started).await
+                // Boxed: a rare path whose future would otherwise make
+                // every request's future twice as large.
+                Box::pin(self.retry_fresh(e, head, &replay, started)).await
             }
             (first, _) => first,
         };
@@ -549,8 +551,9 @@ impl Pool {
             };
             let mut live = match reusable {
                 Some(live) => live,
-                None => state
-                    .create_p2()
+                // Boxed: instantiation is rare next to reuse, and its
+                // future would add to every request's.
+                None => Box::pin(state.create_p2())
                     .await
                     .map_err(|e| instantiate_failure(&e))?,
             };

@@ -250,7 +250,14 @@ impl Front {
             body.boxed_unsync()
         } else {
             let budget = pool.budget().clone();
-            match body::read_ahead(body, knobs.client_body_buffer_size, budget).await {
+            // Boxed (only requests with a body pay for it): it would add
+            // its size to every request's future.
+            let read = Box::pin(body::read_ahead(
+                body,
+                knobs.client_body_buffer_size,
+                budget,
+            ));
+            match read.await {
                 Ok(buffered) => buffered.boxed_unsync(),
                 Err(ReadAheadError::Body(_)) => return body_failure(&outcome),
                 Err(ReadAheadError::Budget) => {
@@ -368,23 +375,29 @@ fn retry_later<B>(mut r: Response<B>) -> Response<B> {
 
 /// Runs a request's handling; a panic in it (a host bug) becomes a 500
 /// for that request instead of a dropped connection.
-async fn guarded(f: impl Future<Output = Response<Inner>>) -> Response<Inner> {
+///
+/// A combinator, not an `async fn`: an `async fn` would hold `f` beside
+/// the future it awaits, doubling every request's future (which hyper
+/// moves several times).
+fn guarded(f: impl Future<Output = Response<Inner>>) -> impl Future<Output = Response<Inner>> {
     use futures::FutureExt as _;
-    match std::panic::AssertUnwindSafe(f).catch_unwind().await {
-        Ok(r) => r,
-        Err(panic) => {
-            let msg = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            tracing::error!("panic while handling a request: {msg}");
-            closing(error_response(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal error",
-            ))
-        }
-    }
+    std::panic::AssertUnwindSafe(f)
+        .catch_unwind()
+        .map(|r| match r {
+            Ok(r) => r,
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                tracing::error!("panic while handling a request: {msg}");
+                closing(error_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal error",
+                ))
+            }
+        })
 }
 
 /// A plain-text error response.

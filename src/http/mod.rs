@@ -228,20 +228,22 @@ async fn serve_connection(
             let front = front.clone();
             let started = registry.start_request(&conn);
             let registry = registry.clone();
-            async move {
+            // Boxed: hyper moves a request's future several times before
+            // polling it, and the engine's part of it is kilobytes.
+            Box::pin(async move {
                 // Over its client's share, a request waits (as long as
                 // for an admission slot) for one of the client's to end.
                 let guard = match started {
                     Ok(guard) => guard,
                     Err((mut guard, _)) => {
-                        if !registry.wait_for_client(&mut guard, wait).await {
+                        if !Box::pin(registry.wait_for_client(&mut guard, wait)).await {
                             return Ok(front.too_many_requests(&req, guard));
                         }
                         guard
                     }
                 };
                 Ok::<_, Infallible>(front.handle(req, guard).await)
-            }
+            })
         })
     };
     let builder = builder(&knobs);
