@@ -221,6 +221,15 @@ fn check(a: ComponentArgs) -> Result<()> {
         component.display(),
         pool.world()
     );
+    if pool.wide_memories() {
+        println!(
+            "memories: 4 GiB of address space reserved each: compiled code needs no bounds checks"
+        );
+    } else {
+        println!(
+            "memories: only max-memory-size reserved each (not enough address space for 4 GiB): compiled code checks bounds"
+        );
+    }
     // Whether instances survive reuse: GET / twice on one instance.
     let mode = knobs.reuse;
     let probe_knobs = crate::Knobs {

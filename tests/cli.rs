@@ -470,3 +470,35 @@ fn pool_reservation_follows_the_knobs() {
     assert!(small_kib < 8 << 20, "small reservation {small_kib} KiB");
     assert!(small_kib * 20 < big_kib, "{small_kib} vs {big_kib}");
 }
+
+#[test]
+fn without_address_space_for_wide_memories_components_still_run() {
+    // 4 TiB of address space: too little for 4 GiB per memory slot (16 TiB
+    // at the default knobs), enough for max-memory-size per slot.
+    let dir = tempfile::tempdir().unwrap();
+    let p2 = write(dir.path(), "p2.wasm", &p2_suite());
+    let cache = dir.path().to_str().unwrap();
+    let run = |limit: &str| {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!("{limit} exec \"$0\" check \"$1\""))
+            .arg(env!("CARGO_BIN_EXE_wasmpool"))
+            .arg(&p2)
+            .env("XDG_CACHE_HOME", cache)
+            .output()
+            .unwrap();
+        let (out, err) = (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        );
+        assert!(out.contains("links and instantiates: ok"), "{out}{err}");
+        out
+    };
+    let wide = run("");
+    assert!(wide.contains("4 GiB of address space reserved"), "{wide}");
+    let narrow = run("ulimit -v 4294967296 &&");
+    assert!(
+        narrow.contains("only max-memory-size reserved") && narrow.contains("reuse probe"),
+        "{narrow}"
+    );
+}

@@ -9,7 +9,7 @@
 use crate::config::{Knobs, OutboundRule, ReuseMode, defaults};
 use crate::engine::admission::{Admission, Permit, Rejection};
 use crate::engine::budget::MemoryBudget;
-use crate::engine::component::{self, EPOCH_TICK, Loaded, Source, World};
+use crate::engine::component::{self, EPOCH_TICK, Loaded, PoolEngine, Source, World};
 use crate::engine::host::Host;
 use crate::engine::idle::Idle;
 use crate::engine::p2::{self, Answer, Live};
@@ -219,7 +219,8 @@ impl Pool {
         Ok(Pool::from_loaded(engine, knobs, loaded, shared.clone()))
     }
 
-    fn from_loaded(engine: Engine, knobs: Knobs, loaded: Loaded, shared: Shared) -> Pool {
+    fn from_loaded(engine: PoolEngine, knobs: Knobs, loaded: Loaded, shared: Shared) -> Pool {
+        let PoolEngine { engine, wide } = engine;
         let Shared { stats, budget, .. } = shared;
         let p3 = loaded.world.is_p3();
         let mut reuse = knobs.max_instance_reuse_count.unwrap_or(if p3 {
@@ -270,6 +271,7 @@ impl Pool {
             config: Arc::new(knobs.config_vars.iter().cloned().collect()),
             dispatch,
             _epoch: EpochTicker::spawn(engine),
+            wide,
         };
         Pool {
             state: Arc::new(state),
@@ -333,6 +335,13 @@ impl Pool {
     pub fn reuse_limits(&self) -> (usize, usize) {
         let s = &self.state;
         (s.reuse, s.concurrent)
+    }
+
+    /// Whether linear memories reserve 4 GiB of address space each, so
+    /// that compiled code needs no bounds checks (see
+    /// [`component::engine`]).
+    pub fn wide_memories(&self) -> bool {
+        self.state.wide.is_some() || self.knobs.max_memory_size >= (4 << 30)
     }
 
     pub fn stats(&self) -> Snapshot {
@@ -765,6 +774,8 @@ pub(crate) struct PoolState {
     /// Lives as long as any instance does (running ones hold the state), so
     /// guests of a pool that was swapped out by a reload still yield.
     _epoch: EpochTicker,
+    /// The address space its memories reserved (see `component::engine`).
+    wide: Option<component::WideClaim>,
 }
 
 impl PoolState {
