@@ -152,7 +152,7 @@ pub fn pool_slots(knobs: &Knobs) -> u32 {
 /// Code compiled for less checks every load and store against the
 /// memory's length: the Hono guest served 1,431 requests/s so and 1,655
 /// without the checks (one interleaved run, reuse 64).
-const WIDE_RESERVATION: u64 = 4 << 30;
+pub(crate) const WIDE_RESERVATION: u64 = 4 << 30;
 
 /// The guard wasmtime places after each memory (its default on 64-bit
 /// hosts): loads and stores whose constant offset fits in it need no

@@ -341,7 +341,7 @@ impl Pool {
     /// that compiled code needs no bounds checks (see
     /// [`component::engine`]).
     pub fn wide_memories(&self) -> bool {
-        self.state.wide.is_some() || self.knobs.max_memory_size >= (4 << 30)
+        self.state.wide.is_some() || self.knobs.max_memory_size >= component::WIDE_RESERVATION
     }
 
     pub fn stats(&self) -> Snapshot {
