@@ -190,9 +190,9 @@ pub struct KnobArgs {
     /// Bytes of each linear memory kept resident (reset in place) when an
     /// instance ends, so the next instance in that slot takes no page faults
     /// for them; costs up to that much RSS per warm slot; at most
-    /// max-memory-size is kept [default: automatic: each slot keeps what its
-    /// instances wrote, up to 16MiB, and idle slots together at most 256MiB
-    /// or an eighth of the memory limit].
+    /// max-memory-size is kept [default: automatic: each slot keeps up to
+    /// 16MiB of each memory, and idle slots together at most 256MiB or an
+    /// eighth of the memory limit].
     #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
     #[serde(default, deserialize_with = "de::size")]
     pub memory_keep_resident: Option<u64>,

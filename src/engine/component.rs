@@ -66,10 +66,10 @@ const WARM_SLOTS: u32 = 64;
 /// The fewest warm slots the automatic setting keeps.
 const MIN_AUTO_WARM_SLOTS: u32 = 4;
 
-/// Automatic `memory-keep-resident`: what each slot may keep of what its
-/// instances wrote. Interpreter guests (componentize-py, -js) write a few
-/// MiB of their 13-40 MiB image per request; a fresh instance in a slot
-/// that keeps those pages takes no page fault for them.
+/// Automatic `memory-keep-resident`: what each slot keeps of its memory.
+/// Interpreter guests (componentize-py, -js) start from a 10-40 MiB image
+/// and touch pages all over it; a fresh instance in a slot that keeps them
+/// takes no page fault for them.
 const AUTO_KEEP_RESIDENT: u64 = 16 << 20;
 
 /// Most bytes all idle slots together keep resident under the automatic
@@ -101,13 +101,18 @@ impl WarmSlots {
 }
 
 /// How idle slots stay warm under the knobs. With `memory-keep-resident`
-/// set, each keeps that much. Without it, a slot keeps what its instances
-/// actually wrote (wasmtime finds those pages with the kernel's
-/// `PAGEMAP_SCAN` and copies back only them; pages only read stay mapped),
-/// up to [`AUTO_KEEP_RESIDENT`], and fewer slots are kept warm when that
-/// would pass the memory total. On a kernel without `PAGEMAP_SCAN` (before
-/// 6.7) the same amount is reset by copying, which still costs less than
-/// the page faults it saves for any guest that uses that much memory.
+/// set, each keeps that much. Without it, each keeps up to
+/// [`AUTO_KEEP_RESIDENT`] of its memory (all of a small one), and fewer
+/// slots are kept warm when that would pass the memory total.
+///
+/// A kept region is reset by copying the image back (and zeroing the rest),
+/// so the next instance in the slot takes no page fault in it. wasmtime can
+/// instead find only the pages an instance wrote (`PAGEMAP_SCAN`), but its
+/// scan reports at most 32 separate regions and releases everything past
+/// the 32nd: an interpreter guest writes to more places than that, so most
+/// of its memory was released and faulted in again by the next instance
+/// (componentize-py p2 with a fresh instance per request: 182 requests/s
+/// that way, 325 keeping 16 MiB by copying, in one interleaved run).
 pub fn warm_slots(knobs: &Knobs) -> WarmSlots {
     match knobs.memory_keep_resident {
         Some(keep) => WarmSlots {
@@ -266,11 +271,8 @@ fn engine_with(knobs: &Knobs, reservation: u64) -> Result<Engine, LoadError> {
         // twice the requests/s with the first 64KiB kept).
         .linear_memory_keep_resident(keep)
         .table_keep_resident(keep.min(TABLE_KEEP_RESIDENT));
-    if knobs.memory_keep_resident.is_none() {
-        // Reset only the pages an instance wrote, and keep them (up to
-        // `keep`): see `warm_slots`.
-        pool.pagemap_scan(wasmtime::Enabled::Auto);
-    }
+    // No `PAGEMAP_SCAN`: see `warm_slots`.
+    pool.pagemap_scan(wasmtime::Enabled::No);
 
     let mut c = wasmtime::Config::new();
     c.wasm_component_model(true)

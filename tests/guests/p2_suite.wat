@@ -16,6 +16,9 @@
 ;;              without answering (as componentize-js guests do)
 ;;   /stain     the byte count at address 60000, then adds one to it (0 on a
 ;;              fresh instance: memory must be clean whatever the slot served)
+;;   /scatter   grows memory to 1 MiB and writes a byte into every other 4 KiB
+;;              page of it (128 separate places, as interpreters write all
+;;              over their heap), then answers with the number of writes
 ;;   anything else: "hello from p2"
 ;; Memory: 0..1024 return areas, 1024..4096 constant data, heap from 64 KiB
 ;; (a bump allocator reset at each request: WASIp2 instances run one request
@@ -77,6 +80,7 @@
   (data (i32.const 1420) "/once")
   (data (i32.const 1430) "/stain")
   (data (i32.const 1440) "/hold")
+  (data (i32.const 1450) "/scatter")
 
   (func $cabi_realloc (export "cabi_realloc") (param $old i32) (param $old_size i32) (param $align i32) (param $size i32) (result i32)
     (local $ptr i32) (local $end i32)
@@ -289,6 +293,18 @@
           (call $respond (local.get $out) (i32.const 200) (i32.const 512)
             (call $itoa (i32.load (i32.const 60000))))
           (i32.store (i32.const 60000) (i32.add (i32.load (i32.const 60000)) (i32.const 1)))
+          (br $routed)))
+      (if (call $starts_with (local.get $p) (local.get $n) (i32.const 1450) (i32.const 8))
+        (then
+          (if (i32.lt_u (memory.size) (i32.const 16))
+            (then (if (i32.eq (memory.grow (i32.sub (i32.const 16) (memory.size))) (i32.const -1))
+              (then unreachable))))
+          (local.set $n (i32.const 0))
+          (loop $w
+            (i32.store8 (i32.mul (local.get $n) (i32.const 8192)) (i32.const 1))
+            (local.set $n (i32.add (local.get $n) (i32.const 1)))
+            (br_if $w (i32.lt_u (local.get $n) (i32.const 128))))
+          (call $respond (local.get $out) (i32.const 200) (i32.const 512) (call $itoa (local.get $n)))
           (br $routed)))
       (call $respond (local.get $out) (i32.const 200) (i32.const 1300) (i32.const 14)))
     (call $drop_req (local.get $req)))
