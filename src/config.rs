@@ -191,8 +191,9 @@ pub struct KnobArgs {
     /// instance ends, so the next instance in that slot takes no page faults
     /// for them; costs up to that much RSS per warm slot; at most
     /// max-memory-size is kept [default: automatic: each slot keeps up to
-    /// 16MiB of each memory, and idle slots together at most 256MiB or an
-    /// eighth of the memory limit].
+    /// 16MiB of each memory (the pages its instances wrote; all of it for a
+    /// component that starts with 4MiB or more, an interpreter's heap), and
+    /// idle slots together at most 256MiB or an eighth of the memory limit].
     #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
     #[serde(default, deserialize_with = "de::size")]
     pub memory_keep_resident: Option<u64>,

@@ -191,7 +191,7 @@ fn stale_entries_are_recompiled() {
         .serialize()
         .unwrap();
     let knobs = KnobArgs::default().resolve().unwrap();
-    let engine = wasmpool::engine::component::engine(&knobs).unwrap();
+    let engine = wasmpool::engine::component::engine(&knobs, None).unwrap();
     let cache = CompileCache::new(dir.path().to_path_buf());
     let path = cache.entry_path(&engine, &bytes);
     std::fs::write(&path, &stale).unwrap();
@@ -266,7 +266,7 @@ fn no_cache_neither_reads_nor_writes() {
 /// neither read nor hashed again; any write to it undoes that.
 #[test]
 fn unchanged_component_files_are_not_read_again() {
-    use wasmpool::engine::cache::read_source;
+    use wasmpool::engine::cache::{Remembered, read_source};
     let dir = tempfile::tempdir().unwrap();
     let cache_dir = dir.path().join("cache");
     let (p2, p3) = (dir.path().join("p2.wasm"), dir.path().join("p3.wasm"));
@@ -274,6 +274,7 @@ fn unchanged_component_files_are_not_read_again() {
     std::fs::write(&p3, p3_suite()).unwrap();
     // Files changed in the last two seconds are always read.
     std::thread::sleep(std::time::Duration::from_millis(2100));
+    let memory = std::cell::Cell::new(None);
     let load = |file: &Path| {
         let knobs = KnobArgs {
             cache_dir: Some(cache_dir.clone()),
@@ -282,23 +283,28 @@ fn unchanged_component_files_are_not_read_again() {
         .resolve()
         .unwrap();
         let pool = Pool::load(knobs, &Source::File(file.to_path_buf())).unwrap();
+        memory.set(pool.largest_initial_memory());
         (pool.cache_outcome(), pool.world().is_p3())
     };
     assert_eq!(load(&p2), (CacheOutcome::Stored, false));
     assert_eq!(load(&p3), (CacheOutcome::Stored, true));
     assert_eq!(files(&cache_dir.join("sources")).len(), 2);
     assert_eq!(load(&p2), (CacheOutcome::Hit, false));
+    // The suite's memory is 2 pages, also when remembered.
+    assert_eq!(memory.get(), Some(2 << 16));
 
-    // Tell the cache that p2.wasm, as it is, hashes like p3.wasm: a load
-    // that does not read the file then gets the WASIp3 component.
+    // Tell the cache that p2.wasm, as it is, hashes like p3.wasm and has a
+    // 64 MiB memory: a load that does not read the file then gets the
+    // WASIp3 component, and sets its slots up for that memory.
     let cache = CompileCache::new(cache_dir.clone());
     let (_, stamp) = read_source(&p2).unwrap();
-    cache.remember(
-        &p2,
-        &stamp.unwrap(),
-        &blake3::hash(&std::fs::read(&p3).unwrap()),
-    );
+    let what = Remembered {
+        digest: blake3::hash(&std::fs::read(&p3).unwrap()),
+        largest_memory: 64 << 20,
+    };
+    cache.remember(&p2, &stamp.unwrap(), &what);
     assert_eq!(load(&p2), (CacheOutcome::Hit, true), "the file was read");
+    assert_eq!(memory.get(), Some(64 << 20));
 
     // Writing the file (here: the same bytes again) makes it be read.
     std::fs::write(&p2, p2_suite()).unwrap();

@@ -84,6 +84,8 @@ fn check_reports_the_guest_cannot_be_reused() {
     );
     assert!(stdout.contains("FAILS on a reused instance"), "{stdout}");
     assert!(stdout.contains("reuse = auto"), "{stdout}");
+    // StarlingMonkey starts with a heap of several MiB: slots copy it back.
+    assert!(stdout.contains("reset by copying"), "{stdout}");
     // The bundled hello component survives reuse.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_wasmpool"))
         .args(["check", "--no-cache"])
@@ -93,6 +95,10 @@ fn check_reports_the_guest_cannot_be_reused() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains("reuse probe (GET / twice on one instance): ok"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("the pages its instances wrote") && stdout.contains("initial memory 64KiB"),
         "{stdout}"
     );
 }

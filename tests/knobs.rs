@@ -611,16 +611,16 @@ fn minor_faults() -> u64 {
     rest.split(' ').nth(7).unwrap().parse().unwrap()
 }
 
-/// The automatic warm slots keep a fresh instance's memory resident: an
-/// instance that writes all over its memory (128 separate pages, as an
-/// interpreter writes all over its heap) leaves the next instance in its
-/// slot no page faults to take there. Resetting only the pages written, as
-/// wasmtime's `PAGEMAP_SCAN` does, released all but 32 of them, and every
-/// fresh instance faulted the rest in again.
+/// The automatic warm slots keep an interpreter's heap resident: a
+/// component that starts with a 4 MiB memory and writes all over it (128
+/// separate pages) leaves the next instance in its slot no page faults to
+/// take there. Resetting only the pages written, as wasmtime's
+/// `PAGEMAP_SCAN` does, released all but 32 of them, and every fresh
+/// instance faulted the rest in again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warm_slots_spare_fresh_instances_page_faults() {
     let s = TestServer::start(
-        p2_suite(),
+        p2_suite_with_memory(64),
         KnobArgs {
             max_instance_reuse_count: Some(1),
             ..Default::default()
@@ -649,10 +649,18 @@ async fn warm_slots_spare_fresh_instances_page_faults() {
 /// byte lies in the part kept resident or in the part given back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_keep_resident_starts_instances_clean() {
-    // `None`: automatic (up to 16 MiB of each memory reset in place).
-    for keep in [None, Some(0), Some(64 << 10), Some(1 << 20)] {
+    // `None`: automatic (the pages written are reset, or for a memory that
+    // starts at 4 MiB, up to 16 MiB of it).
+    let cases = [
+        (2, None),
+        (64, None),
+        (2, Some(0)),
+        (2, Some(64 << 10)),
+        (2, Some(1 << 20)),
+    ];
+    for (pages, keep) in cases {
         let s = TestServer::start(
-            p2_suite(),
+            p2_suite_with_memory(pages),
             KnobArgs {
                 memory_keep_resident: keep,
                 ..Default::default()
@@ -660,7 +668,8 @@ async fn memory_keep_resident_starts_instances_clean() {
         )
         .await;
         for _ in 0..6 {
-            assert_eq!(s.get("/stain").await.text(), "0", "keep {keep:?}");
+            let stain = s.get("/stain").await.text();
+            assert_eq!(stain, "0", "{pages} pages, keep {keep:?}");
         }
         s.stop().await;
     }

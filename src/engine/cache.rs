@@ -40,7 +40,7 @@ use wasmtime::component::Component;
 const MAGIC: &[u8; 16] = b"wasmpool-cwasm3\n";
 
 /// First line of a `sources/` record.
-const SOURCE_MAGIC: &str = "wasmpool-source1";
+const SOURCE_MAGIC: &str = "wasmpool-source2";
 
 /// Most `sources/` records kept (the most recently written).
 pub const MAX_SOURCE_RECORDS: usize = 1024;
@@ -336,27 +336,30 @@ impl CompileCache {
         Some(self.dir.join("sources").join(name.as_str()))
     }
 
-    /// The BLAKE3 hash of the component file at `path`, if it was
+    /// What was remembered of the component file at `path`, if it was
     /// remembered for exactly the file that is there now.
-    pub fn remembered(&self, path: &Path) -> Option<blake3::Hash> {
+    pub fn remembered(&self, path: &Path) -> Option<Remembered> {
         let record = std::fs::read_to_string(self.source_record(path)?).ok()?;
         let now = SourceStamp::of(&std::fs::metadata(path).ok()?);
         let mut lines = record.lines();
         (lines.next()? == SOURCE_MAGIC && lines.next()? == now.to_string()).then_some(())?;
-        blake3::Hash::from_hex(lines.next()?).ok()
+        Some(Remembered {
+            digest: blake3::Hash::from_hex(lines.next()?).ok()?,
+            largest_memory: lines.next()?.parse().ok()?,
+        })
     }
 
-    /// Remembers that the file at `path`, as `stamp` describes it, has
-    /// hash `digest`, if it has been left alone long enough.
-    pub fn remember(&self, path: &Path, stamp: &SourceStamp, digest: &blake3::Hash) {
-        self.remember_at(path, stamp, digest, std::time::SystemTime::now())
+    /// Remembers `what` of the file at `path`, as `stamp` describes it, if
+    /// it has been left alone long enough.
+    pub fn remember(&self, path: &Path, stamp: &SourceStamp, what: &Remembered) {
+        self.remember_at(path, stamp, what, std::time::SystemTime::now())
     }
 
     fn remember_at(
         &self,
         path: &Path,
         stamp: &SourceStamp,
-        digest: &blake3::Hash,
+        what: &Remembered,
         now: std::time::SystemTime,
     ) {
         if !stamp.settled(now) {
@@ -365,7 +368,11 @@ impl CompileCache {
         let Some(record) = self.source_record(path) else {
             return;
         };
-        let text = format!("{SOURCE_MAGIC}\n{stamp}\n{}\n", digest.to_hex());
+        let text = format!(
+            "{SOURCE_MAGIC}\n{stamp}\n{}\n{}\n",
+            what.digest.to_hex(),
+            what.largest_memory
+        );
         let dir = self.dir.join("sources");
         // Only a shortcut: a record lost in a crash means hashing again.
         match create_private_dir(&dir)
@@ -377,6 +384,17 @@ impl CompileCache {
             }
         }
     }
+}
+
+/// What `sources/` keeps of a component file, so that a file seen before
+/// need not be read again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Remembered {
+    /// BLAKE3 hash of the file's bytes.
+    pub digest: blake3::Hash,
+    /// Its largest initial linear memory, in bytes (see
+    /// `component::largest_initial_memory`).
+    pub largest_memory: u64,
 }
 
 /// What [`CompileCache::lookup`] found.
@@ -592,19 +610,22 @@ mod tests {
         // Just written: not settled, so not remembered.
         let (bytes, stamp) = read_source(&file).unwrap();
         let stamp = stamp.expect("the file did not change while read");
-        let digest = blake3::hash(&bytes);
-        cache.remember(&file, &stamp, &digest);
+        let what = Remembered {
+            digest: blake3::hash(&bytes),
+            largest_memory: 17 << 16,
+        };
+        cache.remember(&file, &stamp, &what);
         assert_eq!(cache.remembered(&file), None);
 
         // Settled: remembered, also under another spelling of its path.
-        cache.remember_at(&file, &stamp, &digest, later);
-        assert_eq!(cache.remembered(&file), Some(digest));
+        cache.remember_at(&file, &stamp, &what, later);
+        assert_eq!(cache.remembered(&file), Some(what));
         let other = dir.path().join(".").join("guest.wasm");
-        assert_eq!(cache.remembered(&other), Some(digest));
+        assert_eq!(cache.remembered(&other), Some(what));
 
         let remember_as_is = |file: &Path| {
             let stamp = read_source(file).unwrap().1.unwrap();
-            cache.remember_at(file, &stamp, &digest, later)
+            cache.remember_at(file, &stamp, &what, later)
         };
 
         // Rewritten with bytes of the same size: forgotten.
@@ -622,7 +643,12 @@ mod tests {
         // A damaged record is no record.
         remember_as_is(&file);
         let record = cache.source_record(&file).unwrap();
-        std::fs::write(&record, "wasmpool-source1\n").unwrap();
+        std::fs::write(&record, "wasmpool-source2\n").unwrap();
+        assert_eq!(cache.remembered(&file), None);
+        // So is one from before the memory size was kept.
+        let stamp = read_source(&file).unwrap().1.unwrap();
+        let old = format!("wasmpool-source1\n{stamp}\n{}\n", what.digest.to_hex());
+        std::fs::write(&record, old).unwrap();
         assert_eq!(cache.remembered(&file), None);
         assert_eq!(cache.remembered(&dir.path().join("missing.wasm")), None);
     }

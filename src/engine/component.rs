@@ -3,7 +3,9 @@
 //! and compilation through the compile cache.
 
 use crate::config::Knobs;
-use crate::engine::cache::{CacheOutcome, CompileCache, Lookup, read_source};
+use crate::engine::cache::{
+    CacheOutcome, CompileCache, Lookup, Remembered, SourceStamp, read_source,
+};
 use crate::engine::host::Host;
 use crate::error::LoadError;
 use std::fmt;
@@ -102,17 +104,9 @@ impl WarmSlots {
 
 /// How idle slots stay warm under the knobs. With `memory-keep-resident`
 /// set, each keeps that much. Without it, each keeps up to
-/// [`AUTO_KEEP_RESIDENT`] of its memory (all of a small one), and fewer
-/// slots are kept warm when that would pass the memory total.
-///
-/// A kept region is reset by copying the image back (and zeroing the rest),
-/// so the next instance in the slot takes no page fault in it. wasmtime can
-/// instead find only the pages an instance wrote (`PAGEMAP_SCAN`), but its
-/// scan reports at most 32 separate regions and releases everything past
-/// the 32nd: an interpreter guest writes to more places than that, so most
-/// of its memory was released and faulted in again by the next instance
-/// (componentize-py p2 with a fresh instance per request: 182 requests/s
-/// that way, 325 keeping 16 MiB by copying, in one interleaved run).
+/// [`AUTO_KEEP_RESIDENT`] of each memory, and fewer slots are kept warm
+/// when that would pass the memory total; [`resets_written_pages_only`]
+/// says which pages of that a slot keeps.
 pub fn warm_slots(knobs: &Knobs) -> WarmSlots {
     match knobs.memory_keep_resident {
         Some(keep) => WarmSlots {
@@ -127,6 +121,49 @@ pub fn warm_slots(knobs: &Knobs) -> WarmSlots {
             auto_warm_slots(knobs.max_memory_size, limit)
         }
     }
+}
+
+/// Whether a slot resets only the pages its instance wrote (found with the
+/// kernel's `PAGEMAP_SCAN`; pages only read stay mapped as they are), or
+/// the first `keep` bytes of each memory whole, by copying the image back
+/// and zeroing the rest. Either way the next instance in the slot takes no
+/// page fault in what was kept.
+///
+/// The scan is the cheaper reset while it sees everything: a compiled
+/// guest writes to a few places (its stack, heap and data), and copying
+/// all of its 1 MiB memory back would cost more (p2 hello with a 1.1 MiB
+/// memory, fresh instance per request: 136 µs of server CPU per request
+/// with the scan, 168 µs copying). But wasmtime's scan reports at most 32
+/// separate regions and releases everything after the 32nd; an interpreter
+/// (componentize-py, -js) writes all over a heap it starts with, so most
+/// of it was released and faulted in again by every fresh instance
+/// (componentize-py p2: 182 requests/s with the scan, 325 copying 16 MiB,
+/// in one interleaved run). An initial memory of [`COPY_FROM`] or more is
+/// such a heap. A memory size not known (`None`) gets the scan.
+pub fn resets_written_pages_only(knobs: &Knobs, largest_memory: Option<u64>) -> bool {
+    knobs.memory_keep_resident.is_none() && largest_memory.is_none_or(|m| m < COPY_FROM)
+}
+
+/// Initial memories this large are an interpreter's heap, reset by copying
+/// (see [`resets_written_pages_only`]). Compiled guests start with 1-2 MiB
+/// (a Rust guest has 1 MiB of stack); componentize-py and -js start with
+/// 10-40 MiB.
+pub const COPY_FROM: u64 = 4 << 20;
+
+/// The largest initial linear memory, in bytes, that a core module of
+/// `bytes` (a component or a module) defines; `None` if they do not parse.
+pub fn largest_initial_memory(bytes: &[u8]) -> Option<u64> {
+    let mut largest = 0u64;
+    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
+        if let wasmparser::Payload::MemorySection(memories) = payload.ok()? {
+            for memory in memories {
+                let memory = memory.ok()?;
+                let page = 1u64.checked_shl(memory.page_size_log2.unwrap_or(16))?;
+                largest = largest.max(memory.initial.saturating_mul(page));
+            }
+        }
+    }
+    Some(largest)
 }
 
 /// The automatic setting for guests of at most `max_memory` bytes, in a
@@ -206,6 +243,8 @@ pub struct PoolEngine {
     pub engine: Engine,
     /// `None` when memories reserve only `max-memory-size`.
     pub wide: Option<WideClaim>,
+    /// The component's largest initial memory, as given to [`engine`].
+    pub largest_memory: Option<u64>,
 }
 
 impl std::ops::Deref for PoolEngine {
@@ -223,16 +262,21 @@ impl std::ops::Deref for PoolEngine {
 /// has room and the reservation succeeds (it fails under `ulimit -v`, or on
 /// a host with a smaller address space); otherwise at `max-memory-size`.
 /// Either way no memory grows past `max-memory-size`.
-pub fn engine(knobs: &Knobs) -> Result<PoolEngine, LoadError> {
+///
+/// `largest_memory` is the component's largest initial memory (see
+/// [`resets_written_pages_only`]).
+pub fn engine(knobs: &Knobs, largest_memory: Option<u64>) -> Result<PoolEngine, LoadError> {
+    let scan = resets_written_pages_only(knobs, largest_memory);
     let memories = pool_slots(knobs) as u64 * MEMORIES_PER_SLOT as u64;
     if knobs.max_memory_size < WIDE_RESERVATION
         && let Some(claim) = WideClaim::take(memories * (WIDE_RESERVATION + GUARD))
     {
-        match engine_with(knobs, WIDE_RESERVATION) {
+        match engine_with(knobs, WIDE_RESERVATION, scan) {
             Ok(engine) => {
                 return Ok(PoolEngine {
                     engine,
                     wide: Some(claim),
+                    largest_memory,
                 });
             }
             Err(e) => tracing::info!(
@@ -240,13 +284,17 @@ pub fn engine(knobs: &Knobs) -> Result<PoolEngine, LoadError> {
             ),
         }
     }
-    engine_with(knobs, knobs.max_memory_size).map(|engine| PoolEngine { engine, wide: None })
+    engine_with(knobs, knobs.max_memory_size, scan).map(|engine| PoolEngine {
+        engine,
+        wide: None,
+        largest_memory,
+    })
 }
 
 /// Linear memories the pool has room for per instance slot.
 const MEMORIES_PER_SLOT: u32 = 2;
 
-fn engine_with(knobs: &Knobs, reservation: u64) -> Result<Engine, LoadError> {
+fn engine_with(knobs: &Knobs, reservation: u64, scan: bool) -> Result<Engine, LoadError> {
     let slots = pool_slots(knobs);
     let warm = warm_slots(knobs);
     let keep = warm.keep as usize;
@@ -271,8 +319,9 @@ fn engine_with(knobs: &Knobs, reservation: u64) -> Result<Engine, LoadError> {
         // twice the requests/s with the first 64KiB kept).
         .linear_memory_keep_resident(keep)
         .table_keep_resident(keep.min(TABLE_KEEP_RESIDENT));
-    // No `PAGEMAP_SCAN`: see `warm_slots`.
-    pool.pagemap_scan(wasmtime::Enabled::No);
+    if scan {
+        pool.pagemap_scan(wasmtime::Enabled::Auto);
+    }
 
     let mut c = wasmtime::Config::new();
     c.wasm_component_model(true)
@@ -383,14 +432,23 @@ pub struct Loaded {
     pub name: String,
 }
 
-/// Compiles (or loads from the cache), detects the world and links.
-pub fn load(
-    engine: &Engine,
-    linker: &Linker<Host>,
-    knobs: &Knobs,
-    source: &Source,
-) -> Result<Loaded, LoadError> {
-    let name = source.describe();
+/// What is known of a component before its engine exists (the engine's
+/// memory set-up depends on it): the file's remembered hash, or its bytes.
+pub struct Prepared<'a> {
+    source: &'a Source,
+    cache: Option<CompileCache>,
+    /// The file's bytes and stamp, if they were read.
+    read: Option<(Vec<u8>, Option<SourceStamp>)>,
+    /// What the cache remembered of the file, if it was not read.
+    remembered: Option<Remembered>,
+    /// See [`largest_initial_memory`].
+    pub largest_memory: Option<u64>,
+}
+
+/// Finds the component's largest initial memory: from the compile cache's
+/// record for a file it has seen unchanged (which is then not read), or
+/// from its bytes.
+pub fn prepare<'a>(knobs: &Knobs, source: &'a Source) -> Result<Prepared<'a>, LoadError> {
     let cache_dir = if knobs.no_cache {
         None
     } else {
@@ -400,32 +458,73 @@ pub fn load(
             .or_else(crate::engine::cache::default_dir)
     };
     let cache = cache_dir.map(|d| CompileCache::new(d).with_max_size(knobs.cache_max_size));
+    let mut prepared = Prepared {
+        source,
+        cache,
+        read: None,
+        remembered: None,
+        largest_memory: None,
+    };
+    match source {
+        Source::File(path) => {
+            if let Some(r) = prepared.cache.as_ref().and_then(|c| c.remembered(path)) {
+                prepared.remembered = Some(r);
+                prepared.largest_memory = Some(r.largest_memory);
+            } else {
+                let read = read_source(path).map_err(|io| LoadError::Read {
+                    path: path.to_path_buf(),
+                    io,
+                })?;
+                prepared.largest_memory = largest_initial_memory(&read.0);
+                prepared.read = Some(read);
+            }
+        }
+        Source::Bytes { bytes, .. } => prepared.largest_memory = largest_initial_memory(bytes),
+    }
+    Ok(prepared)
+}
+
+/// Compiles (or loads from the cache), detects the world and links.
+pub fn load(
+    engine: &Engine,
+    linker: &Linker<Host>,
+    prepared: Prepared<'_>,
+) -> Result<Loaded, LoadError> {
+    let Prepared {
+        source,
+        cache,
+        read,
+        remembered,
+        largest_memory,
+    } = prepared;
+    let name = source.describe();
     let compile_err = |e: wasmtime::Error| LoadError::Compile {
         what: name.clone(),
         reason: format!("{e:#}"),
     };
     // A file the cache has seen, unchanged since, is neither read nor hashed.
     let mut looked_up = None;
-    if let (Source::File(path), Some(cache)) = (source, &cache)
-        && let Some(digest) = cache.remembered(path)
-    {
-        match cache.lookup(engine, &digest) {
+    if let (Some(r), Some(cache)) = (remembered, &cache) {
+        match cache.lookup(engine, &r.digest) {
             Lookup::Hit(c) => return finish(engine, linker, name, c, CacheOutcome::Hit),
-            other => looked_up = Some((digest, other)),
+            other => looked_up = Some((r.digest, other)),
         }
     }
-    let owned;
-    let mut stamp = None;
-    let bytes: &[u8] = match source {
-        Source::File(p) => {
+    let (owned, stamp) = match (source, read) {
+        (_, Some(read)) => (Some(read.0), read.1),
+        (Source::File(p), None) => {
             let (b, s) = read_source(p).map_err(|io| LoadError::Read {
                 path: p.to_path_buf(),
                 io,
             })?;
-            (owned, stamp) = (b, s);
-            &owned
+            (Some(b), s)
         }
-        Source::Bytes { bytes, .. } => bytes,
+        (Source::Bytes { .. }, None) => (None, None),
+    };
+    let bytes: &[u8] = match (&owned, source) {
+        (Some(b), _) => b,
+        (None, Source::Bytes { bytes, .. }) => bytes,
+        (None, Source::File(_)) => unreachable!("a file's bytes were read above"),
     };
     sniff(&name, bytes)?;
     let compile = || Component::new(engine, bytes);
@@ -434,8 +533,14 @@ pub fn load(
             let digest = blake3::hash(bytes);
             // (A file remembered with these very bytes needs no new record.)
             let looked_up = looked_up.and_then(|(d, l)| (d == digest).then_some(l));
-            if let (Source::File(path), Some(stamp), None) = (source, &stamp, &looked_up) {
-                cache.remember(path, stamp, &digest);
+            if let (Source::File(path), Some(stamp), None, Some(largest_memory)) =
+                (source, &stamp, &looked_up, largest_memory)
+            {
+                let what = Remembered {
+                    digest,
+                    largest_memory,
+                };
+                cache.remember(path, stamp, &what);
             }
             cache.load_or_compile(engine, &digest, looked_up, compile)
         }
@@ -484,6 +589,34 @@ fn finish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_largest_initial_memory_decides_how_slots_reset() {
+        let module = |wat: &str| wat::parse_str(wat).unwrap();
+        let largest = |wat: &str| largest_initial_memory(&module(wat));
+        assert_eq!(largest("(module)"), Some(0));
+        assert_eq!(largest("(module (memory 17))"), Some(17 << 16));
+        // Several modules in a component: the largest memory counts, not
+        // an imported one.
+        let component = r#"(component
+            (core module (memory 2))
+            (core module (import "a" "m" (memory 900)) (memory 64 100))
+            (core module (memory 1)))"#;
+        assert_eq!(largest(component), Some(64 << 16));
+        assert_eq!(largest_initial_memory(b"\0asm not really"), None);
+
+        let auto = crate::config::KnobArgs::default().resolve().unwrap();
+        assert!(resets_written_pages_only(&auto, Some(17 << 16)));
+        assert!(resets_written_pages_only(&auto, None));
+        assert!(!resets_written_pages_only(&auto, Some(COPY_FROM)));
+        let set = crate::config::KnobArgs {
+            memory_keep_resident: Some(1 << 20),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert!(!resets_written_pages_only(&set, Some(64 << 10)));
+    }
 
     #[test]
     fn automatic_warm_slots_stay_within_the_memory_total() {

@@ -53,6 +53,20 @@ pub fn p2_suite() -> Vec<u8> {
         .clone()
 }
 
+/// The WASIp2 suite guest with an initial memory of `pages` (64 KiB each)
+/// instead of 2: 64 or more start like an interpreter's heap.
+#[allow(dead_code)]
+pub fn p2_suite_with_memory(pages: u32) -> Vec<u8> {
+    let wat = std::fs::read_to_string(root().join("tests/guests/p2_suite.wat")).unwrap();
+    let declared = "(memory (export \"memory\") 2)";
+    assert!(wat.contains(declared));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p2_suite.wat");
+    let resized = format!("(memory (export \"memory\") {pages})");
+    std::fs::write(&path, wat.replace(declared, &resized)).unwrap();
+    build_component(&path, &root().join("tests/guests/wit/p2"), "p2")
+}
+
 /// The WASIp3 suite guest (see tests/guests/p3_suite.wat).
 pub fn p3_suite() -> Vec<u8> {
     static CACHE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
