@@ -611,18 +611,19 @@ fn minor_faults() -> u64 {
     rest.split(' ').nth(7).unwrap().parse().unwrap()
 }
 
-/// The automatic warm slots keep an interpreter's heap resident: a
+/// `memory-keep-resident` keeps an interpreter's heap resident: a
 /// component that starts with a 4 MiB memory and writes all over it (128
 /// separate pages) leaves the next instance in its slot no page faults to
 /// take there. Resetting only the pages written, as wasmtime's
-/// `PAGEMAP_SCAN` does, released all but 32 of them, and every fresh
-/// instance faulted the rest in again.
+/// `PAGEMAP_SCAN` does (the automatic setting), released all but 32 of
+/// them, and every fresh instance faulted the rest in again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warm_slots_spare_fresh_instances_page_faults() {
     let s = TestServer::start(
         p2_suite_with_memory(64),
         KnobArgs {
             max_instance_reuse_count: Some(1),
+            memory_keep_resident: Some(16 << 20),
             ..Default::default()
         },
     )
@@ -649,11 +650,12 @@ async fn warm_slots_spare_fresh_instances_page_faults() {
 /// byte lies in the part kept resident or in the part given back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_keep_resident_starts_instances_clean() {
-    // `None`: automatic (the pages written are reset, or for a memory that
-    // starts at 4 MiB, up to 16 MiB of it).
+    // `None`: automatic (the pages written are reset); a size: that much
+    // of each memory copied back.
     let cases = [
         (2, None),
         (64, None),
+        (64, Some(16 << 20)),
         (2, Some(0)),
         (2, Some(64 << 10)),
         (2, Some(1 << 20)),

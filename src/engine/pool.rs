@@ -299,24 +299,10 @@ impl Pool {
         }
     }
 
-    /// Creates one instance: proves that the component links and that its
-    /// start-up code runs. A WASIp2 instance is kept idle for the first
-    /// request (which a cold start waits for); a WASIp3 one is dropped off
-    /// this task. Needs a tokio runtime.
+    /// Creates one instance and drops it: proves that the component links
+    /// and that its start-up code runs. Needs a tokio runtime.
     pub async fn probe(&self) -> Result<(), LoadError> {
         let state = &self.state;
-        if let Some(idle) = &self.direct {
-            return match Box::pin(state.create_p2()).await {
-                Ok(live) => {
-                    idle.put(live, self.knobs.idle_instance_timeout);
-                    Ok(())
-                }
-                Err(e) => Err(LoadError::Instantiate {
-                    what: self.name.clone(),
-                    reason: format!("{e:#}"),
-                }),
-            };
-        }
         let mut store = state.new_store(0);
         let r = tokio::time::timeout(
             self.knobs.request_timeout,
@@ -326,9 +312,6 @@ impl Pool {
         let reason = match r {
             Ok(Ok(_)) => {
                 state.budget.saw_instance(store.data().limits.memory());
-                // Not on the way to serving: giving the slot back resets its
-                // memory, up to 16 MiB copied for an interpreter guest.
-                tokio::task::spawn_blocking(move || drop(store));
                 return Ok(());
             }
             Ok(Err(e)) => format!("{e:#}"),
@@ -900,9 +883,9 @@ impl PoolState {
     }
 
     /// Drops a WASIp2 instance that takes no more requests. Where giving
-    /// its slot back copies up to 16 MiB (an interpreter's heap, and the
-    /// first time faults it in: 20 ms of a componentize-py cold start), in
-    /// a task of its own, so that the response on hand does not wait;
+    /// its slot back copies up to `memory-keep-resident` (the first time
+    /// faulting it in: 20 ms for 16 MiB of a componentize-py heap), in a
+    /// task of its own, so that the response on hand does not wait;
     /// otherwise here (a task costs a compiled guest's fresh instance more
     /// than its reset: 12 µs against 150 µs of server CPU per request).
     fn retire(&self, live: Live) {
