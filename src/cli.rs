@@ -2,7 +2,7 @@
 //! one line on stderr and a non-zero exit code.
 
 use crate::config::{KnobArgs, Knobs, ReuseMode};
-use crate::engine::component::Source;
+use crate::engine::component::{self, Source};
 use crate::engine::pool::{Pool, ReuseProbe};
 use crate::http::ListenAddr;
 use crate::http::listener::ListenSpec;
@@ -241,7 +241,10 @@ fn check(a: ComponentArgs) -> Result<()> {
         match (knobs.memory_keep_resident.is_some(), written_only) {
             (true, _) => format!("{keep} of each memory (memory-keep-resident), reset by copying"),
             (false, true) => format!("the pages its instances wrote, up to {keep} of each memory"),
-            (false, false) => format!("up to {keep} of each memory whole, reset by copying"),
+            (false, false) => format!(
+                "up to {keep} of each memory whole, reset by copying (an initial memory of {} or more is an interpreter's heap)",
+                crate::units::format_size(component::COPY_FROM)
+            ),
         }
     );
     // Whether instances survive reuse: GET / twice on one instance.

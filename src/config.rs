@@ -189,11 +189,12 @@ pub struct KnobArgs {
 
     /// Bytes of each linear memory kept resident (reset in place) when an
     /// instance ends, so the next instance in that slot takes no page faults
-    /// for them; costs up to that much RSS per warm slot; at most
-    /// max-memory-size is kept [default: automatic: each slot keeps the pages
-    /// its instances wrote, up to 16MiB; a size set here is copied back
-    /// whole in every slot used, which suits an interpreter's heap
-    /// (componentize-py, -js) but is RSS the memory budget does not count].
+    /// for them; costs up to that much RSS per slot used; at most
+    /// max-memory-size is kept [default: automatic: each slot keeps up to
+    /// 16MiB of each memory (the pages its instances wrote; all of it for a
+    /// component that starts with 4MiB or more, an interpreter's heap), and
+    /// warm slots at most 256MiB or an eighth of the memory limit; what slots
+    /// keep past that is counted in the memory budget].
     #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
     #[serde(default, deserialize_with = "de::size")]
     pub memory_keep_resident: Option<u64>,

@@ -154,7 +154,7 @@ impl Collector for StatsCollector {
             let c = ConstCounter::new(v);
             c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
         }
-        let gauges: [(&str, &str, u64); 6] = [
+        let gauges: [(&str, &str, u64); 7] = [
             (
                 "memory_budget_bytes",
                 "Most memory the guests may hold (memory-budget)",
@@ -162,8 +162,13 @@ impl Collector for StatsCollector {
             ),
             (
                 "memory_used_bytes",
-                "Memory the guests hold now: linear memories and buffered request bodies",
+                "Memory the guests hold now: linear memories, buffered request bodies, and what idle instance slots keep resident past the headroom",
                 budget.used(),
+            ),
+            (
+                "memory_retained_bytes",
+                "Memory idle instance slots keep resident past the headroom (part of memory_used_bytes)",
+                budget.retained(),
             ),
             ("instances_live", "Instances alive now", s.instances_live),
             ("queue_depth", "Requests waiting for a free slot", s.queued),

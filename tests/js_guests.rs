@@ -84,7 +84,8 @@ fn check_reports_the_guest_cannot_be_reused() {
     );
     assert!(stdout.contains("FAILS on a reused instance"), "{stdout}");
     assert!(stdout.contains("reuse = auto"), "{stdout}");
-    assert!(stdout.contains("largest initial memory"), "{stdout}");
+    // StarlingMonkey starts with a heap of several MiB: slots copy it back.
+    assert!(stdout.contains("reset by copying"), "{stdout}");
     // The bundled hello component survives reuse.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_wasmpool"))
         .args(["check", "--no-cache"])

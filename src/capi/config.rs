@@ -177,8 +177,11 @@ pub unsafe extern "C" fn wasmpool_config_set_max_memory_size(
 
 /// Bytes of each linear memory kept resident (reset in place) when an
 /// instance ends (at most the maximum memory size is kept). Without this
-/// call it is automatic: each slot keeps the pages its instances wrote, up to
-/// 16 MiB. A size set here is copied back whole in every slot used.
+/// call it is automatic: each slot keeps up to 16 MiB of each memory (the
+/// pages its instances wrote; all of it for a component that starts with
+/// 4 MiB or more, an interpreter's heap), warm slots at most 256 MiB or an
+/// eighth of the memory limit together; what all slots keep past that is
+/// counted in the memory budget.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn wasmpool_config_set_memory_keep_resident(
     cfg: *mut wasmpool_config,

@@ -36,6 +36,9 @@ use tokio::sync::Notify;
 pub struct MemoryBudget {
     limit: AtomicU64,
     used: AtomicU64,
+    /// What idle instance slots keep resident past the process's headroom
+    /// (see [`super::retained`]).
+    retained: AtomicU64,
     /// Largest memory one instance started with.
     instance_floor: AtomicU64,
     /// Typical most memory an instance held in its life (a moving
@@ -68,6 +71,7 @@ impl MemoryBudget {
         MemoryBudget {
             limit: AtomicU64::new(limit),
             used: AtomicU64::new(0),
+            retained: AtomicU64::new(0),
             instance_floor: AtomicU64::new(0),
             instance_peak: AtomicU64::new(0),
             refused: AtomicU64::new(0),
@@ -168,8 +172,26 @@ impl MemoryBudget {
         self.wake();
     }
 
+    /// Bytes in use: what guests and buffered bodies hold, and what idle
+    /// instance slots keep past the headroom.
     pub fn used(&self) -> u64 {
-        self.used.load(Relaxed)
+        self.used.load(Relaxed) + self.retained()
+    }
+
+    /// What idle instance slots keep resident past the headroom.
+    pub fn retained(&self) -> u64 {
+        self.retained.load(Relaxed)
+    }
+
+    /// One engine's idle slots now keep `now` bytes past the headroom,
+    /// where they kept `before`.
+    pub(crate) fn retain(&self, before: u64, now: u64) {
+        if now >= before {
+            self.retained.fetch_add(now - before, Relaxed);
+        } else {
+            self.retained.fetch_sub(before - now, Relaxed);
+            self.wake();
+        }
     }
 
     pub fn refused(&self) -> u64 {
@@ -178,7 +200,7 @@ impl MemoryBudget {
 
     /// Takes `n` bytes if they fit.
     pub fn try_reserve(&self, n: u64) -> bool {
-        let limit = self.limit();
+        let limit = self.limit().saturating_sub(self.retained());
         let ok = self
             .used
             .fetch_update(Relaxed, Relaxed, |u| {
@@ -242,14 +264,19 @@ impl MemoryBudget {
             .max(self.instance_peak.load(Relaxed))
     }
 
-    /// Whether one more instance fits (see [`MemoryBudget::instance_estimate`]).
-    pub fn has_room_for_instance(&self) -> bool {
-        self.used().saturating_add(self.instance_estimate()) <= self.limit()
+    /// Whether one more instance fits (see [`MemoryBudget::instance_estimate`]),
+    /// when it takes `credit` bytes back from what idle slots keep (the
+    /// slot it starts in, see [`super::retained`]).
+    pub fn has_room_for_instance(&self, credit: u64) -> bool {
+        self.used()
+            .saturating_sub(credit)
+            .saturating_add(self.instance_estimate())
+            <= self.limit()
     }
 
-    /// Waits at most `timeout` until one more instance fits; false if it
-    /// still does not.
-    pub async fn wait_for_room(&self, timeout: Duration) -> bool {
+    /// Waits at most `timeout` until one more instance fits (taking back
+    /// what `credit` says); false if it still does not.
+    pub async fn wait_for_room(&self, timeout: Duration, credit: impl Fn() -> u64) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         self.waiters.fetch_add(1, Relaxed);
         let _waiting = scopeguard(|| {
@@ -259,11 +286,11 @@ impl MemoryBudget {
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            if self.has_room_for_instance() {
+            if self.has_room_for_instance(credit()) {
                 return true;
             }
             if tokio::time::timeout_at(deadline, freed).await.is_err() {
-                return self.has_room_for_instance();
+                return self.has_room_for_instance(credit());
             }
         }
     }
@@ -619,20 +646,40 @@ mod tests {
         let b = MemoryBudget::new(100);
         b.saw_instance(30);
         assert!(b.try_reserve(70));
-        assert!(b.has_room_for_instance());
+        assert!(b.has_room_for_instance(0));
         assert!(b.try_reserve(1));
-        assert!(!b.has_room_for_instance());
+        assert!(!b.has_room_for_instance(0));
         b.release(71);
         // Instances that grow to 60 need room for 60.
         b.saw_peak(60);
         assert_eq!(b.instance_estimate(), 60);
         assert!(b.try_reserve(41));
-        assert!(!b.has_room_for_instance());
+        assert!(!b.has_room_for_instance(0));
         // The average follows what instances do now.
         for _ in 0..40 {
             b.saw_peak(20);
         }
         assert_eq!(b.instance_estimate(), 30);
+    }
+
+    #[test]
+    fn what_idle_slots_keep_counts_and_a_new_instance_takes_it_back() {
+        let b = MemoryBudget::new(100);
+        b.saw_instance(30);
+        b.retain(0, 60);
+        assert_eq!((b.used(), b.retained()), (60, 60));
+        // Bodies and growth see it.
+        assert!(!b.try_reserve(41));
+        assert!(b.try_reserve(40));
+        b.release(40);
+        // An instance needs 30: 60 + 30 fits, 80 + 30 does not, unless it
+        // starts in a slot that keeps 20 of the 80.
+        assert!(b.has_room_for_instance(0));
+        b.retain(60, 80);
+        assert!(!b.has_room_for_instance(0));
+        assert!(b.has_room_for_instance(20));
+        b.retain(80, 0);
+        assert_eq!(b.used(), 0);
     }
 
     #[tokio::test]
@@ -669,13 +716,13 @@ mod tests {
         let b = std::sync::Arc::new(MemoryBudget::new(100));
         b.saw_instance(50);
         assert!(b.try_reserve(80));
-        assert!(!b.wait_for_room(Duration::from_millis(20)).await);
+        assert!(!b.wait_for_room(Duration::from_millis(20), || 0).await);
         let b2 = b.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(20)).await;
             b2.release(40);
         });
-        assert!(b.wait_for_room(Duration::from_secs(5)).await);
+        assert!(b.wait_for_room(Duration::from_secs(5), || 0).await);
     }
 
     #[test]

@@ -8,7 +8,6 @@ use crate::engine::cache::{
 };
 use crate::engine::host::Host;
 use crate::error::LoadError;
-use std::borrow::Cow;
 use std::fmt;
 use std::path::PathBuf;
 use wasmtime::component::{Component, Linker};
@@ -127,26 +126,32 @@ pub fn warm_slots(knobs: &Knobs) -> WarmSlots {
 /// Whether a slot resets only the pages its instance wrote (found with the
 /// kernel's `PAGEMAP_SCAN`; pages only read stay mapped as they are), or
 /// the first `keep` bytes of each memory whole, by copying the image back
-/// and zeroing the rest (with `memory-keep-resident` set). Either way the
-/// next instance in the slot takes no page fault in what was kept.
+/// and zeroing the rest. Either way the next instance in the slot takes no
+/// page fault in what was kept.
 ///
-/// Copying would be the better default for a component whose initial
-/// memory is an interpreter's heap ([`COPY_FROM`] or more): wasmtime's scan
-/// reports at most 32 separate regions and releases everything after the
-/// 32nd, and an interpreter writes all over its heap, so every fresh
-/// instance faults most of it in again (componentize-py p2, fresh instance
-/// per request: 182 requests/s with the scan, 325 copying 16 MiB). But
-/// every slot an instance ever used keeps what it copied, not only the
-/// warm ones, and the memory budget does not count it: a storm of 48
-/// Python uploads under a 700 MB `MemoryMax=` got the service killed. So
-/// the scan stays the default until that memory is accounted for.
-pub fn resets_written_pages_only(knobs: &Knobs, _largest_memory: Option<u64>) -> bool {
-    knobs.memory_keep_resident.is_none()
+/// The scan is the cheaper reset while it sees everything: a compiled
+/// guest writes to a few places (its stack, heap and data), and copying
+/// all of its 1 MiB memory back would cost more (p2 hello with a 1.1 MiB
+/// memory, fresh instance per request: 136 µs of server CPU per request
+/// with the scan, 168 µs copying). But wasmtime's scan reports at most 32
+/// separate regions and releases everything after the 32nd; an interpreter
+/// (componentize-py, -js) writes all over a heap it starts with, so most
+/// of it was released and faulted in again by every fresh instance
+/// (componentize-py p2: 182 requests/s with the scan, 325 copying 16 MiB,
+/// in one interleaved run). An initial memory of [`COPY_FROM`] or more is
+/// such a heap. A memory size not known (`None`) gets the scan.
+///
+/// Every slot an instance ever used keeps what it copied (wasmtime's
+/// warm-slot count only orders the slots it picks), so after a burst that
+/// is up to `keep` per instance the burst had: [`super::retained`] counts
+/// it in the memory budget.
+pub fn resets_written_pages_only(knobs: &Knobs, largest_memory: Option<u64>) -> bool {
+    knobs.memory_keep_resident.is_none() && largest_memory.is_none_or(|m| m < COPY_FROM)
 }
 
-/// Initial memories this large are an interpreter's heap (see
-/// [`resets_written_pages_only`]). Compiled guests start with 1-2 MiB (a
-/// Rust guest has 1 MiB of stack); componentize-py and -js start with
+/// Initial memories this large are an interpreter's heap, reset by copying
+/// (see [`resets_written_pages_only`]). Compiled guests start with 1-2 MiB
+/// (a Rust guest has 1 MiB of stack); componentize-py and -js start with
 /// 10-40 MiB.
 pub const COPY_FROM: u64 = 4 << 20;
 
@@ -510,20 +515,22 @@ pub fn load(
             other => looked_up = Some((r.digest, other)),
         }
     }
-    // (`memory`: what a new record keeps, of the very bytes it hashes.)
-    let (bytes, stamp, memory) = match (source, read) {
-        (_, Some((b, s))) => (Cow::Owned(b), s, largest_memory),
+    let (owned, stamp) = match (source, read) {
+        (_, Some(read)) => (Some(read.0), read.1),
         (Source::File(p), None) => {
             let (b, s) = read_source(p).map_err(|io| LoadError::Read {
                 path: p.to_path_buf(),
                 io,
             })?;
-            let memory = largest_initial_memory(&b);
-            (Cow::Owned(b), s, memory)
+            (Some(b), s)
         }
-        (Source::Bytes { bytes, .. }, None) => (Cow::Borrowed(&bytes[..]), None, largest_memory),
+        (Source::Bytes { .. }, None) => (None, None),
     };
-    let bytes: &[u8] = &bytes;
+    let bytes: &[u8] = match (&owned, source) {
+        (Some(b), _) => b,
+        (None, Source::Bytes { bytes, .. }) => bytes,
+        (None, Source::File(_)) => unreachable!("a file's bytes were read above"),
+    };
     sniff(&name, bytes)?;
     let compile = || Component::new(engine, bytes);
     let (component, outcome) = match &cache {
@@ -532,7 +539,7 @@ pub fn load(
             // (A file remembered with these very bytes needs no new record.)
             let looked_up = looked_up.and_then(|(d, l)| (d == digest).then_some(l));
             if let (Source::File(path), Some(stamp), None, Some(largest_memory)) =
-                (source, &stamp, &looked_up, memory)
+                (source, &stamp, &looked_up, largest_memory)
             {
                 let what = Remembered {
                     digest,
@@ -606,7 +613,7 @@ mod tests {
         let auto = crate::config::KnobArgs::default().resolve().unwrap();
         assert!(resets_written_pages_only(&auto, Some(17 << 16)));
         assert!(resets_written_pages_only(&auto, None));
-        assert!(resets_written_pages_only(&auto, Some(COPY_FROM)));
+        assert!(!resets_written_pages_only(&auto, Some(COPY_FROM)));
         let set = crate::config::KnobArgs {
             memory_keep_resident: Some(1 << 20),
             ..Default::default()

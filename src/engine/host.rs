@@ -5,6 +5,7 @@
 
 use crate::config::{Knobs, OutboundRule};
 use crate::engine::budget::{Held, MemoryBudget};
+use crate::engine::retained::Retained;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -33,6 +34,7 @@ impl Host {
         policy: Arc<[OutboundRule]>,
         instance_id: u64,
         budget: Arc<MemoryBudget>,
+        retained: Arc<Retained>,
         config: Arc<wasmtime_wasi_config::WasiConfigVariables>,
     ) -> Host {
         let mut b = WasiCtxBuilder::new();
@@ -67,6 +69,7 @@ impl Host {
             id: instance_id,
             grow_wait: knobs.max_queue_wait,
             held: Held::new(budget),
+            retained,
         };
         Host {
             table: ResourceTable::new(),
@@ -92,6 +95,8 @@ pub(crate) struct GuestLimits {
     /// A growth approved here that then fails (the OS refused the pages)
     /// stays counted until the store is dropped: rare, and on the safe side.
     held: Held,
+    /// What the idle slots of the pool's engine keep (see `retained`).
+    retained: Arc<Retained>,
 }
 
 impl GuestLimits {
@@ -125,6 +130,11 @@ impl ResourceLimiterAsync for GuestLimits {
     ) -> wasmtime::Result<bool> {
         if desired > self.max_memory_size || maximum.is_some_and(|m| desired > m) {
             return Ok(false);
+        }
+        if current == 0 {
+            // A memory being created: the slot it is in has left the idle
+            // ones, and what it kept is this memory's now.
+            self.retained.sync();
         }
         let more = desired.saturating_sub(current) as u64;
         if self.held.grow(more) {

@@ -28,6 +28,7 @@ mod idle;
 mod p2;
 mod p3;
 pub mod pool;
+pub mod retained;
 mod reuse;
 mod spare;
 pub mod stats;

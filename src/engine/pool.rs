@@ -14,6 +14,7 @@ use crate::engine::host::Host;
 use crate::engine::idle::Idle;
 use crate::engine::p2::{self, Answer, Live};
 use crate::engine::p3;
+use crate::engine::retained::{self, Retained};
 use crate::engine::reuse::{Replay, ReplayableBody, ReuseSwitch};
 use crate::engine::spare::{Gate, GateSlot};
 use crate::engine::stats::{Shared, Snapshot, Stats};
@@ -262,6 +263,11 @@ impl Pool {
             let weak = Arc::downgrade(&dispatch.idle);
             budget.add_reclaimer(weak);
         }
+        let retained = Arc::new(Retained::new(
+            budget.clone(),
+            engine.clone(),
+            component::warm_slots(&knobs).bytes(),
+        ));
         let state = PoolState {
             engine: engine.clone(),
             pre: loaded.pre,
@@ -277,7 +283,8 @@ impl Pool {
             budget: budget.clone(),
             config: Arc::new(knobs.config_vars.iter().cloned().collect()),
             dispatch,
-            _epoch: EpochTicker::spawn(engine),
+            _epoch: EpochTicker::spawn(engine, retained.clone()),
+            retained,
             wide,
             resets_by_copy: !component::resets_written_pages_only(&knobs, largest_memory),
         };
@@ -299,10 +306,24 @@ impl Pool {
         }
     }
 
-    /// Creates one instance and drops it: proves that the component links
-    /// and that its start-up code runs. Needs a tokio runtime.
+    /// Creates one instance: proves that the component links and that its
+    /// start-up code runs. A WASIp2 instance is kept idle for the first
+    /// request (which a cold start waits for); a WASIp3 one is dropped off
+    /// this task. Needs a tokio runtime.
     pub async fn probe(&self) -> Result<(), LoadError> {
         let state = &self.state;
+        if let Some(idle) = &self.direct {
+            return match Box::pin(state.create_p2()).await {
+                Ok(live) => {
+                    idle.put(live, self.knobs.idle_instance_timeout);
+                    Ok(())
+                }
+                Err(e) => Err(LoadError::Instantiate {
+                    what: self.name.clone(),
+                    reason: format!("{e:#}"),
+                }),
+            };
+        }
         let mut store = state.new_store(0);
         let r = tokio::time::timeout(
             self.knobs.request_timeout,
@@ -312,6 +333,9 @@ impl Pool {
         let reason = match r {
             Ok(Ok(_)) => {
                 state.budget.saw_instance(store.data().limits.memory());
+                // Not on the way to serving: giving the slot back resets its
+                // memory, up to 16 MiB copied for an interpreter guest.
+                tokio::task::spawn_blocking(move || drop(store));
                 return Ok(());
             }
             Ok(Err(e)) => format!("{e:#}"),
@@ -797,6 +821,8 @@ pub(crate) struct PoolState {
     /// Lives as long as any instance does (running ones hold the state), so
     /// guests of a pool that was swapped out by a reload still yield.
     _epoch: EpochTicker,
+    /// What the engine's idle slots keep resident, charged to the budget.
+    retained: Arc<Retained>,
     /// The address space its memories reserved (see `component::engine`).
     wide: Option<component::WideClaim>,
     /// Whether a slot given back copies its memory's image back (see
@@ -814,6 +840,7 @@ impl PoolState {
                 self.rules.clone(),
                 instance_id,
                 self.budget.clone(),
+                self.retained.clone(),
                 self.config.clone(),
             ),
         );
@@ -833,12 +860,20 @@ impl PoolState {
     /// A new store and instance, counted as live; instantiation is bounded
     /// by the request timeout.
     async fn create(&self) -> wasmtime::Result<(u64, Store<Host>, Proxy)> {
-        if !self.budget.has_room_for_instance() {
+        // The new instance will start in a slot that an ended one kept
+        // resident, if there is one, and take that memory back.
+        self.retained.sync();
+        let credit = || self.retained.credit();
+        if !self.budget.has_room_for_instance(credit()) {
             // Idle instances go first: their memory serves nobody.
             self.budget
-                .reclaim_until(|| self.budget.has_room_for_instance());
-            if !self.budget.has_room_for_instance()
-                && !self.budget.wait_for_room(self.knobs.max_queue_wait).await
+                .reclaim_until(|| self.budget.has_room_for_instance(credit()));
+            self.retained.sync();
+            if !self.budget.has_room_for_instance(credit())
+                && !self
+                    .budget
+                    .wait_for_room(self.knobs.max_queue_wait, credit)
+                    .await
             {
                 return Err(wasmtime::Error::new(BudgetSpent));
             }
@@ -883,9 +918,9 @@ impl PoolState {
     }
 
     /// Drops a WASIp2 instance that takes no more requests. Where giving
-    /// its slot back copies up to `memory-keep-resident` (the first time
-    /// faulting it in: 20 ms for 16 MiB of a componentize-py heap), in a
-    /// task of its own, so that the response on hand does not wait;
+    /// its slot back copies up to 16 MiB (an interpreter's heap, and the
+    /// first time faults it in: 20 ms of a componentize-py cold start), in
+    /// a task of its own, so that the response on hand does not wait;
     /// otherwise here (a task costs a compiled guest's fresh instance more
     /// than its reset: 12 µs against 150 µs of server CPU per request).
     fn retire(&self, live: Live) {
@@ -988,15 +1023,22 @@ struct EpochTicker {
 }
 
 impl EpochTicker {
-    fn spawn(engine: Engine) -> EpochTicker {
+    /// Also keeps `retained` up to date (every [`retained::SYNC_EVERY`]).
+    fn spawn(engine: Engine, retained: Arc<Retained>) -> EpochTicker {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let sync_every = (retained::SYNC_EVERY.as_millis() / EPOCH_TICK.as_millis()).max(1);
         let thread = std::thread::Builder::new()
             .name("wasmpool-epoch".into())
             .spawn(move || {
+                let mut ticks = 0u128;
                 while !flag.load(Relaxed) {
                     std::thread::sleep(EPOCH_TICK);
                     engine.increment_epoch();
+                    ticks += 1;
+                    if ticks.is_multiple_of(sync_every) {
+                        retained.sync();
+                    }
                 }
             })
             .ok();
