@@ -744,3 +744,30 @@ async fn memory_keep_resident_starts_instances_clean() {
     assert_eq!(s.get("/stain").await.text(), "1");
     s.stop().await;
 }
+
+/// The start-up probe keeps its WASIp2 instance for the first request, but
+/// a probe called again (a host checking its handler, a benchmark) does
+/// not pile instances up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probing_again_keeps_one_instance_waiting() {
+    let s = TestServer::start(
+        p2_suite(),
+        KnobArgs {
+            max_instance_reuse_count: Some(1),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(s.stats().instances_live, 1, "the probe's instance waits");
+    for _ in 0..50 {
+        s.front.pool().probe().await.unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || s.stats().instances_live == 1).await,
+        "{:?}",
+        s.stats()
+    );
+    assert_eq!(s.get("/").await.status, 200);
+    assert_eq!(s.stats().instances_reused, 0);
+    s.stop().await;
+}

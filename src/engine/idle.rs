@@ -34,6 +34,16 @@ impl<L: Parked> Idle<L> {
             .get_or_init(|| spawn_reaper(Arc::downgrade(self), idle_timeout));
     }
 
+    /// Keeps `live` as [`Idle::put`] does, unless an instance is idle
+    /// already: then gives it back.
+    pub fn put_if_none(self: &Arc<Self>, live: L, idle_timeout: Duration) -> Option<L> {
+        if !self.list.lock().unwrap().is_empty() {
+            return Some(live);
+        }
+        self.put(live, idle_timeout);
+        None
+    }
+
     /// Drops the instance idle longest; false if there is none.
     pub fn drop_oldest(&self) -> bool {
         let mut list = self.list.lock().unwrap();

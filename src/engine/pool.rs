@@ -308,14 +308,22 @@ impl Pool {
 
     /// Creates one instance: proves that the component links and that its
     /// start-up code runs. A WASIp2 instance is kept idle for the first
-    /// request (which a cold start waits for); a WASIp3 one is dropped off
-    /// this task. Needs a tokio runtime.
+    /// request (which a cold start waits for) unless one is idle already
+    /// (a probe called again); a WASIp3 one is dropped off this task.
+    /// Needs a tokio runtime.
     pub async fn probe(&self) -> Result<(), LoadError> {
         let state = &self.state;
         if let Some(idle) = &self.direct {
             return match Box::pin(state.create_p2()).await {
                 Ok(live) => {
-                    idle.put(live, self.knobs.idle_instance_timeout);
+                    let keep = !self.knobs.idle_instance_timeout.is_zero();
+                    let spare = match keep {
+                        true => idle.put_if_none(live, self.knobs.idle_instance_timeout),
+                        false => Some(live),
+                    };
+                    if let Some(live) = spare {
+                        state.retire(live);
+                    }
                     Ok(())
                 }
                 Err(e) => Err(LoadError::Instantiate {
