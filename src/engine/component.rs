@@ -8,6 +8,7 @@ use crate::engine::cache::{
 };
 use crate::engine::host::Host;
 use crate::error::LoadError;
+use std::borrow::Cow;
 use std::fmt;
 use std::path::PathBuf;
 use wasmtime::component::{Component, Linker};
@@ -248,8 +249,6 @@ pub struct PoolEngine {
     pub engine: Engine,
     /// `None` when memories reserve only `max-memory-size`.
     pub wide: Option<WideClaim>,
-    /// The component's largest initial memory, as given to [`engine`].
-    pub largest_memory: Option<u64>,
 }
 
 impl std::ops::Deref for PoolEngine {
@@ -281,7 +280,6 @@ pub fn engine(knobs: &Knobs, largest_memory: Option<u64>) -> Result<PoolEngine, 
                 return Ok(PoolEngine {
                     engine,
                     wide: Some(claim),
-                    largest_memory,
                 });
             }
             Err(e) => tracing::info!(
@@ -289,11 +287,7 @@ pub fn engine(knobs: &Knobs, largest_memory: Option<u64>) -> Result<PoolEngine, 
             ),
         }
     }
-    engine_with(knobs, knobs.max_memory_size, scan).map(|engine| PoolEngine {
-        engine,
-        wide: None,
-        largest_memory,
-    })
+    engine_with(knobs, knobs.max_memory_size, scan).map(|engine| PoolEngine { engine, wide: None })
 }
 
 /// Linear memories the pool has room for per instance slot.
@@ -450,6 +444,14 @@ pub struct Prepared<'a> {
     pub largest_memory: Option<u64>,
 }
 
+/// Reads the component file at `path` (see [`read_source`]).
+fn read_file(path: &std::path::Path) -> Result<(Vec<u8>, Option<SourceStamp>), LoadError> {
+    read_source(path).map_err(|io| LoadError::Read {
+        path: path.to_path_buf(),
+        io,
+    })
+}
+
 /// Finds the component's largest initial memory: from the compile cache's
 /// record for a file it has seen unchanged (which is then not read), or
 /// from its bytes.
@@ -476,10 +478,7 @@ pub fn prepare<'a>(knobs: &Knobs, source: &'a Source) -> Result<Prepared<'a>, Lo
                 prepared.remembered = Some(r);
                 prepared.largest_memory = Some(r.largest_memory);
             } else {
-                let read = read_source(path).map_err(|io| LoadError::Read {
-                    path: path.to_path_buf(),
-                    io,
-                })?;
+                let read = read_file(path)?;
                 prepared.largest_memory = largest_initial_memory(&read.0);
                 prepared.read = Some(read);
             }
@@ -515,22 +514,16 @@ pub fn load(
             other => looked_up = Some((r.digest, other)),
         }
     }
-    let (owned, stamp) = match (source, read) {
-        (_, Some(read)) => (Some(read.0), read.1),
+    // (A file is read here only when its remembered hash missed.)
+    let (bytes, stamp) = match (source, read) {
+        (_, Some((b, s))) => (Cow::Owned(b), s),
         (Source::File(p), None) => {
-            let (b, s) = read_source(p).map_err(|io| LoadError::Read {
-                path: p.to_path_buf(),
-                io,
-            })?;
-            (Some(b), s)
+            let (b, s) = read_file(p)?;
+            (Cow::Owned(b), s)
         }
-        (Source::Bytes { .. }, None) => (None, None),
+        (Source::Bytes { bytes, .. }, None) => (Cow::Borrowed(&bytes[..]), None),
     };
-    let bytes: &[u8] = match (&owned, source) {
-        (Some(b), _) => b,
-        (None, Source::Bytes { bytes, .. }) => bytes,
-        (None, Source::File(_)) => unreachable!("a file's bytes were read above"),
-    };
+    let bytes: &[u8] = &bytes;
     sniff(&name, bytes)?;
     let compile = || Component::new(engine, bytes);
     let (component, outcome) = match &cache {

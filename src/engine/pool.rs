@@ -217,18 +217,29 @@ impl Pool {
     pub fn load_shared(knobs: Knobs, source: &Source, shared: &Shared) -> Result<Pool, LoadError> {
         knobs.validate()?;
         let prepared = component::prepare(&knobs, source)?;
-        let engine = component::engine(&knobs, prepared.largest_memory)?;
+        let largest_memory = prepared.largest_memory;
+        let engine = component::engine(&knobs, largest_memory)?;
         let linker = component::linker(&engine)?;
         let loaded = component::load(&engine, &linker, prepared)?;
-        Ok(Pool::from_loaded(engine, knobs, loaded, shared.clone()))
+        Ok(Pool::from_loaded(
+            engine,
+            knobs,
+            loaded,
+            shared.clone(),
+            largest_memory,
+        ))
     }
 
-    fn from_loaded(engine: PoolEngine, knobs: Knobs, loaded: Loaded, shared: Shared) -> Pool {
-        let PoolEngine {
-            engine,
-            wide,
-            largest_memory,
-        } = engine;
+    /// `largest_memory`: the component's largest initial memory, as its
+    /// engine was made for.
+    fn from_loaded(
+        engine: PoolEngine,
+        knobs: Knobs,
+        loaded: Loaded,
+        shared: Shared,
+        largest_memory: Option<u64>,
+    ) -> Pool {
+        let PoolEngine { engine, wide } = engine;
         let Shared { stats, budget, .. } = shared;
         let p3 = loaded.world.is_p3();
         let mut reuse = knobs.max_instance_reuse_count.unwrap_or(if p3 {
@@ -316,10 +327,11 @@ impl Pool {
         if let Some(idle) = &self.direct {
             return match Box::pin(state.create_p2()).await {
                 Ok(live) => {
-                    let keep = !self.knobs.idle_instance_timeout.is_zero();
-                    let spare = match keep {
-                        true => idle.put_if_none(live, self.knobs.idle_instance_timeout),
-                        false => Some(live),
+                    let timeout = self.knobs.idle_instance_timeout;
+                    let spare = if timeout.is_zero() {
+                        Some(live)
+                    } else {
+                        idle.put_if_none(live, timeout)
                     };
                     if let Some(live) = spare {
                         state.retire(live);
