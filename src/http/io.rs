@@ -257,7 +257,7 @@ impl<T> TimedIo<T> {
 /// Vectored writes up to this size go out as one plain write.
 const COALESCE_UP_TO: usize = 4096;
 
-/// `bufs` copied into one buffer, if they fit in [`COALESCE_UP_TO`].
+/// `bufs` copied into `into`, if they fit in [`COALESCE_UP_TO`].
 ///
 /// hyper hands a response's head and its body chunks over as separate
 /// buffers (it keeps the body's bytes as they are rather than copy them
@@ -265,19 +265,17 @@ const COALESCE_UP_TO: usize = 4096;
 /// one `send` of a copy is cheaper than a `writev` of the pieces (the
 /// kernel's vectored path was about 0.3 µs a request); large ones keep
 /// `writev`, which copies nothing.
-fn coalesce(bufs: &[io::IoSlice<'_>]) -> Option<([u8; COALESCE_UP_TO], usize)> {
+fn coalesce<'a>(bufs: &[io::IoSlice<'_>], into: &'a mut [u8; COALESCE_UP_TO]) -> Option<&'a [u8]> {
     let total = bufs.iter().try_fold(0usize, |n, b| {
         let n = n + b.len();
         (n <= COALESCE_UP_TO).then_some(n)
     })?;
-    let mut one = [0u8; COALESCE_UP_TO];
     let mut at = 0;
     for b in bufs {
-        one[at..at + b.len()].copy_from_slice(b);
+        into[at..at + b.len()].copy_from_slice(b);
         at += b.len();
     }
-    debug_assert_eq!(at, total);
-    Some((one, total))
+    Some(&into[..total])
 }
 
 fn timed_out(what: &'static str) -> io::Error {
@@ -384,8 +382,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
         let this = self.get_mut();
         let res = match bufs {
             [one] => Pin::new(&mut this.inner).poll_write(cx, one),
-            _ => match coalesce(bufs) {
-                Some((buf, len)) => Pin::new(&mut this.inner).poll_write(cx, &buf[..len]),
+            _ => match coalesce(bufs, &mut [0; COALESCE_UP_TO]) {
+                Some(one) => Pin::new(&mut this.inner).poll_write(cx, one),
                 None => Pin::new(&mut this.inner).poll_write_vectored(cx, bufs),
             },
         };
@@ -431,15 +429,22 @@ mod tests {
             io::IoSlice::new(empty),
             io::IoSlice::new(body),
         ];
-        let (buf, len) = coalesce(&bufs).expect("fits");
-        assert_eq!(&buf[..len], b"HTTP/1.1 200 OK\r\n\r\nhello");
+        let mut into = [0; COALESCE_UP_TO];
+        let one = coalesce(&bufs, &mut into).expect("fits");
+        assert_eq!(one, b"HTTP/1.1 200 OK\r\n\r\nhello");
         let big = vec![b'x'; COALESCE_UP_TO];
         let bufs = [io::IoSlice::new(head), io::IoSlice::new(&big)];
-        assert!(coalesce(&bufs).is_none(), "past the limit: writev as given");
+        assert!(
+            coalesce(&bufs, &mut into).is_none(),
+            "past the limit: writev as given"
+        );
         let bufs = [
             io::IoSlice::new(&big[..COALESCE_UP_TO - 5]),
             io::IoSlice::new(body),
         ];
-        assert_eq!(coalesce(&bufs).expect("exactly fits").1, COALESCE_UP_TO);
+        assert_eq!(
+            coalesce(&bufs, &mut into).expect("exactly fits").len(),
+            COALESCE_UP_TO
+        );
     }
 }
