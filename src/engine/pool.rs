@@ -198,6 +198,28 @@ pub struct Pool {
     largest_memory: Option<u64>,
 }
 
+/// A component compiled (or loaded from the cache) and linked in an engine
+/// of its own, not yet counting into a [`Shared`]: see [`Pool::stage`].
+pub struct Staged {
+    engine: PoolEngine,
+    knobs: Knobs,
+    loaded: Loaded,
+    largest_memory: Option<u64>,
+}
+
+impl Staged {
+    /// The pool, counting into `shared` and drawing on its memory budget.
+    pub fn into_pool(self, shared: &Shared) -> Pool {
+        let Staged {
+            engine,
+            knobs,
+            loaded,
+            largest_memory,
+        } = self;
+        Pool::from_loaded(engine, knobs, loaded, shared.clone(), largest_memory)
+    }
+}
+
 impl Pool {
     /// Compiles (or loads from the cache) and links `source`. Does not
     /// create an instance; see [`Pool::probe`].
@@ -215,19 +237,26 @@ impl Pool {
     /// Like [`Pool::load`], counting into `shared` and drawing on its
     /// memory budget (a service keeps one across reloads).
     pub fn load_shared(knobs: Knobs, source: &Source, shared: &Shared) -> Result<Pool, LoadError> {
+        Ok(Pool::stage(knobs, source)?.into_pool(shared))
+    }
+
+    /// The part of [`Pool::load_shared`] that needs no `Shared`: the engine
+    /// (its pools set up), the component compiled or loaded from the cache,
+    /// and linked. CPU-heavy, like [`Pool::load`]; a service starts it on a
+    /// thread of its own before its runtime exists.
+    pub fn stage(knobs: Knobs, source: &Source) -> Result<Staged, LoadError> {
         knobs.validate()?;
         let prepared = component::prepare(&knobs, source)?;
         let largest_memory = prepared.largest_memory;
         let engine = component::engine(&knobs, largest_memory)?;
         let linker = component::linker(&engine)?;
         let loaded = component::load(&engine, &linker, prepared)?;
-        Ok(Pool::from_loaded(
+        Ok(Staged {
             engine,
             knobs,
             loaded,
-            shared.clone(),
             largest_memory,
-        ))
+        })
     }
 
     /// `largest_memory`: the component's largest initial memory, as its

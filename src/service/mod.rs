@@ -12,8 +12,9 @@ use options::Settled;
 
 use crate::config::Knobs;
 use crate::engine::component::Source;
-use crate::engine::pool::Pool;
+use crate::engine::pool::{Pool, Staged};
 use crate::engine::stats::Shared;
+use crate::error::LoadError;
 use crate::http::tls::Tls;
 use crate::http::{self as front, Front, Listener};
 use crate::metrics::Metrics;
@@ -43,13 +44,36 @@ pub fn run(opts: ServeOptions, inherited: Vec<Inherited>) -> Result<()> {
             "--exit-idle-after needs socket activation (LISTEN_FDS): without a service manager holding the socket, connections after the exit would be refused"
         );
     }
+    // The first load starts now, beside the set-up below: making the engine
+    // is most of a cold start (wasmtime sets a guard page on each of its
+    // fiber stacks, 2,000 at the defaults), and it needs neither the
+    // runtime nor the shared counters.
+    let staging = Staging::start(settled.knobs.clone(), settled.component.clone())?;
     raise_fd_limit(settled.knobs.max_concurrent_connections);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("wasmpool")
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(serve(opts, settled, inherited))
+    rt.block_on(serve(opts, settled, inherited, staging))
+}
+
+/// A load running on a thread of its own (see [`Pool::stage`]); [`load`]
+/// finishes it.
+struct Staging(futures::channel::oneshot::Receiver<Result<Staged, LoadError>>);
+
+impl Staging {
+    fn start(knobs: Knobs, component: PathBuf) -> Result<Staging> {
+        let (tx, rx) = futures::channel::oneshot::channel();
+        std::thread::Builder::new()
+            .name("wasmpool-load".into())
+            .spawn(move || {
+                // (A panic drops `tx`: the receiver learns of it.)
+                let _ = tx.send(Pool::stage(knobs, &Source::File(component)));
+            })
+            .context("cannot start the loader thread")?;
+        Ok(Staging(rx))
+    }
 }
 
 /// Descriptors besides connections: listeners, the compile cache, the
@@ -88,7 +112,12 @@ fn raise_fd_limit(connections: u32) {
     }
 }
 
-async fn serve(opts: ServeOptions, settled: Settled, inherited: Vec<Inherited>) -> Result<()> {
+async fn serve(
+    opts: ServeOptions,
+    settled: Settled,
+    inherited: Vec<Inherited>,
+    staging: Staging,
+) -> Result<()> {
     // Signal handlers first, so a SIGHUP or SIGTERM during start-up is
     // handled rather than killing the process.
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
@@ -98,13 +127,7 @@ async fn serve(opts: ServeOptions, settled: Settled, inherited: Vec<Inherited>) 
     let shared = Shared::new(&settled.knobs)?;
     let stats = shared.stats.clone();
 
-    let pool = load(
-        settled.knobs.clone(),
-        settled.component.clone(),
-        shared.clone(),
-        notifier,
-    )
-    .await?;
+    let pool = load(staging, shared.clone(), notifier).await?;
     shared.apply(pool.knobs())?;
     tracing::info!(component = pool.name(), world = %pool.world(), cache = ?pool.cache_outcome(), "component ready");
 
@@ -265,12 +288,7 @@ async fn serve(opts: ServeOptions, settled: Settled, inherited: Vec<Inherited>) 
 
 /// Loads and proves a component off the request path, asking the service
 /// manager for more time while a slow compile runs.
-async fn load(
-    knobs: Knobs,
-    component: PathBuf,
-    shared: Shared,
-    notifier: Notifier,
-) -> Result<Pool> {
+async fn load(staging: Staging, shared: Shared, notifier: Notifier) -> Result<Pool> {
     let extender = notifier.enabled().then(|| {
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -280,13 +298,14 @@ async fn load(
             }
         })
     });
-    let source = Source::File(component);
-    let result =
-        tokio::task::spawn_blocking(move || Pool::load_shared(knobs, &source, &shared)).await;
+    let staged = staging.0.await;
     if let Some(e) = extender {
         e.abort();
     }
-    let pool = result.context("the loader panicked")??;
+    let pool = staged
+        .ok()
+        .context("the loader panicked")??
+        .into_pool(&shared);
     pool.probe().await?;
     Ok(pool)
 }
@@ -313,7 +332,8 @@ fn start_reload(
         let settled = opts.settle()?;
         let knobs = settled.knobs.clone();
         let files = settled.tls.clone();
-        let pool = load(settled.knobs, settled.component, shared.clone(), notifier).await?;
+        let staging = Staging::start(settled.knobs, settled.component)?;
+        let pool = load(staging, shared.clone(), notifier).await?;
         match (&tls, files) {
             (Some(tls), Some(files)) => {
                 let same = *tls.files() == files;
