@@ -184,15 +184,19 @@ def main():
         L.append("")
     if "cold_start" in res:
         L.append("## Cold start\n")
-        L.append("Time from starting the process to the first 200 (median of 5). \"no cache\" compiles "
+        L.append("Time from starting the process to the first 200: medians of 5 starts without the cache "
+                 "and of 21 with it, the quartiles (25%..75%) beside. \"no cache\" compiles "
                  "the component; \"with cache\" loads it from wasmpool's compile cache; \"socket activation\" "
                  "is measured from connecting to a socket held by `systemd-socket-activate`, which starts "
                  "wasmpool on that connection.\n")
         L.append("| guest | no cache | with cache | socket activation, with cache |")
         L.append("|---|---|---|---|")
         for c in res["cold_start"]:
-            L.append(f"| {c['guest']} | {c['no cache']:.1f} ms | {c['with cache']:.1f} ms | "
-                     f"{c['socket activation, with cache']:.1f} ms |")
+            def q(key):
+                return " (%.1f..%.1f)" % tuple(c[key]) if key in c else ""
+            L.append(f"| {c['guest']} | {c['no cache']:.1f} ms | {c['with cache']:.1f} ms"
+                     f"{q('with cache quartiles')} | {c['socket activation, with cache']:.1f} ms"
+                     f"{q('socket activation quartiles')} |")
         L.append("")
     if "memory" in res:
         L.append("## Memory\n")
