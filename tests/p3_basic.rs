@@ -65,6 +65,51 @@ async fn requests_join_a_live_instance_with_room_before_a_new_one_is_made() {
     assert_eq!(instances_for_staggered_sleeps(4, 6, 800, 60).await, 2);
 }
 
+/// A readiness check answered at once does not open the instantiation
+/// gate (src/engine/spare.rs) for a burst of slow requests right behind
+/// it: 48 requests that sleep arrive together and share a few instances
+/// (16 requests each) instead of making one each. (It took one fast
+/// answer to open the gate: 16 to 33 instances for 64 such requests.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_readiness_check_leaves_the_gate_on_for_a_slow_burst() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let s = TestServer::start(p3_suite(), KnobArgs::default()).await;
+    assert_eq!(s.get("/").await.status, 200);
+    settle().await;
+    // Connected first, then the requests all written at once (as 48
+    // clients of a load generator do).
+    let mut conns = Vec::new();
+    for _ in 0..48 {
+        conns.push(tokio::net::TcpStream::connect(s.addr).await.unwrap());
+    }
+    for c in &mut conns {
+        c.write_all(b"GET /sleep/400 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+    }
+    for mut c in conns {
+        let mut reply = Vec::new();
+        c.read_to_end(&mut reply).await.unwrap();
+        let reply = String::from_utf8_lossy(&reply);
+        assert!(
+            reply.starts_with("HTTP/1.1 200") && reply.contains("slept\n"),
+            "{reply}"
+        );
+    }
+    let st = s.stats();
+    s.stop().await;
+    assert_eq!((st.responses, st.failed), (49, 0), "{st:?}");
+    // 48 in flight and half as much room again need 5 instances of 16 (or
+    // one per CPU); a few more may come from requests starved while the
+    // burst is spread over them on a slow machine, not one each.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    assert!(
+        st.instances_created <= 12.max(cpus + 6),
+        "{} instances for 48 requests: {st:?}",
+        st.instances_created
+    );
+}
+
 /// A client that sends a large body to `/echo` and reads none of the echo
 /// holds its own instance's loop (its response body drives it), never
 /// another request's: other requests are answered meanwhile, and the

@@ -17,19 +17,22 @@
 //! [`RETRY_AFTER`] at the latest, and is routed again.
 //!
 //! The gate applies to slow requests only: from start-up until answers
-//! show otherwise, and while the typical time to answer is [`SLOW`] or
-//! more (mostly waiting on I/O). For those an instance's busy moments are
+//! show otherwise (several fast ones, see [`START_ANSWER`]: a readiness
+//! check answered at once must not open it for the burst behind it), and
+//! while the typical time to answer is [`SLOW`] or more (mostly waiting
+//! on I/O). For those an instance's busy moments are
 //! short beside a request's life, so waiting for one costs little. Fast
 //! requests would wait on instances as long as they run.
 //!
 //! Live instances may have room yet take nothing for a while (a guest
 //! busy-looping until its request times out keeps its whole instance
 //! busy). So a request refused for half a typical answer time (within
-//! [`STARVED_MIN`]..=[`STARVED_MAX`]) makes an instance regardless (one
-//! for all the requests starved at that moment).
+//! [`STARVED_MIN`]..=[`STARVED_MAX`]) makes an instance regardless: one
+//! for all the requests starved in that time, so that it can take them
+//! before those still starved get the next.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 /// Longest wait before a refused request is routed again, should no loop
@@ -46,6 +49,14 @@ pub(crate) const STARVED_MAX: Duration = Duration::from_millis(50);
 
 /// Typical time to answer from which the gate applies.
 pub(crate) const SLOW: Duration = Duration::from_millis(10);
+
+/// The typical time to answer before any answer: twice [`SLOW`], so that
+/// it takes six fast answers in a row to turn the gate off. It was
+/// [`SLOW`] itself, and one `GET /` of a readiness check (answered in
+/// microseconds) turned the gate off for the burst of slow requests that
+/// followed: 64 clients of a 40 ms handler then made an instance each
+/// until slow answers came back, 16 to 33 at the peak instead of 8.
+pub(crate) const START_ANSWER: Duration = Duration::from_millis(20);
 
 /// The instance was not made: live instances have room (see the module
 /// documentation). Never reaches a client.
@@ -68,6 +79,10 @@ pub(crate) struct Gate {
     waiting: AtomicUsize,
     /// Instances owed to starved requests, made whatever the load.
     owed: AtomicUsize,
+    /// When an instance was last owed, in microseconds from `epoch`
+    /// (0: never).
+    last_owed_us: AtomicU64,
+    epoch: Instant,
     capacity: Notify,
 }
 
@@ -78,10 +93,12 @@ impl Gate {
             floor: std::thread::available_parallelism().map_or(1, |n| n.get()),
             // On until the first answers say requests are fast: the first
             // burst of slow requests would otherwise meet an open gate.
-            answer_us: AtomicU64::new(SLOW.as_micros() as u64),
+            answer_us: AtomicU64::new(START_ANSWER.as_micros() as u64),
             accepting: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             owed: AtomicUsize::new(0),
+            last_owed_us: AtomicU64::new(0),
+            epoch: Instant::now(),
             capacity: Notify::new(),
         }
     }
@@ -140,15 +157,36 @@ impl Gate {
     }
 
     /// A request has been refused for [`Gate::starved_after`]: the next
-    /// instantiation goes ahead whatever the load. One instance is owed at
-    /// a time: requests starved together (a stall of the host delays every
-    /// waiting one at once) get one new instance, which takes
-    /// `concurrent` of them, not one each; those still starved after it
-    /// came get the next.
+    /// instantiation goes ahead whatever the load. One instance is owed
+    /// per [`Gate::starved_after`]: requests starved together (a stall of
+    /// the host, or a burst on a busy one, delays every waiting one at
+    /// once, and their clocks run out one after another) get one new
+    /// instance, which takes `concurrent` of them, not one each; those
+    /// still starved once it had that long to take them get the next.
+    /// (Owed as soon as the last one was taken, a burst of 48 slow
+    /// requests on a host kept busy by two other processes made 16
+    /// instances where 5 hold them.)
     pub fn starved(&self) {
-        let _ = self
-            .owed
-            .fetch_update(Relaxed, Relaxed, |n| (n == 0).then_some(1));
+        let now = self.epoch.elapsed().as_micros().min(u64::MAX as u128) as u64;
+        self.starved_at(now);
+    }
+
+    fn starved_at(&self, now_us: u64) {
+        let now_us = now_us.max(1);
+        let window = self.starved_after().as_micros() as u64;
+        let last = self.last_owed_us.load(Relaxed);
+        if last != 0 && now_us.saturating_sub(last) < window {
+            return;
+        }
+        if self
+            .last_owed_us
+            .compare_exchange(last, now_us, Relaxed, Relaxed)
+            .is_ok()
+        {
+            let _ = self
+                .owed
+                .fetch_update(Relaxed, Relaxed, |n| (n == 0).then_some(1));
+        }
     }
 
     /// An instance (or a reservation) stopped accepting requests; called
@@ -224,13 +262,18 @@ mod tests {
         g.stopped_accepting();
         assert!(g.reserve(32).is_ok());
         // A starved request gets one instance whatever the load.
-        g.starved();
+        let window = g.starved_after().as_micros() as u64;
+        g.starved_at(1_000);
         assert!(g.reserve(1).is_ok());
         assert!(g.reserve(1).is_err());
-        // Requests starved together get one between them.
-        g.starved();
-        g.starved();
-        g.starved();
+        // Requests starved while that instance gets going get nothing more.
+        g.starved_at(1_000 + window / 2);
+        g.starved_at(1_000 + window - 1);
+        assert!(g.reserve(1).is_err());
+        // Requests starved together after that get one between them.
+        g.starved_at(1_000 + window);
+        g.starved_at(1_000 + window);
+        g.starved_at(1_000 + window + 1);
         assert!(g.reserve(1).is_ok());
         assert!(g.reserve(1).is_err());
     }
@@ -246,12 +289,27 @@ mod tests {
             let _ = g.reserve(64);
         }
         assert!(g.reserve(64).is_err(), "64 requests need 6 instances of 16");
-        // One slow answer keeps it on, one fast one turns it off.
-        g.observe(Duration::from_millis(40));
+        // A readiness check answered at once leaves it on.
+        g.observe(Duration::from_micros(300));
         assert!(g.reserve(64).is_err());
-        g.observe(Duration::from_micros(300));
-        g.observe(Duration::from_micros(300));
-        g.observe(Duration::from_micros(300));
+        // A run of fast answers turns it off.
+        for _ in 0..5 {
+            g.observe(Duration::from_micros(300));
+        }
+        assert!(g.reserve(64).is_ok());
+        // One slow answer keeps it on, then fast ones turn it off.
+        let g = Gate {
+            floor: 2,
+            ..Gate::new(16)
+        };
+        g.observe(Duration::from_millis(40));
+        for _ in 0..6 {
+            assert!(g.reserve(64).is_ok());
+        }
+        assert!(g.reserve(64).is_err());
+        for _ in 0..8 {
+            g.observe(Duration::from_micros(300));
+        }
         assert!(g.reserve(64).is_ok());
     }
 
