@@ -257,7 +257,8 @@ impl<T> TimedIo<T> {
 /// Vectored writes up to this size go out as one plain write.
 const COALESCE_UP_TO: usize = 4096;
 
-/// `bufs` copied into `into`, if they fit in [`COALESCE_UP_TO`].
+/// `bufs` copied into a buffer made in `into`, if they fit in
+/// [`COALESCE_UP_TO`] (the buffer is only made, and zeroed, when they do).
 ///
 /// hyper hands a response's head and its body chunks over as separate
 /// buffers (it keeps the body's bytes as they are rather than copy them
@@ -265,11 +266,15 @@ const COALESCE_UP_TO: usize = 4096;
 /// one `send` of a copy is cheaper than a `writev` of the pieces (the
 /// kernel's vectored path was about 0.3 µs a request); large ones keep
 /// `writev`, which copies nothing.
-fn coalesce<'a>(bufs: &[io::IoSlice<'_>], into: &'a mut [u8; COALESCE_UP_TO]) -> Option<&'a [u8]> {
+fn coalesce<'a>(
+    bufs: &[io::IoSlice<'_>],
+    into: &'a mut Option<[u8; COALESCE_UP_TO]>,
+) -> Option<&'a [u8]> {
     let total = bufs.iter().try_fold(0usize, |n, b| {
         let n = n + b.len();
         (n <= COALESCE_UP_TO).then_some(n)
     })?;
+    let into = into.insert([0; COALESCE_UP_TO]);
     let mut at = 0;
     for b in bufs {
         into[at..at + b.len()].copy_from_slice(b);
@@ -382,7 +387,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
         let this = self.get_mut();
         let res = match bufs {
             [one] => Pin::new(&mut this.inner).poll_write(cx, one),
-            _ => match coalesce(bufs, &mut [0; COALESCE_UP_TO]) {
+            _ => match coalesce(bufs, &mut None) {
                 Some(one) => Pin::new(&mut this.inner).poll_write(cx, one),
                 None => Pin::new(&mut this.inner).poll_write_vectored(cx, bufs),
             },
@@ -429,7 +434,7 @@ mod tests {
             io::IoSlice::new(empty),
             io::IoSlice::new(body),
         ];
-        let mut into = [0; COALESCE_UP_TO];
+        let mut into = None;
         let one = coalesce(&bufs, &mut into).expect("fits");
         assert_eq!(one, b"HTTP/1.1 200 OK\r\n\r\nhello");
         let big = vec![b'x'; COALESCE_UP_TO];
