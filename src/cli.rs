@@ -2,6 +2,7 @@
 //! one line on stderr and a non-zero exit code.
 
 use crate::config::{KnobArgs, Knobs, ReuseMode};
+use crate::engine::cache::CacheOutcome;
 use crate::engine::component::{self, Source};
 use crate::engine::pool::{Pool, ReuseProbe};
 use crate::http::ListenAddr;
@@ -31,7 +32,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve a component over HTTP.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Compile a component into the compile cache.
     Compile(ComponentArgs),
     /// Say which wasi:http world a component implements and whether it links.
@@ -56,6 +57,12 @@ pub struct ServeArgs {
     /// On SIGTERM/SIGINT, how long running requests may take to finish [default: 30s].
     #[arg(long, value_name = "DURATION", value_parser = crate::units::parse_duration)]
     pub drain_timeout: Option<Duration>,
+    /// On SIGTERM, how long to keep accepting and serving with /readyz
+    /// already answering 503, so load balancers stop sending before the
+    /// listeners close; a second SIGTERM (or SIGINT) ends it early
+    /// [default: 0 with socket activation, else 5s].
+    #[arg(long, value_name = "DURATION", env = "WASMPOOL_SHUTDOWN_DELAY", value_parser = crate::units::parse_duration)]
+    pub shutdown_delay: Option<Duration>,
     /// With socket activation: exit (status 0) after this long with no open
     /// connection and no request; the service manager starts wasmpool again
     /// on the next connection.
@@ -154,6 +161,7 @@ fn library_backtraces_off() {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(a) => {
+            let a = *a;
             // SAFETY: no thread has been started yet (logging set-up starts none).
             let inherited = unsafe { crate::service::sockets::take() }?;
             crate::service::run(
@@ -163,6 +171,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     listen: a.listen,
                     knobs: a.knobs,
                     drain_timeout: a.drain_timeout,
+                    shutdown_delay: a.shutdown_delay,
                     exit_idle_after: a.exit_idle_after,
                     metrics_listen: a.metrics_listen,
                     tls_cert: a.tls_cert,
@@ -199,6 +208,12 @@ fn compile(a: ComponentArgs) -> Result<()> {
         .context("no cache directory: set --cache-dir, $XDG_CACHE_HOME or $HOME")?;
     knobs.cache_dir = Some(dir.clone());
     let pool = Pool::load(knobs, &Source::File(component.clone()))?;
+    if pool.cache_outcome() == CacheOutcome::Compiled {
+        bail!(
+            "could not write the compile cache in {}: make it writable for this user",
+            dir.display()
+        );
+    }
     println!(
         "{}: {} ({:?}, cache {})",
         component.display(),

@@ -301,6 +301,14 @@ pub struct KnobArgs {
     #[serde(default)]
     pub cache_dir: Option<PathBuf>,
 
+    /// A read-only compile cache looked in when cache-dir has no entry:
+    /// one filled at build time (`wasmpool compile --cache-dir DIR`), so a
+    /// container whose cache-dir is an empty volume compiles nothing
+    /// [default: none].
+    #[arg(long, value_name = "DIR")]
+    #[serde(default)]
+    pub cache_seed_dir: Option<PathBuf>,
+
     /// Most disk space the compile cache may take: after storing a new
     /// entry, the entries used longest ago are removed until the cache
     /// fits (the new one always stays); 0 for no limit [default: 1GiB].
@@ -507,6 +515,7 @@ impl KnobArgs {
             max_requests_per_client,
             memory_budget,
             cache_dir,
+            cache_seed_dir,
             cache_max_size
         );
         self.no_cache |= other.no_cache;
@@ -563,6 +572,7 @@ impl KnobArgs {
             max_requests_per_client: self.max_requests_per_client,
             memory_budget: self.memory_budget.unwrap_or_default(),
             cache_dir: self.cache_dir.clone(),
+            cache_seed_dir: self.cache_seed_dir.clone(),
             cache_max_size: self.cache_max_size.unwrap_or(d.cache_max_size),
             no_cache: self.no_cache,
             env: {
@@ -648,6 +658,8 @@ pub struct Knobs {
     pub max_requests_per_client: Option<u32>,
     pub memory_budget: MemoryBudgetArg,
     pub cache_dir: Option<PathBuf>,
+    /// `None`: no seed.
+    pub cache_seed_dir: Option<PathBuf>,
     /// Bytes; 0 for no limit.
     pub cache_max_size: u64,
     pub no_cache: bool,
@@ -689,6 +701,7 @@ impl Default for Knobs {
             max_requests_per_client: None,
             memory_budget: MemoryBudgetArg::Auto,
             cache_dir: None,
+            cache_seed_dir: None,
             cache_max_size: defaults::CACHE_MAX_SIZE,
             no_cache: false,
             env: Vec::new(),
@@ -896,6 +909,10 @@ pub struct FileConfig {
     /// How long running requests may take to finish on SIGTERM.
     #[serde(default, deserialize_with = "de::duration")]
     pub drain_timeout: Option<Duration>,
+    /// On SIGTERM, how long to keep serving with /readyz at 503 before
+    /// the listeners close.
+    #[serde(default, deserialize_with = "de::duration")]
+    pub shutdown_delay: Option<Duration>,
     /// With socket activation: exit after this long without connections.
     #[serde(default, deserialize_with = "de::positive_duration")]
     pub exit_idle_after: Option<Duration>,

@@ -3,6 +3,7 @@
 
 use crate::engine::stats::Shared;
 use crate::http::HttpStats;
+use crate::service::admin::Readiness;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -32,7 +33,9 @@ pub struct Metrics {
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 impl Metrics {
-    pub fn new(shared: Shared) -> Arc<Metrics> {
+    /// Metrics of the pool counters in `shared` and the service state in
+    /// `health`.
+    pub fn new(shared: Shared, health: Arc<Readiness>) -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("wasmpool");
         let requests = Family::<ClassLabel, Counter>::default();
         registry.register(
@@ -52,6 +55,7 @@ impl Metrics {
         let http = Arc::<HttpStats>::default();
         registry.register_collector(Box::new(StatsCollector(shared)));
         registry.register_collector(Box::new(HttpCollector(http.clone())));
+        registry.register_collector(Box::new(HealthCollector(health)));
         Arc::new(Metrics {
             registry,
             requests,
@@ -181,6 +185,32 @@ impl Collector for StatsCollector {
                 "instances_peak",
                 "Most instances alive at once",
                 s.instances_peak,
+            ),
+        ];
+        for (name, help, v) in gauges {
+            let g = ConstGauge::new(v as i64);
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
+
+/// `ready` (what `/readyz` answers) and `draining` (from SIGTERM on).
+#[derive(Debug)]
+struct HealthCollector(Arc<Readiness>);
+
+impl Collector for HealthCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let gauges = [
+            (
+                "ready",
+                "1 while /readyz answers 200 (serving, no shutdown begun)",
+                self.0.is_ready(),
+            ),
+            (
+                "draining",
+                "1 from SIGTERM on: during the shutdown delay and the drain",
+                self.0.is_draining(),
             ),
         ];
         for (name, help, v) in gauges {

@@ -370,3 +370,51 @@ fn a_full_cache_removes_the_entries_used_longest_ago() {
     );
     assert_eq!(entries(dir).len(), before + 1);
 }
+
+#[test]
+fn a_seed_cache_is_read_when_the_cache_has_no_entry_and_never_written() {
+    // The seed: filled as an image build does (`compile --cache-dir SEED`).
+    let seed = tempfile::tempdir().unwrap();
+    let bytes = p2_suite();
+    assert_eq!(
+        load(seed.path(), KnobArgs::default(), &bytes),
+        CacheOutcome::Stored
+    );
+    let seeded = files(seed.path());
+    let with_seed = || KnobArgs {
+        cache_seed_dir: Some(seed.path().to_path_buf()),
+        ..Default::default()
+    };
+    // An empty cache (a new pod's emptyDir) hits in the seed, stores
+    // nothing of its own, and leaves the seed as it was.
+    let cache = tempfile::tempdir().unwrap();
+    assert_eq!(load(cache.path(), with_seed(), &bytes), CacheOutcome::Hit);
+    assert!(
+        entries(cache.path()).is_empty(),
+        "{:?}",
+        files(cache.path())
+    );
+    assert_eq!(files(seed.path()), seeded);
+    // A cache that cannot be written at all still hits in the seed.
+    assert_eq!(
+        load(Path::new("/proc/no/such/dir"), with_seed(), &bytes),
+        CacheOutcome::Hit
+    );
+    // What the seed does not hold is compiled into the cache, not the seed.
+    let other = with_custom_section(&bytes);
+    assert_eq!(
+        load(cache.path(), with_seed(), &other),
+        CacheOutcome::Stored
+    );
+    assert_eq!(load(cache.path(), with_seed(), &other), CacheOutcome::Hit);
+    assert_eq!(files(seed.path()), seeded);
+    // A corrupt seed entry is a miss, never trusted (and never rewritten).
+    let entry = entries(seed.path()).pop().unwrap();
+    std::fs::write(&entry, b"not a component").unwrap();
+    let fresh = tempfile::tempdir().unwrap();
+    assert_eq!(
+        load(fresh.path(), with_seed(), &bytes),
+        CacheOutcome::Stored
+    );
+    assert_eq!(std::fs::read(&entry).unwrap(), b"not a component");
+}

@@ -296,13 +296,18 @@ fn compile_fills_the_cache_where_the_environment_says() {
     );
     assert_eq!(code, 0);
     assert_eq!(count(&explicit), 1);
-    // A cache that cannot be written is not fatal for serving, but `compile` says so.
-    let (code, out, _) = wasmpool(
+    // A cache that cannot be written is not fatal for serving, but it is
+    // for `compile`, whose only job is to fill it (an image build that
+    // could not write its seed cache must fail).
+    let (code, _, err) = wasmpool(
         &["compile", hello, "--cache-dir", "/proc/nonexistent/cache"],
         &[],
     );
-    assert_eq!(code, 0);
-    assert!(out.contains("Compiled"), "{out}");
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("error: could not write the compile cache in /proc/nonexistent/cache"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -13,7 +13,7 @@ A config file (\fB\-\-config\fR) is TOML. Its keys are the long names of the
 \fBserve\fR flags without the leading dashes (for example
 \fBmax\-instance\-reuse\-count = 128\fR or \fBrequest\-timeout = "10s"\fR),
 plus \fBcomponent\fR, \fBlisten\fR, \fBmetrics\-listen\fR,
-\fBdrain\-timeout\fR and \fBexit\-idle\-after\fR. Flags given on the command
+\fBdrain\-timeout\fR, \fBshutdown\-delay\fR and \fBexit\-idle\-after\fR. Flags given on the command
 line override the file. Unknown keys and bad values are errors.
 Durations need a unit (\fB500ms\fR, \fB10s\fR, \fB5min\fR); sizes take
 \fBKiB\fR, \fBMiB\fR or \fBGiB\fR.
@@ -58,7 +58,13 @@ the memory of all guests together: a growth past it fails for that guest
 only, and new requests wait in the queue, then get 503.
 .SH SIGNALS
 .TP
-\fBSIGTERM\fR, \fBSIGINT\fR
+\fBSIGTERM\fR
+\fB/readyz\fR answers 503 at once; requests are still accepted and served
+(HTTP/1 responses close their connections) for \fB\-\-shutdown\-delay\fR
+(default 5s, 0 with socket activation), so load balancers stop sending
+first; a second SIGTERM ends the delay. Then as SIGINT.
+.TP
+\fBSIGINT\fR
 Stop accepting connections, close idle keep\-alive connections, let running
 requests finish (at most \fB\-\-drain\-timeout\fR), then exit 0.
 .TP
@@ -83,6 +89,9 @@ Where compiled components are cached (first match, else ~/.cache/wasmpool).
 .TP
 \fBWASMPOOL_LOG\fR
 Log filter, e.g. \fBinfo\fR, \fBwasmpool=debug\fR or \fBguest=off\fR.
+.TP
+\fBWASMPOOL_SHUTDOWN_DELAY\fR
+The shutdown delay, as \fB\-\-shutdown\-delay\fR (which wins).
 .SH FILES
 .TP
 \fI/etc/wasmpool/wasmpool.toml\fR

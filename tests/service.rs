@@ -703,3 +703,248 @@ fn slow_first_compile_extends_the_start_timeout() {
     let second = start("second");
     assert!(second[0].starts_with("READY=1"), "{second:#?}");
 }
+
+/// One request on a new connection: the status line and the head.
+fn raw_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n")?;
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+#[test]
+fn the_shutdown_delay_serves_with_readyz_503_then_stops_accepting() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("app.wasm"), p3_suite()).unwrap();
+    let app = dir.path().join("app.wasm");
+    let (mut proc, addrs) = Proc::serve(
+        &[
+            "serve",
+            app.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--no-cache",
+            "--shutdown-delay",
+            "2s",
+        ],
+        &[],
+    );
+    let addr = sockaddr(&addrs[0]);
+    let admin = proc.metrics_addr();
+    assert!(
+        raw_get(admin, "/readyz")
+            .unwrap()
+            .starts_with("HTTP/1.1 200")
+    );
+    // A keep-alive connection opened before SIGTERM.
+    let mut kept = std::net::TcpStream::connect(addr).unwrap();
+    let t = Instant::now();
+    proc.signal(SIGTERM);
+    let end = Instant::now() + Duration::from_secs(1);
+    while !raw_get(admin, "/readyz")
+        .unwrap()
+        .starts_with("HTTP/1.1 503")
+    {
+        assert!(Instant::now() < end, "/readyz still 200 after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let m = rt()
+        .block_on(send(admin, "GET", "/metrics", &[], Bytes::new()))
+        .text();
+    assert!(
+        m.contains("wasmpool_draining 1") && m.contains("wasmpool_ready 0"),
+        "{m}"
+    );
+    // New connections are still accepted and served, and told to close so
+    // their clients go elsewhere next time.
+    let r = raw_get(addr, "/").unwrap();
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(r.to_ascii_lowercase().contains("connection: close"), "{r}");
+    // So is the connection that was open before.
+    {
+        use std::io::{Read, Write};
+        kept.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        let n = kept.read(&mut buf).unwrap();
+        let head = String::from_utf8_lossy(&buf[..n]);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    }
+    // After the delay the listener closes and the process exits.
+    let status = proc.wait_exit(Duration::from_secs(15)).expect("exits");
+    assert!(status.success(), "{status:?}: {}", proc.log());
+    assert!(t.elapsed() >= Duration::from_secs(2), "{:?}", t.elapsed());
+    assert!(
+        raw_get(addr, "/").is_err(),
+        "still accepting after the exit"
+    );
+    let log = proc.log();
+    assert!(
+        log.contains("SIGTERM: draining; still serving for the shutdown delay (2s)"),
+        "{log}"
+    );
+    assert!(
+        log.contains("shutdown delay over: stopping accepting"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_second_sigterm_or_a_sigint_ends_the_shutdown_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("app.wasm"), p2_suite()).unwrap();
+    let app = dir.path().join("app.wasm");
+    for second in [SIGTERM, SIGINT] {
+        let (mut proc, _) = Proc::serve(
+            &[
+                "serve",
+                app.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+                "--no-cache",
+            ],
+            &[("WASMPOOL_SHUTDOWN_DELAY", "60s")],
+        );
+        proc.signal(SIGTERM);
+        let end = Instant::now() + Duration::from_secs(5);
+        while !proc.log().contains("SIGTERM: draining") {
+            assert!(Instant::now() < end, "{}", proc.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let t = Instant::now();
+        proc.signal(second);
+        let status = proc
+            .wait_exit(Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("the delay went on after signal {second}"));
+        assert!(status.success());
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
+}
+
+#[test]
+fn the_shutdown_delay_defaults_to_5s_and_to_0_under_socket_activation() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("app.wasm"), p2_suite()).unwrap();
+    let app = dir.path().join("app.wasm");
+    // Bound sockets: 5 s (ended here by a second SIGTERM).
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wasmpool"));
+    cmd.args([
+        "serve",
+        app.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--no-cache",
+    ])
+    .env_remove("WASMPOOL_SHUTDOWN_DELAY");
+    let (mut proc, _) = Proc::start(cmd, 1);
+    proc.signal(SIGTERM);
+    let end = Instant::now() + Duration::from_secs(5);
+    while !proc.log().contains("shutdown delay (5s)") {
+        assert!(Instant::now() < end, "{}", proc.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    proc.signal(SIGTERM);
+    assert!(
+        proc.wait_exit(Duration::from_secs(5))
+            .is_some_and(|s| s.success())
+    );
+
+    // Inherited sockets: none (the service manager holds the socket).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut proc = activate_without_delay_env(&listener, &app);
+    proc.wait_serving(1);
+    assert_eq!(rt_get(addr, "/"), rt_get(addr, "/"));
+    let t = Instant::now();
+    proc.signal(SIGTERM);
+    assert!(
+        proc.wait_exit(Duration::from_secs(5))
+            .is_some_and(|s| s.success())
+    );
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert!(!proc.log().contains("shutdown delay ("), "{}", proc.log());
+}
+
+/// Socket activation of `app` on `listener`, with the shutdown delay at
+/// its default.
+fn activate_without_delay_env(listener: &std::net::TcpListener, app: &Path) -> Proc {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        "unset WASMPOOL_SHUTDOWN_DELAY; LISTEN_PID=$$ exec \"$0\" \"$@\"",
+        env!("CARGO_BIN_EXE_wasmpool"),
+        "serve",
+        app.to_str().unwrap(),
+        "--no-cache",
+    ])
+    .env("LISTEN_FDS", "1")
+    .env("LISTEN_FDNAMES", "web");
+    let fd = listener.as_raw_fd();
+    unsafe {
+        cmd.pre_exec(move || {
+            // Through a high descriptor: dup2 onto itself would keep
+            // close-on-exec.
+            let high = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100);
+            if high < 0 || libc::dup2(high, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Proc::spawn(&mut cmd)
+}
+
+#[test]
+fn shutdown_delay_in_the_config_file_and_bad_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("app.wasm"), p2_suite()).unwrap();
+    let cfg = d.join("app.toml");
+    write_config(
+        &cfg,
+        "shutdown-delay = \"1s\"\nlisten = [\"127.0.0.1:0\"]\n",
+    );
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wasmpool"));
+    cmd.args(["serve", "--config", cfg.to_str().unwrap()])
+        .current_dir(d)
+        .env_remove("WASMPOOL_SHUTDOWN_DELAY");
+    let (mut proc, _) = Proc::start(cmd, 1);
+    let t = Instant::now();
+    proc.signal(SIGTERM);
+    assert!(
+        proc.wait_exit(Duration::from_secs(10))
+            .is_some_and(|s| s.success())
+    );
+    assert!(t.elapsed() >= Duration::from_secs(1), "{:?}", t.elapsed());
+    assert!(proc.log().contains("shutdown delay (1s)"), "{}", proc.log());
+
+    write_config(&cfg, "shutdown-delay = \"soon\"\n");
+    let out = Command::new(env!("CARGO_BIN_EXE_wasmpool"))
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with("error: ") && err.contains("shutdown-delay") && err.lines().count() == 1,
+        "{err}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_wasmpool"))
+        .args(["serve", "app.wasm", "--shutdown-delay", "-1s"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -427,8 +427,9 @@ pub fn resolve(
                 return Err(ConfigError::Invalid {
                     key: "memory-budget",
                     reason: format!(
-                        "nothing is left for guests: this process may use {limit} and needs {} itself",
-                        format_size(base)
+                        "nothing is left for guests: this process may use {limit} and needs {} itself; raise the memory limit (MemoryMax=, podman --memory, Kubernetes limits.memory) to at least {}",
+                        format_size(base),
+                        format_size(base + base / 2)
                     ),
                 });
             }
@@ -789,6 +790,22 @@ mod tests {
         assert_eq!(l.bytes, 512 << 20);
         assert!(matches!(l.source, LimitSource::CgroupV2(_)));
         assert!(cgroup_limit("0::/machine.slice/system.slice\n", &mountinfo).is_none());
+
+        // v2 in a container with its own cgroup namespace (podman,
+        // Kubernetes): the cgroup is "/" and the mount's root is the
+        // container's cgroup, whose memory.max is `--memory` or
+        // `limits.memory`.
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path().display();
+        let mountinfo =
+            format!("620 610 0:26 / {r} ro,nosuid,nodev,noexec,relatime - cgroup2 cgroup2 rw\n");
+        std::fs::write(root.path().join("memory.max"), "268435456\n").unwrap();
+        let l = cgroup_limit("0::/\n", &mountinfo).unwrap();
+        assert_eq!(l.bytes, 256 << 20);
+        assert_eq!(
+            l.source,
+            LimitSource::CgroupV2(root.path().join("memory.max"))
+        );
         assert_eq!(unescape("/a\\040b"), "/a b");
     }
 }

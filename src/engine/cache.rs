@@ -93,6 +93,10 @@ pub struct CompileCache {
     dir: PathBuf,
     /// Bytes; 0 for no limit.
     max_size: u64,
+    /// A read-only cache looked in when `dir` has no entry
+    /// (`cache-seed-dir`): what an image compiled at build time, for a
+    /// container whose `dir` is an empty volume.
+    seed: Option<PathBuf>,
 }
 
 struct Blake3Hasher<'a>(&'a mut blake3::Hasher);
@@ -109,7 +113,17 @@ impl Hasher for Blake3Hasher<'_> {
 impl CompileCache {
     /// A cache in `dir` with no size limit.
     pub fn new(dir: PathBuf) -> CompileCache {
-        CompileCache { dir, max_size: 0 }
+        CompileCache {
+            dir,
+            max_size: 0,
+            seed: None,
+        }
+    }
+
+    /// Also looks in the read-only cache `seed` when `dir` has no entry.
+    pub fn with_seed(mut self, seed: Option<PathBuf>) -> CompileCache {
+        self.seed = seed;
+        self
     }
 
     /// Keeps the cache within `bytes` (0: no limit).
@@ -169,63 +183,35 @@ impl CompileCache {
             Ok(()) if found_bad => CacheOutcome::Replaced,
             Ok(()) => CacheOutcome::Stored,
             Err(e) => {
-                tracing::warn!(dir = %self.dir.display(), "cannot write the compile cache: {e}");
+                tracing::warn!(
+                    dir = %self.dir.display(),
+                    "cannot write the compile cache ({e}): serving without it, so the next start compiles again; make the directory writable (a volume or tmpfs) or set cache-dir"
+                );
                 CacheOutcome::Compiled
             }
         };
         Ok((component, outcome))
     }
 
-    /// The cache entry for bytes with hash `digest`, if there is a valid one.
+    /// The cache entry for bytes with hash `digest`, if there is a valid
+    /// one: in the cache, else in the seed (which is never written: an
+    /// entry missing or unusable there is only a miss).
     pub fn lookup(&self, engine: &Engine, digest: &blake3::Hash) -> Lookup {
         let path = self.entry_path_for(engine, digest);
-        match open_verified(&path) {
-            Ok(Ok((file, map))) => {
-                // Through the descriptor that was checked: the file at `path`
-                // may have been replaced since.
-                use std::os::fd::AsRawFd;
-                let fd_path = format!("/proc/self/fd/{}", file.as_raw_fd());
-                // SAFETY: the file was written by `Component::serialize` of
-                // this program (its checksum matches what we stored, and the
-                // key covers the engine configuration and versions); entries
-                // are replaced by rename, never modified in place, so the
-                // mapping stays what was checked; wasmtime checks the
-                // header's compatibility again.
-                let mapped = unsafe { Component::deserialize_file(engine, &fd_path) };
-                // A cache on a `noexec` mount cannot be mapped executable:
-                // then the verified bytes are copied instead.
-                // SAFETY: as above.
-                let loaded = mapped.or_else(|e| {
-                    tracing::debug!(path = %path.display(), "cannot map the cache entry, copying it: {e:#}");
-                    unsafe { Component::deserialize(engine, &map[..]) }
-                });
-                match loaded {
-                    Ok(c) => {
-                        // Used now: pruning removes the entries used
-                        // longest ago (best effort: a read-only cache
-                        // still serves).
-                        let _ = file.set_modified(std::time::SystemTime::now());
-                        Lookup::Hit(c)
-                    }
-                    Err(e) => {
-                        tracing::warn!(path = %path.display(), "stale compile cache entry, recompiling: {e:#}");
-                        Lookup::Bad
-                    }
-                }
+        match lookup_at(engine, &path) {
+            Lookup::Missing => {}
+            found => return found,
+        }
+        let Some(seed) = &self.seed else {
+            return Lookup::Missing;
+        };
+        let seeded = seed.join(path.file_name().expect("entry paths name a file"));
+        match lookup_at(engine, &seeded) {
+            Lookup::Hit(c) => {
+                tracing::debug!(path = %seeded.display(), "component from the seed cache");
+                Lookup::Hit(c)
             }
-            Ok(Err(Unusable::OtherLayout)) => {
-                tracing::info!(path = %path.display(), "compile cache entry of another wasmpool version, recompiling");
-                Lookup::Bad
-            }
-            Ok(Err(Unusable::Corrupt)) => {
-                tracing::warn!(path = %path.display(), "corrupt compile cache entry, recompiling");
-                Lookup::Bad
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Lookup::Missing,
-            Err(e) => {
-                tracing::warn!(path = %path.display(), "cannot read compile cache entry: {e}");
-                Lookup::Missing
-            }
+            _ => Lookup::Missing,
         }
     }
 
@@ -452,6 +438,58 @@ impl std::fmt::Display for SourceStamp {
             "{} {} {} {}.{:09} {}.{:09}",
             self.dev, self.ino, self.size, self.mtime.0, self.mtime.1, self.ctime.0, self.ctime.1
         )
+    }
+}
+
+/// The entry at `path`, if it is valid (see [`CompileCache::lookup`]).
+fn lookup_at(engine: &Engine, path: &Path) -> Lookup {
+    match open_verified(path) {
+        Ok(Ok((file, map))) => {
+            // Through the descriptor that was checked: the file at `path`
+            // may have been replaced since.
+            use std::os::fd::AsRawFd;
+            let fd_path = format!("/proc/self/fd/{}", file.as_raw_fd());
+            // SAFETY: the file was written by `Component::serialize` of
+            // this program (its checksum matches what we stored, and the
+            // key covers the engine configuration and versions); entries
+            // are replaced by rename, never modified in place, so the
+            // mapping stays what was checked; wasmtime checks the
+            // header's compatibility again.
+            let mapped = unsafe { Component::deserialize_file(engine, &fd_path) };
+            // A cache on a `noexec` mount cannot be mapped executable:
+            // then the verified bytes are copied instead.
+            // SAFETY: as above.
+            let loaded = mapped.or_else(|e| {
+                tracing::debug!(path = %path.display(), "cannot map the cache entry, copying it: {e:#}");
+                unsafe { Component::deserialize(engine, &map[..]) }
+            });
+            match loaded {
+                Ok(c) => {
+                    // Used now: pruning removes the entries used
+                    // longest ago (best effort: a read-only cache
+                    // still serves).
+                    let _ = file.set_modified(std::time::SystemTime::now());
+                    Lookup::Hit(c)
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), "stale compile cache entry, recompiling: {e:#}");
+                    Lookup::Bad
+                }
+            }
+        }
+        Ok(Err(Unusable::OtherLayout)) => {
+            tracing::info!(path = %path.display(), "compile cache entry of another wasmpool version, recompiling");
+            Lookup::Bad
+        }
+        Ok(Err(Unusable::Corrupt)) => {
+            tracing::warn!(path = %path.display(), "corrupt compile cache entry, recompiling");
+            Lookup::Bad
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Lookup::Missing,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), "cannot read compile cache entry: {e}");
+            Lookup::Missing
+        }
     }
 }
 

@@ -464,7 +464,11 @@ pub fn prepare<'a>(knobs: &Knobs, source: &'a Source) -> Result<Prepared<'a>, Lo
             .clone()
             .or_else(crate::engine::cache::default_dir)
     };
-    let cache = cache_dir.map(|d| CompileCache::new(d).with_max_size(knobs.cache_max_size));
+    let cache = cache_dir.map(|d| {
+        CompileCache::new(d)
+            .with_max_size(knobs.cache_max_size)
+            .with_seed(knobs.cache_seed_dir.clone())
+    });
     let mut prepared = Prepared {
         source,
         cache,

@@ -31,6 +31,10 @@ pub struct Front {
     tls: OnceLock<Arc<Tls>>,
     /// Whether every request gets an access log line.
     access_log: AtomicBool,
+    /// Set when shutdown begins: HTTP/1 responses say `Connection: close`,
+    /// so clients holding keep-alive connections (through an L4 balancer
+    /// or kube-proxy) open their next one elsewhere.
+    shutting_down: AtomicBool,
 }
 
 /// Open connections and the time a connection last opened or closed,
@@ -104,6 +108,7 @@ impl Front {
             activity: Activity::new(),
             tls: OnceLock::new(),
             access_log: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
         })
     }
 
@@ -120,6 +125,12 @@ impl Front {
     /// off.
     pub fn set_access_log(&self, on: bool) {
         self.access_log.store(on, Relaxed);
+    }
+
+    /// From now on every HTTP/1 response closes its connection (the
+    /// shutdown delay: still serving, but moving clients elsewhere).
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Relaxed);
     }
 
     pub fn activity(&self) -> &Activity {
@@ -154,6 +165,7 @@ impl Front {
     ) -> Response<Body> {
         let logging = self.access_logging();
         let start = (logging || self.metrics.is_some()).then(Instant::now);
+        let http1 = req.version() <= http::Version::HTTP_11;
         let pool = self.pool();
         let outcome = Arc::new(Outcome::default());
         let access = match (logging, start) {
@@ -190,6 +202,9 @@ impl Front {
         });
         if let Some(unread) = unread {
             response.body_mut().keep_unread(unread);
+        }
+        if http1 && self.shutting_down.load(Relaxed) {
+            response = closing(response);
         }
         if let Some(mut record) = access {
             record.answered(&response);

@@ -15,18 +15,32 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 
-/// Whether the service takes traffic: set once it serves, cleared when a
-/// drain begins.
+/// Whether the service takes traffic (set once it serves, cleared at
+/// SIGTERM) and whether it is shutting down (from SIGTERM on: the shutdown
+/// delay, then the drain). Metrics export both.
 #[derive(Debug, Default)]
-pub struct Readiness(AtomicBool);
+pub struct Readiness {
+    ready: AtomicBool,
+    draining: AtomicBool,
+}
 
 impl Readiness {
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Relaxed);
+        self.ready.store(ready, Relaxed);
     }
 
     pub fn is_ready(&self) -> bool {
-        self.0.load(Relaxed)
+        self.ready.load(Relaxed)
+    }
+
+    /// Not ready from now on, and shutting down.
+    pub fn set_draining(&self) {
+        self.ready.store(false, Relaxed);
+        self.draining.store(true, Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Relaxed)
     }
 }
 

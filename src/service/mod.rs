@@ -127,6 +127,8 @@ async fn serve(
     let shared = Shared::new(&settled.knobs)?;
     let stats = shared.stats.clone();
 
+    let socket_activated = !inherited.is_empty();
+    let shutdown_delay = settled.shutdown_delay(socket_activated);
     let pool = load(staging, shared.clone(), notifier).await?;
     shared.apply(pool.knobs())?;
     tracing::info!(component = pool.name(), world = %pool.world(), cache = ?pool.cache_outcome(), "component ready");
@@ -166,17 +168,22 @@ async fn serve(
             listeners.push(l);
         }
     }
+    if !socket_activated && in_container() && listeners.iter().all(only_loopback) {
+        tracing::warn!(
+            "listening on loopback only inside a container: nothing outside it can connect; listen on 0.0.0.0:PORT (`listen` in the config file or --listen)"
+        );
+    }
     if tls.is_some() && !listeners.iter().any(Listener::is_tls) {
         tracing::warn!("tls-cert and tls-key are set but no listener serves TLS");
     }
 
-    let metrics = Metrics::new(shared.clone());
+    let ready = Arc::new(admin::Readiness::default());
+    let metrics = Metrics::new(shared.clone(), ready.clone());
     let front = Front::with_metrics(Arc::new(pool), Some(metrics.clone()));
     if let Some(tls) = &tls {
         front.set_tls(tls.clone());
     }
     front.set_access_log(settled.access_log);
-    let ready = Arc::new(admin::Readiness::default());
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     // The admin listener answers until the drain is over.
     let (admin_stop_tx, admin_stop_rx) = tokio::sync::watch::channel(false);
@@ -209,6 +216,7 @@ async fn serve(
     let mut status = Status {
         front: front.clone(),
         last_reload: None,
+        draining: None,
         sent: String::new(),
     };
     notifier.ready(&status.text());
@@ -225,10 +233,34 @@ async fn serve(
     let mut idle_tick = tokio::time::interval(idle_check.unwrap_or(Duration::from_secs(3600)));
     let mut reload: Option<tokio::task::JoinHandle<Result<Pool>>> = None;
     let mut reload_again = false;
+    // Set by the first SIGTERM when there is a shutdown delay: until then
+    // everything goes on (requests, reloads, the watchdog), but /readyz
+    // answers 503.
+    let mut delay_ends: Option<tokio::time::Instant> = None;
 
     let stop = loop {
         tokio::select! {
-            _ = sigterm.recv() => break Stop::Signal("SIGTERM"),
+            _ = sigterm.recv() => {
+                if delay_ends.is_some() {
+                    tracing::info!("SIGTERM again: ending the shutdown delay");
+                    break Stop::Signal("SIGTERM");
+                }
+                if shutdown_delay.is_zero() {
+                    break Stop::Signal("SIGTERM");
+                }
+                ready.set_draining();
+                front.begin_shutdown();
+                delay_ends = Some(tokio::time::Instant::now() + shutdown_delay);
+                tracing::info!(
+                    "SIGTERM: draining; still serving for the shutdown delay ({}) with /readyz at 503, then stopping accepting (SIGTERM again to stop now)",
+                    humantime::format_duration(shutdown_delay)
+                );
+                status.draining = Some(shutdown_delay);
+                status.send_if_changed(notifier);
+            }
+            _ = async { tokio::time::sleep_until(delay_ends.expect("guarded")).await }, if delay_ends.is_some() => {
+                break Stop::Signal("SIGTERM");
+            }
             _ = sigint.recv() => break Stop::Signal("SIGINT"),
             _ = sighup.recv() => {
                 if reload.is_some() {
@@ -267,6 +299,9 @@ async fn serve(
         }
     };
     match stop {
+        Stop::Signal(_) if delay_ends.is_some() => {
+            tracing::info!("shutdown delay over: stopping accepting, draining")
+        }
         Stop::Signal(sig) => tracing::info!("{sig}: draining"),
         Stop::Idle => tracing::info!(
             "idle for {:?}: exiting; the service manager keeps the socket",
@@ -274,7 +309,8 @@ async fn serve(
         ),
     }
     let in_flight = stats.in_flight.load(Relaxed);
-    ready.set(false);
+    ready.set_draining();
+    front.begin_shutdown();
     notifier.stopping(&format!("Stopping: draining {in_flight} requests"));
     let _ = stop_tx.send(true);
     let _ = server.await;
@@ -308,6 +344,20 @@ async fn load(staging: Staging, shared: Shared, notifier: Notifier) -> Result<Po
         .into_pool(&shared);
     pool.probe().await?;
     Ok(pool)
+}
+
+/// Whether this process runs in a container (podman's, docker's, or a
+/// Kubernetes pod's), where a loopback address is reachable from nowhere.
+fn in_container() -> bool {
+    std::path::Path::new("/run/.containerenv").exists()
+        || std::path::Path::new("/.dockerenv").exists()
+        || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+}
+
+/// A TCP listener on a loopback address (unix sockets are meant to be
+/// shared through a volume, so they do not count).
+fn only_loopback(l: &Listener) -> bool {
+    matches!(l.local_addr(), Ok(front::ListenAddr::Tcp(a)) if a.ip().is_loopback())
 }
 
 /// What `serve` says it serves on `l`.
@@ -404,6 +454,8 @@ struct ReloadResult {
 struct Status {
     front: Arc<Front>,
     last_reload: Option<ReloadResult>,
+    /// The shutdown delay, once SIGTERM started it.
+    draining: Option<Duration>,
     sent: String,
 }
 
@@ -427,8 +479,15 @@ impl Status {
             ""
         };
         let budget = pool.budget();
+        let state = match self.draining {
+            Some(d) => format!(
+                "Draining (shutdown delay {}, /readyz 503, still serving)",
+                humantime::format_duration(d)
+            ),
+            None => "Serving".to_string(),
+        };
         format!(
-            "Serving {} ({}): {} requests served, {} live instances, {} queued, memory {} of {}; last reload: {reload}{reuse}",
+            "{state} {} ({}): {} requests served, {} live instances, {} queued, memory {} of {}; last reload: {reload}{reuse}",
             pool.name(),
             pool.world(),
             s.responses,

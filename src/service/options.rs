@@ -17,6 +17,7 @@ pub struct ServeOptions {
     pub listen: Vec<ListenSpec>,
     pub knobs: KnobArgs,
     pub drain_timeout: Option<Duration>,
+    pub shutdown_delay: Option<Duration>,
     pub exit_idle_after: Option<Duration>,
     pub metrics_listen: Option<ListenAddr>,
     pub tls_cert: Option<PathBuf>,
@@ -32,6 +33,9 @@ pub(crate) struct Settled {
     pub(crate) knobs: Knobs,
     pub(crate) listen: Vec<ListenSpec>,
     pub(crate) drain_timeout: Duration,
+    /// `None`: the default, which depends on whether sockets are inherited
+    /// (see [`Settled::shutdown_delay`]).
+    shutdown_delay: Option<Duration>,
     pub(crate) exit_idle_after: Option<Duration>,
     pub(crate) metrics_listen: Option<ListenAddr>,
     pub(crate) tls: Option<TlsFiles>,
@@ -105,6 +109,7 @@ impl ServeOptions {
                 .drain_timeout
                 .or(file.drain_timeout)
                 .unwrap_or(Duration::from_secs(30)),
+            shutdown_delay: self.shutdown_delay.or(file.shutdown_delay),
             exit_idle_after: self.exit_idle_after.or(file.exit_idle_after),
             metrics_listen,
             tls,
@@ -115,7 +120,25 @@ impl ServeOptions {
     }
 }
 
+/// The shutdown delay when sockets are bound here: long enough for a load
+/// balancer polling `/readyz` to see 503 and stop sending (the HAProxy
+/// example checks every second and gives up after two failures, so about
+/// 3 s), and for Kubernetes to take the pod out of its Service endpoints
+/// (usually a second or two; the endpoints' watchers follow), with room to
+/// spare. systemd socket activation needs none: systemd holds the
+/// listening socket, and connections wait in its backlog for the next start.
+pub const DEFAULT_SHUTDOWN_DELAY: Duration = Duration::from_secs(5);
+
 impl Settled {
+    /// How long to keep serving after SIGTERM before the listeners close.
+    pub(crate) fn shutdown_delay(&self, socket_activated: bool) -> Duration {
+        self.shutdown_delay.unwrap_or(if socket_activated {
+            Duration::ZERO
+        } else {
+            DEFAULT_SHUTDOWN_DELAY
+        })
+    }
+
     /// Whether a bound listener serves TLS: as its `https://` or `http://`
     /// says, else TCP ones do when a certificate is configured.
     pub(crate) fn bound_tls(&self, spec: &ListenSpec) -> bool {

@@ -339,6 +339,12 @@ impl Proc {
     /// Spawns `cmd` with stderr captured, without waiting.
     pub fn spawn(cmd: &mut std::process::Command) -> Proc {
         use std::io::BufRead;
+        // Tests stop servers with SIGTERM to test the drain; the shutdown
+        // delay before it (5 s by default without socket activation) is
+        // tested on its own, by tests that set this variable or the flag.
+        if !cmd.get_envs().any(|(k, _)| k == "WASMPOOL_SHUTDOWN_DELAY") {
+            cmd.env("WASMPOOL_SHUTDOWN_DELAY", "0s");
+        }
         cmd.stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped());
         let mut child = cmd.spawn().expect("spawn");
