@@ -29,6 +29,12 @@ command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v systemd-nspawn >/dev/null || need+=(systemd-container)
 command -v dpkg-scanpackages >/dev/null || need+=(dpkg-dev)
 command -v lintian >/dev/null || need+=(lintian)
+# The container image (podman, runc) and the fleet behind a stock load
+# balancer (HAProxy, nginx).
+command -v podman >/dev/null || need+=(podman)
+command -v runc >/dev/null || need+=(runc)
+command -v haproxy >/dev/null || need+=(haproxy)
+command -v nginx >/dev/null || need+=(nginx)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
@@ -43,6 +49,8 @@ export COMPONENTIZE_PY
 # (`npm ci` refuses this lock file over platform-specific optional
 # packages it leaves out; `npm install` keeps the locked versions.)
 npm install --prefix tests/guests/js --no-audit --no-fund --loglevel=error
+# Kubernetes schemas, for checking deploy/kubernetes/ without a cluster.
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore kubernetes-validate==1.37.0
 
 # Reuse a build directory outside the checkout when there is one (builds of
 # wasmtime take minutes); without it, cargo builds in ./target as usual.
@@ -88,6 +96,14 @@ if [ "$(id -u)" != 0 ]; then
   echo "the package end-to-end test needs root (or set WASMPOOL_SKIP_E2E=1)" >&2
   exit 1
 fi
+# The container image: built FROM scratch, run read-only and non-root
+# under a memory limit, and the Kubernetes manifests validated and played.
+tests/container.sh
+
+# A fleet of three hosts behind HAProxy and nginx under constant load:
+# restarts, a SIGKILL, a rollout (fixed loopback addresses: one at a time).
+cargo test --locked --test fleet -- --ignored --test-threads=1 --nocapture
+
 command -v cargo-deb >/dev/null || cargo install --locked --quiet cargo-deb@3.8.0
 debs=$(packaging/build-deb.sh | tail -n 3)
 WASMPOOL_DEBS="$debs" cargo test --locked --test systemd_e2e -- --ignored --nocapture
