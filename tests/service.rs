@@ -910,13 +910,30 @@ fn shutdown_delay_in_the_config_file_and_bad_values() {
         &cfg,
         "shutdown-delay = \"1s\"\nlisten = [\"127.0.0.1:0\"]\n",
     );
+    let mut notify = NotifySocket::new(d);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_wasmpool"));
     cmd.args(["serve", "--config", cfg.to_str().unwrap()])
         .current_dir(d)
+        .env("NOTIFY_SOCKET", notify.env())
         .env_remove("WASMPOOL_SHUTDOWN_DELAY");
     let (mut proc, _) = Proc::start(cmd, 1);
+    notify.wait_for(Duration::from_secs(10), "READY=1", |m| {
+        m.contains("READY=1")
+    });
     let t = Instant::now();
     proc.signal(SIGTERM);
+    // STATUS= says so at once; STOPPING=1 follows when the delay is over.
+    let st = notify.wait_for(Duration::from_secs(2), "STATUS=Draining", |m| {
+        m.starts_with("STATUS=Draining")
+    });
+    assert!(
+        st.contains("shutdown delay 1s, /readyz 503, still serving"),
+        "{st}"
+    );
+    notify.wait_for(Duration::from_secs(5), "STOPPING=1", |m| {
+        m.contains("STOPPING=1")
+    });
+    assert!(t.elapsed() >= Duration::from_secs(1), "{:?}", t.elapsed());
     assert!(
         proc.wait_exit(Duration::from_secs(10))
             .is_some_and(|s| s.success())
