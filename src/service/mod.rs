@@ -168,9 +168,10 @@ async fn serve(
             listeners.push(l);
         }
     }
-    if !socket_activated && in_container() && listeners.iter().all(only_loopback) {
+    if !socket_activated && settled.listen_defaulted && in_container() {
         tracing::warn!(
-            "listening on loopback only inside a container: nothing outside it can connect; listen on 0.0.0.0:PORT (`listen` in the config file or --listen)"
+            "listening on the default {} inside a container: nothing outside it can connect; listen on 0.0.0.0:PORT (`listen` in the config file or --listen)",
+            crate::config::defaults::LISTEN
         );
     }
     if tls.is_some() && !listeners.iter().any(Listener::is_tls) {
@@ -352,12 +353,6 @@ fn in_container() -> bool {
     std::path::Path::new("/run/.containerenv").exists()
         || std::path::Path::new("/.dockerenv").exists()
         || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
-}
-
-/// A TCP listener on a loopback address (unix sockets are meant to be
-/// shared through a volume, so they do not count).
-fn only_loopback(l: &Listener) -> bool {
-    matches!(l.local_addr(), Ok(front::ListenAddr::Tcp(a)) if a.ip().is_loopback())
 }
 
 /// What `serve` says it serves on `l`.

@@ -32,6 +32,8 @@ pub(crate) struct Settled {
     pub(crate) component: PathBuf,
     pub(crate) knobs: Knobs,
     pub(crate) listen: Vec<ListenSpec>,
+    /// No `listen` was given: `listen` is [`defaults::LISTEN`].
+    pub(crate) listen_defaulted: bool,
     pub(crate) drain_timeout: Duration,
     /// `None`: the default, which depends on whether sockets are inherited
     /// (see [`Settled::shutdown_delay`]).
@@ -104,6 +106,7 @@ impl ServeOptions {
         Ok(Settled {
             component,
             knobs,
+            listen_defaulted: self.listen.is_empty() && file.listen.is_empty(),
             listen,
             drain_timeout: self
                 .drain_timeout
