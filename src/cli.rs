@@ -7,8 +7,8 @@ use crate::engine::component::{self, Source};
 use crate::engine::pool::{Pool, ReuseProbe};
 use crate::http::ListenAddr;
 use crate::http::listener::ListenSpec;
-use crate::logging::LogFormat;
 use crate::service::ServeOptions;
+use crate::telemetry::logging::LogFormat;
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -88,19 +88,20 @@ pub struct ServeArgs {
     #[arg(long = "plain-socket", value_name = "NAME")]
     pub plain_sockets: Vec<String>,
     /// One log line per request (client, method, target, status, bytes,
-    /// duration, instance) [default: on].
-    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
-    pub access_log: Option<bool>,
+    /// duration, instance): on, off, stderr, or a file (reopened on
+    /// SIGUSR1) [default: on: $LOGS_DIRECTORY/access.log under systemd's
+    /// LogsDirectory=, else stderr].
+    #[arg(long, value_name = "on|off|stderr|FILE", value_parser = crate::config::AccessLogArg::parse)]
+    pub access_log: Option<crate::config::AccessLogArg>,
+    /// Bytes of access lines each thread gathers before writing them in
+    /// one write; 0 writes every line at once [default: 64KiB].
+    #[arg(long, value_name = "SIZE", value_parser = crate::units::parse_size)]
+    pub access_log_buffer: Option<u64>,
+    /// The longest an access line waits in a buffer [default: 1s].
+    #[arg(long, value_name = "DURATION", value_parser = crate::units::parse_positive_duration)]
+    pub access_log_flush: Option<Duration>,
     #[command(flatten)]
     pub knobs: KnobArgs,
-}
-
-fn parse_on_off(s: &str) -> Result<bool, String> {
-    match s {
-        "on" | "true" | "yes" => Ok(true),
-        "off" | "false" | "no" => Ok(false),
-        _ => Err(format!("`{s}`: expected on or off")),
-    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -134,7 +135,7 @@ impl ComponentArgs {
 pub fn main() -> ExitCode {
     library_backtraces_off();
     let cli = Cli::parse();
-    crate::logging::init(cli.log_format);
+    crate::telemetry::logging::init(cli.log_format);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -179,6 +180,8 @@ pub fn run(cli: Cli) -> Result<()> {
                     tls_sockets: a.tls_sockets,
                     plain_sockets: a.plain_sockets,
                     access_log: a.access_log,
+                    access_log_buffer: a.access_log_buffer,
+                    access_log_flush: a.access_log_flush,
                 },
                 inherited,
             )

@@ -928,9 +928,15 @@ pub struct FileConfig {
     /// Names of inherited sockets that serve plain HTTP.
     #[serde(default)]
     pub plain_sockets: Vec<String>,
-    /// One log line per request.
-    #[serde(default)]
-    pub access_log: Option<bool>,
+    /// One log line per request: on, off, stderr or a file.
+    #[serde(default, deserialize_with = "de::access_log")]
+    pub access_log: Option<AccessLogArg>,
+    /// Bytes of access lines a thread gathers before writing them.
+    #[serde(default, deserialize_with = "de::size")]
+    pub access_log_buffer: Option<u64>,
+    /// The longest an access line waits in a buffer.
+    #[serde(default, deserialize_with = "de::positive_duration")]
+    pub access_log_flush: Option<Duration>,
     /// wasi:config/store variables, as a table.
     #[serde(default)]
     pub config_vars: std::collections::BTreeMap<String, String>,
@@ -963,6 +969,11 @@ impl FileConfig {
             }
         }
 
+        if let (Some(dir), Some(AccessLogArg::File(p))) = (path.parent(), &mut cfg.access_log)
+            && p.is_relative()
+        {
+            *p = dir.join(&*p);
+        }
         Ok(cfg)
     }
 
@@ -1029,6 +1040,37 @@ fn line_of_key(text: &str, key: &str) -> Option<usize> {
 }
 
 /// serde helpers that route through the same parsers as the flags.
+/// The `access-log` knob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLogArg {
+    /// No access log.
+    Off,
+    /// The default place: `$LOGS_DIRECTORY/access.log` when systemd's
+    /// `LogsDirectory=` set it, else stderr.
+    On,
+    /// Standard error (the journal under systemd).
+    Stderr,
+    /// A file, appended to.
+    File(PathBuf),
+}
+
+impl AccessLogArg {
+    pub fn parse(s: &str) -> Result<AccessLogArg, String> {
+        Ok(match s {
+            "on" | "true" | "yes" => AccessLogArg::On,
+            "off" | "false" | "no" => AccessLogArg::Off,
+            "stderr" => AccessLogArg::Stderr,
+            "" => return Err("expected on, off, stderr or a file path".into()),
+            p if p.contains('/') || p.ends_with(".log") => AccessLogArg::File(PathBuf::from(p)),
+            _ => {
+                return Err(format!(
+                    "`{s}`: expected on, off, stderr or a file path (with a `/`, or ending in .log)"
+                ));
+            }
+        })
+    }
+}
+
 mod de {
     use crate::units;
     use serde::{Deserialize, Deserializer, de::Error};
@@ -1068,6 +1110,24 @@ mod de {
         crate::config::MemoryBudgetArg::parse
     );
     via!(positive_count, u32, units::parse_positive_count);
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum BoolOrStr {
+        Bool(bool),
+        Str(String),
+    }
+
+    pub fn access_log<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<crate::config::AccessLogArg>, D::Error> {
+        use crate::config::AccessLogArg;
+        match BoolOrStr::deserialize(d)? {
+            BoolOrStr::Bool(true) => Ok(Some(AccessLogArg::On)),
+            BoolOrStr::Bool(false) => Ok(Some(AccessLogArg::Off)),
+            BoolOrStr::Str(s) => AccessLogArg::parse(&s).map(Some).map_err(D::Error::custom),
+        }
+    }
 }
 
 #[cfg(test)]

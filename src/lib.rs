@@ -5,6 +5,7 @@
 //! - [`engine`]: the component, its pool of instances, admission, stats.
 //! - [`http`]: the HTTP front (listeners, connection limits, timeouts).
 //! - [`service`]: `wasmpool serve` as a managed service (systemd).
+//! - [`telemetry`]: the log, the access log and the metrics.
 //! - [`capi`]: the C API.
 //! - [`config`], [`units`], [`error`]: knobs shared by all of them.
 
@@ -14,9 +15,8 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod http;
-pub mod logging;
-pub mod metrics;
 pub mod service;
+pub mod telemetry;
 pub mod units;
 
 pub use config::{KnobArgs, Knobs};

@@ -590,7 +590,7 @@ fn the_access_log_in_both_formats() {
             let l = lines[0];
             for needle in [
                 "access:",
-                "POST /echo?q=1 200",
+                "method=POST target=/echo?q=1 version=HTTP/1.1 status=200",
                 "client=127.0.0.1",
                 "bytes_in=5",
                 "instance=",
@@ -602,7 +602,8 @@ fn the_access_log_in_both_formats() {
                 assert!(l.contains(needle), "{needle} in {l}");
             }
             assert!(
-                lines[1].contains("GET /trap 500") && lines[1].contains("instance=-1"),
+                lines[1].contains("target=/trap version=HTTP/1.1 status=500")
+                    && lines[1].contains("instance=-1"),
                 "{}",
                 lines[1]
             );

@@ -965,3 +965,234 @@ fn shutdown_delay_in_the_config_file_and_bad_values() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Lines in `path` that are access lines.
+fn access_lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("access:"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Waits (at most `secs`) until `path` holds `n` access lines.
+fn wait_access_lines(path: &Path, n: usize, secs: u64) -> Vec<String> {
+    let end = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let lines = access_lines(path);
+        if lines.len() >= n || Instant::now() > end {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn access_log_to_a_file_buffered_reopened_on_sigusr1_flushed_at_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("app.wasm"), p2_suite()).unwrap();
+    let log = d.join("logs/access.log");
+    std::fs::create_dir(d.join("logs")).unwrap();
+    let cfg = d.join("app.toml");
+    // Relative to the config file; lines wait at most 300 ms.
+    write_config(
+        &cfg,
+        "listen = [\"127.0.0.1:0\"]\naccess-log = \"logs/access.log\"\naccess-log-flush = \"300ms\"\n",
+    );
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wasmpool"));
+    cmd.args(["serve", "--config", cfg.to_str().unwrap()])
+        .current_dir(d)
+        // The file does not depend on the process log's filter.
+        .env("WASMPOOL_LOG", "info,access=off");
+    let (proc, addrs) = Proc::start(cmd, 1);
+    let addr = sockaddr(&addrs[0]);
+    let rt = rt();
+    for _ in 0..3 {
+        assert_eq!(get(&rt, addr, "/").status, 200);
+    }
+    let lines = wait_access_lines(&log, 3, 5);
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert!(
+        lines[0].contains(
+            "  INFO access: client=127.0.0.1 method=GET target=/ version=HTTP/1.1 status=200 "
+        ),
+        "{}",
+        lines[0]
+    );
+    // One of the two: no repeated message before the fields.
+    assert!(!lines[0].contains("GET / 200"), "{}", lines[0]);
+    assert!(!proc.log().contains("access:"), "{}", proc.log());
+
+    // logrotate: move the file, SIGUSR1, the next lines go to a new file.
+    let rotated = d.join("logs/access.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    assert_eq!(get(&rt, addr, "/before-reopen").status, 200);
+    proc.signal(libc::SIGUSR1);
+    let end = Instant::now() + Duration::from_secs(5);
+    while !proc.log().contains("access log reopened") {
+        assert!(Instant::now() < end, "{}", proc.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(get(&rt, addr, "/after-reopen").status, 200);
+    let new = wait_access_lines(&log, 1, 5);
+    let old = access_lines(&rotated);
+    assert_eq!(old.len(), 4, "{old:?}");
+    assert!(old[3].contains("target=/before-reopen"), "{old:?}");
+    assert_eq!(new.len(), 1, "{new:?}");
+    assert!(new[0].contains("target=/after-reopen"), "{new:?}");
+
+    // A reload to a file that cannot be opened fails and keeps the old.
+    write_config(
+        &cfg,
+        "listen = [\"127.0.0.1:0\"]\naccess-log = \"no-such-dir/access.log\"\n",
+    );
+    proc.signal(libc::SIGHUP);
+    let end = Instant::now() + Duration::from_secs(10);
+    while !proc.log().contains("reload failed") {
+        assert!(Instant::now() < end, "{}", proc.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        proc.log().contains("access-log: cannot open") && proc.log().contains("no-such-dir"),
+        "{}",
+        proc.log()
+    );
+    assert_eq!(get(&rt, addr, "/kept").status, 200);
+    assert!(
+        wait_access_lines(&log, 2, 5)
+            .iter()
+            .any(|l| l.contains("target=/kept"))
+    );
+
+    // A reload to JSON lines in JSON files... and a longer flush: what
+    // the buffers hold is written at exit.
+    write_config(
+        &cfg,
+        "listen = [\"127.0.0.1:0\"]\naccess-log = \"logs/second.log\"\naccess-log-flush = \"1h\"\n",
+    );
+    proc.signal(libc::SIGHUP);
+    let end = Instant::now() + Duration::from_secs(10);
+    while !proc.log().contains("reloaded;") {
+        assert!(Instant::now() < end, "{}", proc.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for _ in 0..50 {
+        assert_eq!(get(&rt, addr, "/late").status, 200);
+    }
+    let second = d.join("logs/second.log");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(access_lines(&second).len(), 0, "buffered for an hour");
+    assert_eq!(proc.stop(SIGTERM).code(), Some(0));
+    assert_eq!(access_lines(&second).len(), 50);
+}
+
+#[test]
+fn access_log_defaults_bad_values_and_unbuffered_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("app.wasm"), p2_suite()).unwrap();
+    let rt = rt();
+
+    // Under systemd's LogsDirectory=: $LOGS_DIRECTORY/access.log, and with
+    // no buffer each line is written at once.
+    let logs = d.join("var-log");
+    std::fs::create_dir(&logs).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wasmpool"));
+    cmd.args([
+        "serve",
+        "app.wasm",
+        "--no-cache",
+        "--listen",
+        "127.0.0.1:0",
+        "--access-log-buffer",
+        "0",
+        "--access-log-flush",
+        "1h",
+        "--log-format",
+        "json",
+    ])
+    .current_dir(d)
+    .env("LOGS_DIRECTORY", &logs);
+    let (proc, addrs) = Proc::start(cmd, 1);
+    assert_eq!(get(&rt, sockaddr(&addrs[0]), "/x?y=1").status, 200);
+    let text = std::fs::read_to_string(logs.join("access.log")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(v["target"], "access");
+    assert_eq!(v["fields"]["target"], "/x?y=1");
+    assert_eq!(v["fields"]["status"], 200);
+    assert_eq!(proc.stop(SIGTERM).code(), Some(0));
+    // `stderr` overrides that default.
+    let logs2 = d.join("var-log-2");
+    std::fs::create_dir(&logs2).unwrap();
+    let app = d.join("app.wasm");
+    let app = app.to_str().unwrap();
+    let (proc, addrs) = Proc::serve(
+        &[
+            "serve",
+            app,
+            "--no-cache",
+            "--listen",
+            "127.0.0.1:0",
+            "--access-log",
+            "stderr",
+        ],
+        &[("LOGS_DIRECTORY", logs2.to_str().unwrap())],
+    );
+    assert_eq!(get(&rt, sockaddr(&addrs[0]), "/on-stderr").status, 200);
+    let stderr = proc.stderr.clone();
+    assert_eq!(proc.stop(SIGTERM).code(), Some(0));
+    let text = stderr.lock().unwrap().clone();
+    assert!(
+        text.contains("access: client=127.0.0.1 method=GET target=/on-stderr"),
+        "{text}"
+    );
+    assert!(!logs2.join("access.log").exists());
+
+    // Bad values: one line naming the knob, never a panic.
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_wasmpool"))
+            .args(args)
+            .current_dir(d)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&[
+        "serve",
+        "app.wasm",
+        "--access-log",
+        "/nonexistent/dir/a.log",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.starts_with("error: access-log: cannot open /nonexistent/dir/a.log")
+            && err.lines().count() == 1,
+        "{err}"
+    );
+    let (code, err) = run(&["serve", "app.wasm", "--access-log", "maybe"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--access-log"), "{err}");
+    let (code, err) = run(&["serve", "app.wasm", "--access-log-flush", "0s"]);
+    assert_eq!(code, Some(2), "{err}");
+    let cfg = d.join("bad.toml");
+    for (text, key) in [
+        ("access-log = 5\n", "access-log"),
+        ("access-log = \"sometimes\"\n", "access-log"),
+        ("access-log-buffer = \"lots\"\n", "access-log-buffer"),
+        ("access-log-buffer = \"1GiB\"\n", "access-log-buffer"),
+        ("access-log-flush = \"0s\"\n", "access-log-flush"),
+    ] {
+        write_config(&cfg, text);
+        let (code, err) = run(&["serve", "--config", cfg.to_str().unwrap()]);
+        assert_eq!(code, Some(1), "{text}: {err}");
+        assert!(
+            err.starts_with("error: ") && err.contains(key) && err.lines().count() == 1,
+            "{text}: {err}"
+        );
+    }
+}

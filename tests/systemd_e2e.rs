@@ -861,7 +861,15 @@ fn tls_on_a_tcp_socket(c: &Container) {
         (code.as_str(), body.as_str()),
         ("200", "Hello from wasmpool!\n")
     );
-    let log = c.ok("journalctl -u wasmpool@hello.service -o cat --no-pager");
+    // Access lines are written in batches, at least every second.
+    let mut log = String::new();
+    for _ in 0..50 {
+        log = c.ok("journalctl -u wasmpool@hello.service -o cat --no-pager");
+        if log.contains("access: ") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     assert!(
         log.contains("Serving HTTPS on https://127.0.0.1:8443/"),
         "{log}"

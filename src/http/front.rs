@@ -7,7 +7,7 @@ use super::limits::{Conn, HttpStats, RequestGuard};
 use super::response::{AccessRecord, Body};
 use super::tls::Tls;
 use crate::engine::{Pool, RequestError, ResponseBody};
-use crate::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Response, StatusCode, header};
@@ -217,7 +217,9 @@ impl Front {
     /// the log filter lets the line through (`WASMPOOL_LOG=warn` drops
     /// it, so the record is not worth building).
     fn access_logging(&self) -> bool {
-        self.access_log.load(Relaxed) && tracing::enabled!(target: "access", tracing::Level::INFO)
+        self.access_log.load(Relaxed)
+            && (crate::telemetry::access::to_file()
+                || tracing::enabled!(target: "access", tracing::Level::INFO))
     }
 
     /// The answer to a request its client may not send now (it has

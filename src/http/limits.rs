@@ -8,37 +8,13 @@
 
 use super::listener::Peer;
 use super::response::{Responses, Shared};
+pub use crate::telemetry::HttpStats;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
-
-/// Counters of the defences, for metrics and tests.
-#[derive(Debug, Default)]
-pub struct HttpStats {
-    /// Connections accepted.
-    pub connections: AtomicU64,
-    /// Connections open now.
-    pub connections_open: AtomicU64,
-    /// Idle connections closed to make room for new ones.
-    pub evicted: AtomicU64,
-    /// Connections refused because their client had too many open.
-    pub refused_per_client: AtomicU64,
-    /// Requests refused (429) because their client had too many in flight.
-    pub requests_refused_per_client: AtomicU64,
-    /// Connections closed because a request head did not arrive in time.
-    pub header_timeouts: AtomicU64,
-    /// Requests ended (408) because their body arrived too slowly.
-    pub body_timeouts: AtomicU64,
-    /// Connections closed because the client read a response too slowly.
-    pub send_timeouts: AtomicU64,
-    /// Idle keep-alive connections closed after `keepalive-timeout`.
-    pub keepalive_closes: AtomicU64,
-    /// TLS handshakes that failed (or timed out).
-    pub tls_failures: AtomicU64,
-}
 
 /// One client address and what it holds.
 #[derive(Debug)]

@@ -8,7 +8,6 @@
 //! - [`body`]: request bodies (size, slow senders, read-ahead);
 //! - [`front`]: one request through the pool, failures mapped to statuses;
 //! - [`response`]: response bodies, read ahead when the client is slow;
-//! - [`access`]: the access log's lines;
 //! - [`tls`]: TLS 1.2/1.3 with a certificate that can be swapped;
 //! - this module: accept loops, connections (HTTP/1.1, and HTTP/2 by ALPN
 //!   or with prior knowledge), drain.
@@ -16,7 +15,6 @@
 //! Each defence is a knob (see `config`); `docs/reliability.md` lists the
 //! attack each one stops.
 
-pub mod access;
 pub mod body;
 pub mod front;
 pub mod io;
@@ -25,8 +23,8 @@ pub mod listener;
 pub mod response;
 pub mod tls;
 
+pub use crate::telemetry::HttpStats;
 pub use front::{Front, error_response};
-pub use limits::HttpStats;
 pub use listener::{Io, ListenAddr, Listener, Peer};
 pub use response::Body;
 

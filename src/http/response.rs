@@ -122,7 +122,7 @@ impl AccessRecord {
             .received
             .received
             .load(std::sync::atomic::Ordering::Relaxed);
-        let line = super::access::Line {
+        let line = crate::telemetry::access::Line {
             client: &self.peer,
             method: self.method.as_str(),
             target: &self.target,
@@ -135,7 +135,7 @@ impl AccessRecord {
             reused,
             complete,
         };
-        if super::access::write(&line) {
+        if crate::telemetry::access::write(&line) {
             return;
         }
         tracing::info!(
@@ -151,11 +151,6 @@ impl AccessRecord {
             instance,
             reused,
             complete,
-            "{} {} {} {}",
-            self.peer,
-            self.method,
-            self.target,
-            self.status
         );
     }
 }

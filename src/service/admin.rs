@@ -7,7 +7,7 @@
 //! drain is over.
 
 use crate::http::Listener;
-use crate::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 use bytes::Bytes;
 use http::{Response, StatusCode, header};
 use http_body_util::Full;

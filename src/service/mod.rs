@@ -17,7 +17,8 @@ use crate::engine::stats::Shared;
 use crate::error::LoadError;
 use crate::http::tls::Tls;
 use crate::http::{self as front, Front, Listener};
-use crate::metrics::Metrics;
+use crate::telemetry::access;
+use crate::telemetry::metrics::Metrics;
 use anyhow::{Context as _, Result, bail};
 use notify::Notifier;
 use sockets::Inherited;
@@ -39,6 +40,11 @@ enum Stop {
 /// thread started.
 pub fn run(opts: ServeOptions, inherited: Vec<Inherited>) -> Result<()> {
     let settled = opts.settle()?;
+    // Before anything is loaded or bound: a file that cannot be opened is
+    // a one-line error at once.
+    if let Some(a) = &settled.access_log {
+        access::install(access::open(a)?);
+    }
     if settled.exit_idle_after.is_some() && inherited.is_empty() {
         bail!(
             "--exit-idle-after needs socket activation (LISTEN_FDS): without a service manager holding the socket, connections after the exit would be refused"
@@ -123,6 +129,7 @@ async fn serve(
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let mut sigusr1 = signal(SignalKind::user_defined1()).context("cannot handle SIGUSR1")?;
     let notifier = Notifier;
     let shared = Shared::new(&settled.knobs)?;
     let stats = shared.stats.clone();
@@ -184,7 +191,7 @@ async fn serve(
     if let Some(tls) = &tls {
         front.set_tls(tls.clone());
     }
-    front.set_access_log(settled.access_log);
+    front.set_access_log(settled.access_log.is_some());
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     // The admin listener answers until the drain is over.
     let (admin_stop_tx, admin_stop_rx) = tokio::sync::watch::channel(false);
@@ -232,7 +239,7 @@ async fn serve(
         .exit_idle_after
         .map(|d| (d / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)));
     let mut idle_tick = tokio::time::interval(idle_check.unwrap_or(Duration::from_secs(3600)));
-    let mut reload: Option<tokio::task::JoinHandle<Result<Pool>>> = None;
+    let mut reload: Option<tokio::task::JoinHandle<Result<Reloaded>>> = None;
     let mut reload_again = false;
     // Set by the first SIGTERM when there is a shutdown delay: until then
     // everything goes on (requests, reloads, the watchdog), but /readyz
@@ -263,6 +270,10 @@ async fn serve(
                 break Stop::Signal("SIGTERM");
             }
             _ = sigint.recv() => break Stop::Signal("SIGINT"),
+            _ = sigusr1.recv() => match access::reopen() {
+                Ok(()) => tracing::info!("SIGUSR1: access log reopened"),
+                Err(e) => tracing::error!("SIGUSR1: {e}; still writing to the old file"),
+            },
             _ = sighup.recv() => {
                 if reload.is_some() {
                     reload_again = true;
@@ -319,6 +330,7 @@ async fn serve(
     if let Some(t) = admin_task {
         let _ = t.await;
     }
+    access::flush();
     tracing::info!("stopped");
     Ok(())
 }
@@ -368,7 +380,7 @@ fn start_reload(
     shared: &Shared,
     tls: Option<Arc<Tls>>,
     notifier: Notifier,
-) -> tokio::task::JoinHandle<Result<Pool>> {
+) -> tokio::task::JoinHandle<Result<Reloaded>> {
     tracing::info!("SIGHUP: reloading");
     notifier.reloading();
     let opts = opts.clone();
@@ -377,6 +389,9 @@ fn start_reload(
         let settled = opts.settle()?;
         let knobs = settled.knobs.clone();
         let files = settled.tls.clone();
+        // Opened now, put in use by `finish_reload`: a file that cannot be
+        // opened fails the reload before anything changed.
+        let access_log = settled.access_log.as_ref().map(access::open).transpose()?;
         let staging = Staging::start(settled.knobs, settled.component)?;
         let pool = load(staging, shared.clone(), notifier).await?;
         match (&tls, files) {
@@ -403,19 +418,29 @@ fn start_reload(
             (None, None) => {}
         }
         shared.apply(&knobs)?;
-        Ok(pool)
+        Ok(Reloaded { pool, access_log })
     })
+}
+
+/// What a reload prepared, to be put in use at once.
+struct Reloaded {
+    pool: Pool,
+    access_log: Option<access::Opened>,
 }
 
 /// Swaps in a successfully reloaded pool. Listen addresses and the
 /// connection limit belong to the sockets and stay until a restart.
 fn finish_reload(
-    done: Result<Result<Pool>, tokio::task::JoinError>,
+    done: Result<Result<Reloaded>, tokio::task::JoinError>,
     front: &Front,
     stats: &crate::engine::Stats,
 ) -> ReloadResult {
     match done.map_err(anyhow::Error::from).and_then(|r| r) {
-        Ok(pool) => {
+        Ok(Reloaded { pool, access_log }) => {
+            front.set_access_log(access_log.is_some());
+            if let Some(a) = access_log {
+                access::install(a);
+            }
             let (old, new) = (front.pool().knobs().clone(), pool.knobs().clone());
             if old.max_concurrent_connections != new.max_concurrent_connections {
                 tracing::warn!("max-concurrent-connections changes take effect after a restart");

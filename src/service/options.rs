@@ -1,12 +1,13 @@
 //! What `serve` was asked to do: the flags and the config file, merged
 //! ("settled") at start-up and again on every reload.
 
-use crate::config::{FileConfig, KnobArgs, Knobs, defaults};
+use crate::config::{AccessLogArg, FileConfig, KnobArgs, Knobs, defaults};
 use crate::http::listener::ListenSpec;
 use crate::http::tls::TlsFiles;
 use crate::http::{ListenAddr, Listener};
-use anyhow::{Result, bail};
-use std::path::PathBuf;
+use crate::telemetry::access;
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// What `serve` was asked to do (flags; the config file is re-read on reload).
@@ -24,7 +25,9 @@ pub struct ServeOptions {
     pub tls_key: Option<PathBuf>,
     pub tls_sockets: Vec<String>,
     pub plain_sockets: Vec<String>,
-    pub access_log: Option<bool>,
+    pub access_log: Option<crate::config::AccessLogArg>,
+    pub access_log_buffer: Option<u64>,
+    pub access_log_flush: Option<Duration>,
 }
 
 /// The flags and the config file, merged.
@@ -43,7 +46,8 @@ pub(crate) struct Settled {
     pub(crate) tls: Option<TlsFiles>,
     tls_sockets: Vec<String>,
     plain_sockets: Vec<String>,
-    pub(crate) access_log: bool,
+    /// `None`: off.
+    pub(crate) access_log: Option<access::Settings>,
 }
 
 impl ServeOptions {
@@ -118,9 +122,56 @@ impl ServeOptions {
             tls,
             tls_sockets,
             plain_sockets,
-            access_log: self.access_log.or(file.access_log).unwrap_or(true),
+            access_log: access_settings(
+                self.access_log.clone().or(file.access_log.clone()),
+                self.access_log_buffer.or(file.access_log_buffer),
+                self.access_log_flush.or(file.access_log_flush),
+            )?,
         })
     }
+}
+
+/// The access log knobs, with their defaults.
+fn access_settings(
+    arg: Option<AccessLogArg>,
+    buffer: Option<u64>,
+    flush: Option<Duration>,
+) -> Result<Option<access::Settings>> {
+    let destination = match arg.unwrap_or(AccessLogArg::On) {
+        AccessLogArg::Off => return Ok(None),
+        AccessLogArg::Stderr => access::Destination::Stderr,
+        AccessLogArg::On => match std::env::var_os("LOGS_DIRECTORY") {
+            // systemd's LogsDirectory= (the first one when several).
+            Some(dirs) if !dirs.is_empty() => {
+                let dirs = dirs.to_string_lossy().into_owned();
+                let first = dirs.split(':').next().unwrap_or_default();
+                access::Destination::File(Path::new(first).join("access.log"))
+            }
+            _ => access::Destination::Stderr,
+        },
+        AccessLogArg::File(p) => {
+            let p = if p.is_relative() {
+                std::env::current_dir()
+                    .context("access-log: cannot resolve a relative path")?
+                    .join(p)
+            } else {
+                p
+            };
+            access::Destination::File(p)
+        }
+    };
+    let buffer = match buffer {
+        Some(b) => usize::try_from(b)
+            .ok()
+            .filter(|&b| b <= 16 << 20)
+            .ok_or_else(|| anyhow::anyhow!("access-log-buffer: at most 16MiB"))?,
+        None => access::DEFAULT_BUFFER,
+    };
+    Ok(Some(access::Settings {
+        destination,
+        buffer,
+        flush: flush.unwrap_or(access::DEFAULT_FLUSH),
+    }))
 }
 
 /// The shutdown delay when sockets are bound here: long enough for a load

@@ -1,8 +1,8 @@
 //! Prometheus metrics: what the HTTP front observes (status classes,
 //! latency) plus the pool's live counters, read at scrape time.
 
+use super::HttpStats;
 use crate::engine::stats::Shared;
-use crate::http::HttpStats;
 use crate::service::admin::Readiness;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -275,6 +275,13 @@ impl Collector for HttpCollector {
             let c = ConstCounter::new(v.load(Relaxed));
             c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
         }
+        let c = ConstCounter::new(super::access::lost_lines());
+        c.encode(encoder.encode_descriptor(
+            "access_log_lost_lines",
+            "Access log lines that could not be written (the output failed)",
+            None,
+            c.metric_type(),
+        )?)?;
         let g = ConstGauge::new(h.connections_open.load(Relaxed) as i64);
         g.encode(encoder.encode_descriptor(
             "connections_open",

@@ -48,7 +48,7 @@ pub fn init(format: LogFormat) {
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    use crate::http::access::Shape;
+    use crate::telemetry::access::Shape;
     let (installed, shape) = match format {
         LogFormat::Json => (b.json().try_init(), Some(Shape::Json)),
         LogFormat::Human if stderr_is_journal() => (
@@ -65,9 +65,9 @@ pub fn init(format: LogFormat) {
         }
     };
     // Access lines are formatted by the access log itself in the same shape
-    // (see `http::access`), only once this subscriber is the one in place.
+    // (see `telemetry::access`), only once this subscriber is the one in place.
     if let (Ok(()), Some(shape)) = (installed, shape) {
-        crate::http::access::install(shape);
+        crate::telemetry::access::install_shape(shape);
     }
 }
 
