@@ -959,9 +959,14 @@ impl FileConfig {
             other => other,
         })?;
         if let Some(dir) = path.parent() {
+            let access_log = match &mut cfg.access_log {
+                Some(AccessLogArg::File(p)) => Some(p),
+                _ => None,
+            };
             for p in [&mut cfg.component, &mut cfg.tls_cert, &mut cfg.tls_key]
                 .into_iter()
                 .flatten()
+                .chain(access_log)
             {
                 if p.is_relative() {
                     *p = dir.join(&*p);
@@ -969,11 +974,6 @@ impl FileConfig {
             }
         }
 
-        if let (Some(dir), Some(AccessLogArg::File(p))) = (path.parent(), &mut cfg.access_log)
-            && p.is_relative()
-        {
-            *p = dir.join(&*p);
-        }
         Ok(cfg)
     }
 
@@ -1039,7 +1039,6 @@ fn line_of_key(text: &str, key: &str) -> Option<usize> {
         .map(|i| i + 1)
 }
 
-/// serde helpers that route through the same parsers as the flags.
 /// The `access-log` knob.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AccessLogArg {
@@ -1071,6 +1070,16 @@ impl AccessLogArg {
     }
 }
 
+/// The first directory a systemd `*Directory=` setting passed in `var`
+/// (`$CACHE_DIRECTORY`, `$LOGS_DIRECTORY`: colon-separated when it names
+/// several), if it is set and not empty.
+pub fn systemd_directory(var: &str) -> Option<PathBuf> {
+    let dirs = std::env::var_os(var)?;
+    let first = dirs.to_string_lossy().split(':').next()?.to_string();
+    (!first.is_empty()).then(|| PathBuf::from(first))
+}
+
+/// serde helpers that route through the same parsers as the flags.
 mod de {
     use crate::units;
     use serde::{Deserialize, Deserializer, de::Error};

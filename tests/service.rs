@@ -811,11 +811,7 @@ fn a_second_sigterm_or_a_sigint_ends_the_shutdown_delay() {
             &[("WASMPOOL_SHUTDOWN_DELAY", "60s")],
         );
         proc.signal(SIGTERM);
-        let end = Instant::now() + Duration::from_secs(5);
-        while !proc.log().contains("SIGTERM: draining") {
-            assert!(Instant::now() < end, "{}", proc.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        proc.wait_log("SIGTERM: draining", Duration::from_secs(5));
         let t = Instant::now();
         proc.signal(second);
         let status = proc
@@ -843,11 +839,7 @@ fn the_shutdown_delay_defaults_to_5s_and_to_0_under_socket_activation() {
     .env_remove("WASMPOOL_SHUTDOWN_DELAY");
     let (mut proc, _) = Proc::start(cmd, 1);
     proc.signal(SIGTERM);
-    let end = Instant::now() + Duration::from_secs(5);
-    while !proc.log().contains("shutdown delay (5s)") {
-        assert!(Instant::now() < end, "{}", proc.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    proc.wait_log("shutdown delay (5s)", Duration::from_secs(5));
     proc.signal(SIGTERM);
     assert!(
         proc.wait_exit(Duration::from_secs(5))
@@ -1030,11 +1022,7 @@ fn access_log_to_a_file_buffered_reopened_on_sigusr1_flushed_at_exit() {
     std::fs::rename(&log, &rotated).unwrap();
     assert_eq!(get(&rt, addr, "/before-reopen").status, 200);
     proc.signal(libc::SIGUSR1);
-    let end = Instant::now() + Duration::from_secs(5);
-    while !proc.log().contains("access log reopened") {
-        assert!(Instant::now() < end, "{}", proc.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    proc.wait_log("access log reopened", Duration::from_secs(5));
     assert_eq!(get(&rt, addr, "/after-reopen").status, 200);
     let new = wait_access_lines(&log, 1, 5);
     let old = access_lines(&rotated);
@@ -1049,11 +1037,7 @@ fn access_log_to_a_file_buffered_reopened_on_sigusr1_flushed_at_exit() {
         "listen = [\"127.0.0.1:0\"]\naccess-log = \"no-such-dir/access.log\"\n",
     );
     proc.signal(libc::SIGHUP);
-    let end = Instant::now() + Duration::from_secs(10);
-    while !proc.log().contains("reload failed") {
-        assert!(Instant::now() < end, "{}", proc.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    proc.wait_log("reload failed", Duration::from_secs(10));
     assert!(
         proc.log().contains("access-log: cannot open") && proc.log().contains("no-such-dir"),
         "{}",
@@ -1073,11 +1057,7 @@ fn access_log_to_a_file_buffered_reopened_on_sigusr1_flushed_at_exit() {
         "listen = [\"127.0.0.1:0\"]\naccess-log = \"logs/second.log\"\naccess-log-flush = \"1h\"\n",
     );
     proc.signal(libc::SIGHUP);
-    let end = Instant::now() + Duration::from_secs(10);
-    while !proc.log().contains("reloaded;") {
-        assert!(Instant::now() < end, "{}", proc.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    proc.wait_log("reloaded;", Duration::from_secs(10));
     for _ in 0..50 {
         assert_eq!(get(&rt, addr, "/late").status, 200);
     }

@@ -57,18 +57,10 @@ const SETTLED: std::time::Duration = std::time::Duration::from_secs(2);
 /// it lists several), else `$XDG_CACHE_HOME/wasmpool`, else
 /// `$HOME/.cache/wasmpool`.
 pub fn default_dir() -> Option<PathBuf> {
-    let nonempty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
-    if let Some(dirs) = nonempty("CACHE_DIRECTORY") {
-        let first = dirs
-            .to_string_lossy()
-            .split(':')
-            .next()
-            .unwrap_or_default()
-            .to_string();
-        if !first.is_empty() {
-            return Some(PathBuf::from(first));
-        }
+    if let Some(dir) = crate::config::systemd_directory("CACHE_DIRECTORY") {
+        return Some(dir);
     }
+    let nonempty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
     if let Some(x) = nonempty("XDG_CACHE_HOME") {
         return Some(PathBuf::from(x).join("wasmpool"));
     }

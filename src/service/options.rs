@@ -7,7 +7,7 @@ use crate::http::tls::TlsFiles;
 use crate::http::{ListenAddr, Listener};
 use crate::telemetry::access;
 use anyhow::{Context, Result, bail};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// What `serve` was asked to do (flags; the config file is re-read on reload).
@@ -140,14 +140,10 @@ fn access_settings(
     let destination = match arg.unwrap_or(AccessLogArg::On) {
         AccessLogArg::Off => return Ok(None),
         AccessLogArg::Stderr => access::Destination::Stderr,
-        AccessLogArg::On => match std::env::var_os("LOGS_DIRECTORY") {
-            // systemd's LogsDirectory= (the first one when several).
-            Some(dirs) if !dirs.is_empty() => {
-                let dirs = dirs.to_string_lossy().into_owned();
-                let first = dirs.split(':').next().unwrap_or_default();
-                access::Destination::File(Path::new(first).join("access.log"))
-            }
-            _ => access::Destination::Stderr,
+        // systemd's LogsDirectory=.
+        AccessLogArg::On => match crate::config::systemd_directory("LOGS_DIRECTORY") {
+            Some(dir) => access::Destination::File(dir.join("access.log")),
+            None => access::Destination::Stderr,
         },
         AccessLogArg::File(p) => {
             let p = if p.is_relative() {

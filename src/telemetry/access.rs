@@ -25,7 +25,7 @@ use std::fs::File;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime};
 
 /// The shape of the lines `logging::init` set up.
@@ -161,7 +161,7 @@ pub fn install(opened: Opened) {
     TO_FILE.store(matches!(output, Output::File { .. }), Relaxed);
     BUFFER.store(settings.buffer, Relaxed);
     FLUSH_MS.store(settings.flush.as_millis().max(1) as u64, Relaxed);
-    *OUT.lock().unwrap_or_else(|e| e.into_inner()) = output;
+    *OUT.lock().unwrap_or_else(PoisonError::into_inner) = output;
     WARNED.store(false, Relaxed);
     if settings.buffer > 0 {
         let flusher = FLUSHER.get_or_init(|| {
@@ -187,7 +187,7 @@ pub fn install(opened: Opened) {
 /// on an error the old file stays in use. Nothing to do for stderr.
 pub fn reopen() -> Result<(), AccessLogError> {
     flush();
-    let mut out = OUT.lock().unwrap_or_else(|e| e.into_inner());
+    let mut out = OUT.lock().unwrap_or_else(PoisonError::into_inner);
     if let Output::File { path, file } = &mut *out {
         *file = open_file(path)?;
         WARNED.store(false, Relaxed);
@@ -197,14 +197,12 @@ pub fn reopen() -> Result<(), AccessLogError> {
 
 /// Writes what every thread's buffer holds.
 pub fn flush() {
-    let buffers: Vec<Arc<Mutex<Vec<u8>>>> =
-        BUFFERS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let buffers: Vec<Arc<Mutex<Vec<u8>>>> = BUFFERS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
     for b in &buffers {
-        let mut b = b.lock().unwrap_or_else(|e| e.into_inner());
-        if !b.is_empty() {
-            OUT.lock().unwrap_or_else(|e| e.into_inner()).write(&b);
-            b.clear();
-        }
+        write_out(&mut b.lock().unwrap_or_else(PoisonError::into_inner));
     }
     drop(buffers);
     // Buffers of threads that ended, once written.
@@ -212,6 +210,18 @@ pub fn flush() {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .retain(|b| Arc::strong_count(b) > 1 || !b.lock().map(|b| b.is_empty()).unwrap_or(true));
+}
+
+/// Writes a thread's batch (whole lines) to the output and empties it. The
+/// caller holds the batch's lock, taken before the output's: a thread's
+/// batches reach the output in order.
+fn write_out(batch: &mut Vec<u8>) {
+    if !batch.is_empty() {
+        OUT.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .write(batch);
+        batch.clear();
+    }
 }
 
 /// Lines that could not be written (the output failed).
@@ -225,7 +235,6 @@ pub fn to_file() -> bool {
 }
 
 static SHAPE: OnceLock<Shape> = OnceLock::new();
-static JSON: AtomicBool = AtomicBool::new(false);
 static TO_FILE: AtomicBool = AtomicBool::new(false);
 static BUFFER: AtomicUsize = AtomicUsize::new(0);
 static FLUSH_MS: AtomicU64 = AtomicU64::new(1000);
@@ -239,7 +248,6 @@ static LOST: AtomicU64 = AtomicU64::new(0);
 /// `Human` or `Json` as `shape` says). Called once, by the code that
 /// installed the matching subscriber.
 pub fn install_shape(shape: Shape) {
-    JSON.store(shape == Shape::Json, Relaxed);
     let _ = SHAPE.set(shape);
 }
 
@@ -277,10 +285,9 @@ thread_local! {
 /// logs it through `tracing`.
 pub fn write(line: &Line<'_>) -> bool {
     let shape = if TO_FILE.load(Relaxed) {
-        if JSON.load(Relaxed) {
-            Shape::Json
-        } else {
-            Shape::Human
+        match SHAPE.get() {
+            Some(Shape::Json) => Shape::Json,
+            _ => Shape::Human,
         }
     } else {
         match SHAPE.get() {
@@ -334,11 +341,10 @@ pub fn write(line: &Line<'_>) -> bool {
                 .push(b.clone());
             b
         });
-        let mut b = batch.lock().unwrap_or_else(|e| e.into_inner());
+        let mut b = batch.lock().unwrap_or_else(PoisonError::into_inner);
         b.extend_from_slice(out.as_bytes());
         if b.len() >= cap {
-            OUT.lock().unwrap_or_else(|e| e.into_inner()).write(&b);
-            b.clear();
+            write_out(&mut b);
         }
         true
     })

@@ -413,6 +413,19 @@ impl Proc {
         }
     }
 
+    /// Waits (`timeout` at most) until the log contains `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) {
+        let end = std::time::Instant::now() + timeout;
+        while !self.log().contains(needle) {
+            assert!(
+                std::time::Instant::now() < end,
+                "no {needle:?} in the log: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The address of the metrics listener (`--metrics-listen`).
     pub fn metrics_addr(&self) -> SocketAddr {
         self.wait_line("Metrics on http://")
