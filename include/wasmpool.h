@@ -526,6 +526,29 @@ wasmpool_result wasmpool_config_add_config_var(struct wasmpool_config *cfg,
 wasmpool_result wasmpool_config_add_allow_outbound(struct wasmpool_config *cfg, const char *host);
 
 /**
+ * Sets one OpenTelemetry trace export setting, by the key it has in the
+ * `[otel]` table of the server's config file: `endpoint`,
+ * `traces-endpoint`, `headers`, `service-name`, `resource-attributes`,
+ * `traces-sampler`, `traces-sampler-arg` (the meanings of the
+ * `OTEL_EXPORTER_OTLP_*`, `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`
+ * and `OTEL_TRACES_SAMPLER*` variables, which a handler does not read).
+ * `value` NULL unsets the key. With `endpoint` or `traces-endpoint` set,
+ * the handler exports a server span per pushed request (continuing a
+ * request's `traceparent` header) and its children, as the server does.
+ * Both strings are copied. Errors: `WASMPOOL_INVALID_ARGUMENT` for an
+ * unknown key or a value that does not parse (the message names the key).
+ */
+wasmpool_result wasmpool_config_set_otel(struct wasmpool_config *cfg,
+                                         const char *key,
+                                         const char *value);
+
+/**
+ * W3C trace context (default on): a pushed request's `traceparent` is
+ * continued and carried to the guest's outbound requests. 0 turns it off.
+ */
+wasmpool_result wasmpool_config_set_trace_context(struct wasmpool_config *cfg, bool on);
+
+/**
  * Whether instances are reused: a `wasmpool_reuse_mode` value
  * (default `WASMPOOL_REUSE_AUTO`). Other values are invalid.
  */

@@ -940,6 +940,13 @@ pub struct FileConfig {
     /// wasi:config/store variables, as a table.
     #[serde(default)]
     pub config_vars: std::collections::BTreeMap<String, String>,
+    /// W3C trace context: continue an incoming `traceparent`, carry it to
+    /// the guest's outbound requests (default true).
+    #[serde(default)]
+    pub trace_context: Option<bool>,
+    /// OpenTelemetry trace export: the `OTEL_*` variables' meanings.
+    #[serde(default)]
+    pub otel: crate::telemetry::trace::OtelFile,
     #[serde(flatten)]
     pub knobs: KnobArgs,
 }

@@ -143,6 +143,46 @@ fn run_test_mode(
 }
 
 #[test]
+fn c_handler_exports_spans_and_continues_the_trace() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let receiver = rt.block_on(otlp::Receiver::start(Duration::ZERO));
+    let bin = build_test("test_capi_trace", &[]);
+    let out = run_test_mode(
+        &bin,
+        &[("OTLP_ENDPOINT", &receiver.endpoint())],
+        &[],
+        Some("trace"),
+    );
+    let span_id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("server span "))
+        .expect("the guest saw the server span")
+        .to_string();
+    // Sent before `wasmpool_handler_free` returned: no waiting here.
+    let spans = rt.block_on(receiver.trace("4bf92f3577b34da6a3ce929d0e0e4736"));
+    let server = spans
+        .iter()
+        .find(|g| g.kind() == otlp::SpanKind::Server)
+        .unwrap();
+    assert_eq!(server.id(), span_id);
+    assert_eq!(server.parent(), "00f067aa0ba902b7");
+    assert_eq!(server.service, "c-host");
+    assert_eq!(server.int("http.response.status_code"), Some(200));
+    assert_eq!(server.str("url.path").as_deref(), Some("/echo"));
+    let trap = rt.block_on(receiver.trace("22222222222222222222222222222222"));
+    let trap = trap
+        .iter()
+        .find(|g| g.kind() == otlp::SpanKind::Server)
+        .unwrap();
+    assert!(
+        trap.error().unwrap().contains("trapped"),
+        "{:?}",
+        trap.error()
+    );
+    assert_eq!(trap.int("http.response.status_code"), Some(500));
+}
+
+#[test]
 fn c_tests_plain() {
     let bin = build_test("test_capi", &[]);
     run_test(&bin, &[], &[], false);

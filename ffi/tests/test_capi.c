@@ -471,6 +471,50 @@ static void test_free_with_requests_in_flight(int poll_mode) {
   waiter_destroy(&w);
 }
 
+/* Trace context and export (mode "trace"; OTLP_ENDPOINT names the test's
+ * receiver, which checks the spans after this exits). */
+static void test_trace(const char *endpoint) {
+  wasmpool_config *cfg = small_config();
+  CHECK_RESULT(wasmpool_config_set_otel(cfg, "endpont", "http://x"), WASMPOOL_INVALID_ARGUMENT);
+  CHECK(strstr(wasmpool_last_error(), "endpont") != NULL);
+  CHECK_RESULT(wasmpool_config_set_otel(cfg, "traces-sampler", "sometimes"), WASMPOOL_INVALID_ARGUMENT);
+  CHECK(strstr(wasmpool_last_error(), "otel.traces-sampler") != NULL);
+  CHECK_RESULT(wasmpool_config_set_otel(cfg, "endpoint", "not a url"), WASMPOOL_INVALID_ARGUMENT);
+  CHECK_RESULT(wasmpool_config_set_otel(NULL, "endpoint", endpoint), WASMPOOL_NULL_ARGUMENT);
+  CHECK_RESULT(wasmpool_config_set_otel(cfg, NULL, endpoint), WASMPOOL_NULL_ARGUMENT);
+  CHECK_RESULT(wasmpool_config_set_otel(cfg, "endpoint", endpoint), WASMPOOL_OK);
+  CHECK_RESULT(wasmpool_config_set_otel(cfg, "service-name", "c-host"), WASMPOOL_OK);
+  CHECK_RESULT(wasmpool_config_set_otel(cfg, "resource-attributes", "host.name=test"), WASMPOOL_OK);
+  CHECK_RESULT(wasmpool_config_set_otel(cfg, "resource-attributes", NULL), WASMPOOL_OK);
+  CHECK_RESULT(wasmpool_config_set_trace_context(cfg, true), WASMPOOL_OK);
+  wasmpool_handler *h = new_handler(cfg, p2_path);
+  wasmpool_config_free(cfg);
+  if (!h) return;
+  static const char tp[] = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+  wasmpool_request *req = wasmpool_request_new("GET", "/echo");
+  CHECK_RESULT(wasmpool_request_add_header(req, "traceparent", (const uint8_t *)tp, strlen(tp)), WASMPOOL_OK);
+  wasmpool_response *resp = NULL;
+  CHECK_RESULT(wasmpool_handler_call(h, req, &resp), WASMPOOL_OK);
+  if (resp) {
+    size_t len = 0;
+    const uint8_t *body = wasmpool_response_body(resp, &len);
+    /* The guest sees the same trace with the handler's server span. */
+    const char *seen = memmem(body, len, "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-", 49);
+    CHECK(seen != NULL);
+    CHECK(memmem(body, len, tp, strlen(tp)) == NULL);
+    if (seen) printf("server span %.16s\n", seen + 49);
+    wasmpool_response_free(resp);
+  }
+  /* A trap: the span's status says so. */
+  req = wasmpool_request_new("GET", "/trap");
+  static const char tp2[] = "00-22222222222222222222222222222222-00f067aa0ba902b7-01";
+  CHECK_RESULT(wasmpool_request_add_header(req, "traceparent", (const uint8_t *)tp2, strlen(tp2)), WASMPOOL_OK);
+  resp = NULL;
+  CHECK_RESULT(wasmpool_handler_call(h, req, &resp), WASMPOOL_TRAP);
+  /* Freeing sends the queued spans. */
+  CHECK_RESULT(wasmpool_handler_free(h), WASMPOOL_OK);
+}
+
 int main(int argc, char **argv) {
   if (argc < 4) {
     fprintf(stderr, "usage: %s P2.wasm P3.wasm CACHE_DIR [quick]\n", argv[0]);
@@ -480,6 +524,11 @@ int main(int argc, char **argv) {
   p3_path = argv[2];
   cache_dir = argv[3];
   quick = argc > 4 && strcmp(argv[4], "quick") == 0;
+  if (argc > 4 && strcmp(argv[4], "trace") == 0) {
+    test_trace(getenv("OTLP_ENDPOINT"));
+    printf("%d checks, %d failed\n", checks, failures);
+    return failures == 0 ? 0 : 1;
+  }
 
   test_basics();
   test_config();

@@ -6,6 +6,7 @@ use super::wasmpool_result;
 use super::{Failure, boundary, boundary_ptr, boundary_void, handle_mut, str_arg};
 use crate::config::KnobArgs;
 use crate::config::{Knobs, OutboundRule};
+use crate::telemetry::trace::{self, OtelFile};
 use std::ffi::c_char;
 use std::time::Duration;
 
@@ -45,6 +46,19 @@ pub struct wasmpool_config {
     pub(crate) engine_threads: usize,
     /// Largest body `wasmpool_handler_push` / `_call` collect.
     pub(crate) max_response_size: u64,
+    /// Trace export (`wasmpool_config_set_otel`); off without an endpoint.
+    pub(crate) otel: OtelFile,
+    /// W3C trace context propagation (default on).
+    pub(crate) trace_context: bool,
+}
+
+impl wasmpool_config {
+    /// The trace settings: the config's keys only (a library does not
+    /// read the process's `OTEL_*` variables behind its host's back).
+    pub(crate) fn trace_settings(&self) -> Result<trace::Settings, Failure> {
+        trace::Settings::from_sources(self.trace_context, &self.otel, &|_| None)
+            .map_err(|e| Failure::invalid(e.to_string()))
+    }
 }
 
 /// Default of `wasmpool_config_set_max_response_size`.
@@ -64,6 +78,8 @@ pub extern "C" fn wasmpool_config_new() -> *mut wasmpool_config {
             completion: wasmpool_completion_mode::WASMPOOL_COMPLETION_ENGINE,
             engine_threads: threads,
             max_response_size: DEFAULT_MAX_RESPONSE_SIZE,
+            otel: OtelFile::default(),
+            trace_context: true,
         })))
     })
 }
@@ -397,6 +413,67 @@ pub unsafe extern "C" fn wasmpool_config_add_allow_outbound(
             .knobs
             .allow_outbound
             .push(rule);
+        Ok(())
+    })
+}
+
+/// Sets one OpenTelemetry trace export setting, by the key it has in the
+/// `[otel]` table of the server's config file: `endpoint`,
+/// `traces-endpoint`, `headers`, `service-name`, `resource-attributes`,
+/// `traces-sampler`, `traces-sampler-arg` (the meanings of the
+/// `OTEL_EXPORTER_OTLP_*`, `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`
+/// and `OTEL_TRACES_SAMPLER*` variables, which a handler does not read).
+/// `value` NULL unsets the key. With `endpoint` or `traces-endpoint` set,
+/// the handler exports a server span per pushed request (continuing a
+/// request's `traceparent` header) and its children, as the server does.
+/// Both strings are copied. Errors: `WASMPOOL_INVALID_ARGUMENT` for an
+/// unknown key or a value that does not parse (the message names the key).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wasmpool_config_set_otel(
+    cfg: *mut wasmpool_config,
+    key: *const c_char,
+    value: *const c_char,
+) -> wasmpool_result {
+    boundary(|| {
+        // SAFETY: see `str_arg`.
+        let key = unsafe { str_arg(key, "key") }?;
+        let value = if value.is_null() {
+            None
+        } else {
+            // SAFETY: see `str_arg`.
+            Some(unsafe { str_arg(value, "value") }?.to_string())
+        };
+        // SAFETY: see `handle_mut`.
+        let cfg = unsafe { handle_mut(cfg, "cfg") }?;
+        let mut otel = cfg.otel.clone();
+        let slot = match key {
+            "endpoint" => &mut otel.endpoint,
+            "traces-endpoint" => &mut otel.traces_endpoint,
+            "headers" => &mut otel.headers,
+            "service-name" => &mut otel.service_name,
+            "resource-attributes" => &mut otel.resource_attributes,
+            "traces-sampler" => &mut otel.traces_sampler,
+            "traces-sampler-arg" => &mut otel.traces_sampler_arg,
+            other => return Err(Failure::invalid(format!("unknown otel key `{other}`"))),
+        };
+        *slot = value;
+        trace::Settings::from_sources(cfg.trace_context, &otel, &|_| None)
+            .map_err(|e| Failure::invalid(e.to_string()))?;
+        cfg.otel = otel;
+        Ok(())
+    })
+}
+
+/// W3C trace context (default on): a pushed request's `traceparent` is
+/// continued and carried to the guest's outbound requests. 0 turns it off.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wasmpool_config_set_trace_context(
+    cfg: *mut wasmpool_config,
+    on: bool,
+) -> wasmpool_result {
+    boundary(|| {
+        // SAFETY: see `handle_mut`.
+        unsafe { handle_mut(cfg, "cfg") }?.trace_context = on;
         Ok(())
     })
 }

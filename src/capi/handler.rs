@@ -7,6 +7,7 @@ use crate::engine::admission::Rejection;
 use crate::engine::component::Source;
 use crate::engine::pool::{Pool, RequestError};
 use crate::error::LoadError;
+use crate::telemetry::trace::{self, RequestTrace, Tracer};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use std::cell::Cell;
@@ -70,6 +71,8 @@ pub struct wasmpool_handler {
     engine: crate::engine::stats::Shared,
     /// The config the handler was made with (reloads without one reuse it).
     cfg: Mutex<(crate::config::Knobs, u64)>,
+    /// Trace context and export for pushed requests (`None`: both off).
+    tracer: arc_swap::ArcSwapOption<Tracer>,
     shared: Arc<Shared>,
 }
 
@@ -342,9 +345,34 @@ async fn run(
     pool: Arc<Pool>,
     mut req: wasmpool_request,
     max_response: u64,
+    tracer: Option<Arc<Tracer>>,
 ) -> Result<wasmpool_response, Failure> {
     let deadline = Instant::now() + pool.knobs().request_timeout;
-    let r = build(&pool, &mut req)?;
+    let mut r = build(&pool, &mut req)?;
+    let span = SpanGuard::begin(tracer, &mut r);
+    let r = run_full(&pool, r, max_response, deadline).await;
+    match &r {
+        Ok(resp) => span.finish(
+            resp.status,
+            match &resp.body {
+                super::message::ResponseBody::Full { bytes, .. } => Some(bytes.len() as u64),
+                super::message::ResponseBody::Stream(_) => None,
+            },
+        ),
+        Err(f) => {
+            span.failed(f);
+            span.finish(failure_status(f), None);
+        }
+    }
+    r
+}
+
+async fn run_full(
+    pool: &Pool,
+    r: http::Request<wasmtime_wasi_http::WasiBody>,
+    max_response: u64,
+    deadline: Instant,
+) -> Result<wasmpool_response, Failure> {
     let resp = pool.handle(r).await.map_err(request_failure)?;
     let (parts, mut body) = resp.into_parts();
     let left = deadline.saturating_duration_since(Instant::now());
@@ -408,16 +436,31 @@ async fn run_streaming(
     mut req: wasmpool_request,
     cancel: Option<Arc<super::stream::CancelState>>,
     notifier: Notifier,
+    tracer: Option<Arc<Tracer>>,
 ) -> Result<wasmpool_response, Failure> {
-    let r = build(&pool, &mut req)?;
-    let resp = pool.handle(r).await.map_err(request_failure)?;
+    let mut r = build(&pool, &mut req)?;
+    let span = SpanGuard::begin(tracer, &mut r);
+    let resp = match pool.handle(r).await.map_err(request_failure) {
+        Ok(resp) => resp,
+        Err(f) => {
+            span.failed(&f);
+            span.finish(failure_status(&f), None);
+            return Err(f);
+        }
+    };
     let (parts, body) = resp.into_parts();
     let pipe = super::stream::Pipe::new(super::stream::STREAM_BUFFER);
     pipe.set_notifier(notifier);
     if let Some(c) = &cancel {
         c.finish(Some(&pipe));
     }
-    tokio::spawn(super::stream::pump(pipe.clone(), body));
+    let status = parts.status.as_u16();
+    let pump = super::stream::pump(pipe.clone(), body);
+    // The span ends with the body (or when the host frees the response).
+    tokio::spawn(async move {
+        pump.await;
+        span.finish(status, None);
+    });
     Ok(wasmpool_response {
         status: parts.status.as_u16(),
         headers: head_of(&parts),
@@ -447,6 +490,69 @@ fn build(
     *r.uri_mut() = std::mem::take(&mut req.uri);
     *r.headers_mut() = std::mem::take(&mut req.headers);
     Ok(r)
+}
+
+/// The longest `wasmpool_handler_free` waits for queued spans to go out.
+const TRACE_FLUSH: Duration = Duration::from_secs(5);
+
+/// The tracer `cfg` asks for; `None` when it asks for nothing.
+fn new_tracer(cfg: &wasmpool_config) -> Result<Option<Arc<Tracer>>, Failure> {
+    let settings = cfg.trace_settings()?;
+    if !settings.propagate && settings.export.is_none() {
+        return Ok(None);
+    }
+    Tracer::start(settings)
+        .map(|t| Some(Arc::new(t)))
+        .map_err(|e| Failure::new(WASMPOOL_IO, format!("cannot start the trace exporter: {e}")))
+}
+
+/// The HTTP status the server would have answered a failure with (0:
+/// none, as for a cancelled request).
+fn failure_status(f: &Failure) -> u16 {
+    match f.code {
+        WASMPOOL_OVERLOADED | WASMPOOL_SHUTTING_DOWN => 503,
+        WASMPOOL_TIMEOUT => 504,
+        WASMPOOL_TRAP | WASMPOOL_GUEST_ERROR => 500,
+        WASMPOOL_TOO_LARGE => 413,
+        _ => 0,
+    }
+}
+
+/// Ends a pushed request's server span exactly once: by the request's
+/// outcome, or, when the request is dropped first (cancelled, handler
+/// freed), as cancelled.
+struct SpanGuard(Option<Arc<RequestTrace>>);
+
+impl SpanGuard {
+    fn begin(
+        tracer: Option<Arc<Tracer>>,
+        r: &mut http::Request<wasmtime_wasi_http::WasiBody>,
+    ) -> SpanGuard {
+        SpanGuard(tracer.and_then(|t| trace::begin_with(&t, r, None)))
+    }
+
+    fn failed(&self, f: &Failure) {
+        if let Some(t) = &self.0 {
+            t.failed(f.message.clone());
+        }
+    }
+
+    fn finish(&self, status: u16, bytes_out: Option<u64>) {
+        if let Some(t) = &self.0 {
+            t.finish(status, None, bytes_out);
+        }
+    }
+}
+
+impl Drop for SpanGuard {
+    fn drop(&mut self) {
+        if let Some(t) = &self.0
+            && !t.finished()
+        {
+            t.failed("the request was cancelled".into());
+            t.finish(0, None, None);
+        }
+    }
 }
 
 fn load_failure(e: LoadError) -> Failure {
@@ -494,6 +600,7 @@ fn new_handler(cfg: &wasmpool_config, source: Source) -> Result<*mut wasmpool_ha
         .map_err(|e| Failure::invalid(e.to_string()))?;
     let engine = crate::engine::stats::Shared::new(&cfg.knobs)
         .map_err(|e| Failure::invalid(e.to_string()))?;
+    let tracer = new_tracer(cfg)?;
     let pool = load_pool(&rt, cfg.knobs.clone(), source, &engine)?;
     // SAFETY: plain eventfd creation; the result is checked.
     let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
@@ -520,6 +627,7 @@ fn new_handler(cfg: &wasmpool_config, source: Source) -> Result<*mut wasmpool_ha
         pool: arc_swap::ArcSwap::from_pointee(pool),
         engine,
         cfg: Mutex::new((cfg.knobs.clone(), cfg.max_response_size)),
+        tracer: arc_swap::ArcSwapOption::new(tracer),
         shared,
     })))
 }
@@ -674,6 +782,7 @@ fn push(
             userdata: Some(SendPtr(userdata)),
         };
         let pool = h.pool.load_full();
+        let tracer = h.tracer.load_full();
         let max_response = h.cfg.lock().unwrap_or_else(|e| e.into_inner()).1;
         let cancel = req.cancel.take();
         let upload = req.stream.clone();
@@ -688,9 +797,9 @@ fn push(
             Box::pin(async move {
                 let work = async {
                     if streaming {
-                        run_streaming(pool, *req, cancel.clone(), notifier).await
+                        run_streaming(pool, *req, cancel.clone(), notifier, tracer).await
                     } else {
-                        run(pool, *req, max_response).await
+                        run(pool, *req, max_response, tracer).await
                     }
                 };
                 let outcome = match &cancel {
@@ -789,8 +898,12 @@ impl wasmpool_handler {
         knobs
             .validate()
             .map_err(|e| Failure::invalid(e.to_string()))?;
+        let tracer = cfg.map(new_tracer).transpose()?;
         let pool = load_pool(self.rt(), knobs.clone(), source, &self.engine)?;
         self.pool.store(Arc::new(pool));
+        if let Some(t) = tracer {
+            self.tracer.store(t);
+        }
         *self.cfg.lock().unwrap_or_else(|e| e.into_inner()) = (knobs, max_response);
         self.engine.stats.reloads.fetch_add(1, Relaxed);
         Ok(())
@@ -830,7 +943,7 @@ pub unsafe extern "C" fn wasmpool_handler_call(
         let max_response = h.cfg.lock().unwrap_or_else(|e| e.into_inner()).1;
         let shared = h.shared.clone();
         let outcome = h.rt().block_on(async move {
-            let r = tokio::spawn(run(pool, *req, max_response)).await;
+            let r = tokio::spawn(run(pool, *req, max_response, h.tracer.load_full())).await;
             r.unwrap_or_else(|e| {
                 Err(Failure::new(
                     WASMPOOL_PANIC,
@@ -935,6 +1048,11 @@ pub unsafe extern "C" fn wasmpool_handler_free(h: *mut wasmpool_handler) -> wasm
         }
         if let Some(rt) = h.rt.take() {
             rt.shutdown_timeout(Duration::from_secs(5));
+        }
+        // The last spans reach the collector before the host goes on (it
+        // may exit next).
+        if let Some(t) = h.tracer.load_full() {
+            t.flush(TRACE_FLUSH);
         }
         Ok(())
     })

@@ -35,6 +35,8 @@ pub struct Admission {
 pub struct Permit {
     _slot: OwnedSemaphorePermit,
     stats: Arc<Stats>,
+    /// The request waited in the queue for its slot.
+    pub waited: bool,
 }
 
 impl Drop for Permit {
@@ -70,18 +72,19 @@ impl Admission {
         }
     }
 
-    fn permit(&self, slot: OwnedSemaphorePermit) -> Permit {
+    fn permit(&self, slot: OwnedSemaphorePermit, waited: bool) -> Permit {
         self.stats.in_flight.fetch_add(1, Relaxed);
         Permit {
             _slot: slot,
             stats: self.stats.clone(),
+            waited,
         }
     }
 
     /// Waits for a slot, within the bounds above.
     pub async fn admit(&self) -> Result<Permit, Rejection> {
         match self.slots.clone().try_acquire_owned() {
-            Ok(slot) => return Ok(self.permit(slot)),
+            Ok(slot) => return Ok(self.permit(slot, false)),
             Err(TryAcquireError::Closed) => return Err(Rejection::Closed),
             Err(TryAcquireError::NoPermits) => {}
         }
@@ -96,7 +99,7 @@ impl Admission {
         self.stats.queued.fetch_add(1, Relaxed);
         let _guard = QueuedGuard(self);
         match tokio::time::timeout(self.max_wait, self.slots.clone().acquire_owned()).await {
-            Ok(Ok(slot)) => Ok(self.permit(slot)),
+            Ok(Ok(slot)) => Ok(self.permit(slot, true)),
             Ok(Err(_)) => Err(Rejection::Closed),
             Err(_) => Err(Rejection::QueueTimeout),
         }

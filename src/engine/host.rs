@@ -6,6 +6,7 @@
 use crate::config::{Knobs, OutboundRule};
 use crate::engine::budget::{Held, MemoryBudget};
 use crate::engine::retained::Retained;
+use crate::telemetry::trace::RequestTrace;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -76,7 +77,10 @@ impl Host {
             config,
             wasi: b.build(),
             http: WasiHttpCtx::new(),
-            hooks: OutboundPolicy { rules: policy },
+            hooks: OutboundPolicy {
+                rules: policy,
+                traces: Vec::new(),
+            },
             limits,
         }
     }
@@ -193,9 +197,32 @@ impl WasiHttpView for Host {
     }
 }
 
-/// Refuses outgoing HTTP requests unless `allow-outbound` lists the host.
+impl Host {
+    /// A traced request runs on this instance now.
+    pub(crate) fn trace_begin(&mut self, trace: Arc<RequestTrace>) {
+        self.hooks.traces.push(trace);
+    }
+
+    /// The traced request is done here.
+    pub(crate) fn trace_end(&mut self, trace: &Arc<RequestTrace>) {
+        self.hooks.traces.retain(|t| !Arc::ptr_eq(t, trace));
+    }
+
+    /// No request runs here any more.
+    pub(crate) fn trace_clear(&mut self) {
+        self.hooks.traces.clear();
+    }
+}
+
+/// Refuses outgoing HTTP requests unless `allow-outbound` lists the host,
+/// and carries the trace context to the ones it lets through.
 struct OutboundPolicy {
     rules: Arc<[OutboundRule]>,
+    /// The traced requests running on this instance. With exactly one, an
+    /// outbound request is its own (with several, concurrently on one
+    /// instance, the host cannot tell whose it is: the guest carries the
+    /// `traceparent` it was given itself).
+    traces: Vec<Arc<RequestTrace>>,
 }
 
 type SendResult = wasmtime_wasi_http::Result<(
@@ -206,7 +233,7 @@ type SendResult = wasmtime_wasi_http::Result<(
 impl WasiHttpHooks for OutboundPolicy {
     fn send_request(
         &mut self,
-        request: http::Request<WasiBody>,
+        mut request: http::Request<WasiBody>,
         options: Option<wasmtime_wasi_http::RequestOptions>,
         fut: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
     ) -> Box<dyn Future<Output = SendResult> + Send> {
@@ -223,9 +250,20 @@ impl WasiHttpHooks for OutboundPolicy {
             return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
         }
         _ = fut;
+        let span = match self.traces.as_slice() {
+            [one] => one.outbound(&mut request),
+            _ => None,
+        };
         Box::new(async move {
             use http_body_util::BodyExt;
-            let (res, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+            let sent = wasmtime_wasi_http::default_send_request(request, options).await;
+            if let Some(span) = span {
+                span.end(match &sent {
+                    Ok((res, _)) => Ok(res.status().as_u16()),
+                    Err(e) => Err(format!("{e:?}")),
+                });
+            }
+            let (res, io) = sent?;
             Ok((
                 res.map(BodyExt::boxed_unsync),
                 Box::new(io) as Box<dyn Future<Output = _> + Send>,

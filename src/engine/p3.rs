@@ -476,7 +476,14 @@ pub(crate) async fn serve(
             None => {
                 let in_flight = state.stats.in_flight.load(Relaxed) as usize;
                 match gate.slot(in_flight) {
-                    Ok(slot) => state.create_p3(slot).await.map_err(Failure::Create)?,
+                    Ok(slot) => {
+                        let from = Instant::now();
+                        let live = state.create_p3(slot).await.map_err(Failure::Create)?;
+                        if let Some(t) = &ticket.trace {
+                            t.instantiated(from, Instant::now());
+                        }
+                        live
+                    }
                     Err(_spare) => {
                         // Live instances could hold the requests in flight:
                         // wait for one to advertise room, but not forever.
@@ -645,7 +652,11 @@ fn event_loop(state: Arc<PoolState>, live: Live, run: Arc<Run>, first: Job) -> L
                                     s.outstanding += 1;
                                     s.busy_since = Instant::now();
                                 }
+                                let trace = ticket.trace.clone();
                                 let prepared = accessor.with(|mut store| {
+                                    if let Some(t) = &trace {
+                                        store.data_mut().trace_begin(t.clone());
+                                    }
                                     Prepared::new(
                                         store.as_context_mut(),
                                         proxy,
@@ -656,7 +667,11 @@ fn event_loop(state: Arc<PoolState>, live: Live, run: Arc<Run>, first: Job) -> L
                                 });
                                 let expired = expiry(ticket);
                                 futures.push(Box::pin(async move {
-                                    prepared?.run(accessor, expired).await
+                                    let r = prepared?.run(accessor, expired).await;
+                                    if let Some(t) = &trace {
+                                        accessor.with(|mut s| s.data_mut().trace_end(t));
+                                    }
+                                    r
                                 }));
                                 continue;
                             }

@@ -19,6 +19,7 @@ use crate::engine::reuse::{Replay, ReplayableBody, ReuseSwitch};
 use crate::engine::spare::{Gate, GateSlot};
 use crate::engine::stats::{Shared, Snapshot, Stats};
 use crate::error::LoadError;
+use crate::telemetry::trace::RequestTrace;
 use bytes::Bytes;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -75,6 +76,8 @@ pub struct Ticket {
     pub(crate) reused: AtomicBool,
     /// The id of the instance that took the request (0: none yet).
     pub(crate) instance: AtomicU64,
+    /// The request's trace, which hears where the request's time goes.
+    pub(crate) trace: Option<Arc<RequestTrace>>,
 }
 
 /// Which instance answered a request: in the response's extensions (for
@@ -125,6 +128,16 @@ impl Ticket {
             self.reused.store(true, Relaxed);
         }
         self.instance.store(instance, Relaxed);
+        if let Some(t) = &self.trace {
+            t.taken(instance, served_before > 0);
+        }
+    }
+
+    fn with_trace(trace: Option<Arc<RequestTrace>>) -> Arc<Ticket> {
+        Arc::new(Ticket {
+            trace,
+            ..Ticket::default()
+        })
     }
 
     fn expire(&self) {
@@ -497,7 +510,19 @@ impl Pool {
                 http::HeaderValue::from_static("localhost"),
             );
         }
-        let permit = self.admission.admit().await?;
+        let trace = crate::telemetry::trace::of(&request);
+        let asked = Instant::now();
+        let permit = self.admission.admit().await;
+        let waited = match &permit {
+            Ok(p) => p.waited,
+            Err(r) => *r == Rejection::QueueTimeout,
+        };
+        if let Some(t) = &trace
+            && waited
+        {
+            t.queued(asked, Instant::now());
+        }
+        let permit = permit?;
         let started = Instant::now();
         let state = &self.state;
         // Under `reuse = auto`, keep what a retry on a fresh instance needs.
@@ -511,7 +536,7 @@ impl Pool {
             } else {
                 None
             };
-        let ticket = Arc::new(Ticket::default());
+        let ticket = Ticket::with_trace(trace);
         let first = self
             .attempt(request, &ticket, self.knobs.request_timeout)
             .await;
@@ -554,7 +579,7 @@ impl Pool {
         let switch = &self.state.switch;
         switch.suspect();
         self.stats.retries.fetch_add(1, Relaxed);
-        let ticket = Arc::new(Ticket::default());
+        let ticket = Ticket::with_trace(head.trace.clone());
         match self.attempt(head.with_body(body), &ticket, left).await {
             Ok(response) => {
                 if switch.confirm() {
@@ -585,6 +610,9 @@ impl Pool {
         timeout: Duration,
     ) -> Result<http::Response<WasiBody>, RequestError> {
         let mut r = self.attempt_on(request, ticket, timeout).await;
+        if let Some(t) = &ticket.trace {
+            t.answered();
+        }
         if let Ok(response) = &mut r {
             response.extensions_mut().insert(Served {
                 instance: ticket.instance.load(Relaxed),
@@ -658,12 +686,22 @@ impl Pool {
                 Some(live) => live,
                 // Boxed: instantiation is rare next to reuse, and its
                 // future would add to every request's.
-                None => Box::pin(state.create_p2())
-                    .await
-                    .map_err(|e| instantiate_failure(&e))?,
+                None => {
+                    let from = Instant::now();
+                    let live = Box::pin(state.create_p2())
+                        .await
+                        .map_err(|e| instantiate_failure(&e))?;
+                    if let Some(t) = &ticket.trace {
+                        t.instantiated(from, Instant::now());
+                    }
+                    live
+                }
             };
             ticket.taken_by(live.id, live.served, &self.stats);
             live.served += 1;
+            if let Some(t) = &ticket.trace {
+                live.store.data_mut().trace_begin(t.clone());
+            }
             let finish = PoolState::finish_p2(self.state.clone(), idle.clone());
             // The guest may run on after answering, as long as the
             // teardown deadline of the WASIp3 path allows.
@@ -769,6 +807,7 @@ struct RequestHead {
     uri: http::Uri,
     version: http::Version,
     headers: http::HeaderMap,
+    trace: Option<Arc<RequestTrace>>,
 }
 
 impl RequestHead {
@@ -778,6 +817,7 @@ impl RequestHead {
             uri: parts.uri.clone(),
             version: parts.version,
             headers: parts.headers.clone(),
+            trace: parts.extensions.get::<Arc<RequestTrace>>().cloned(),
         }
     }
 
@@ -1041,8 +1081,10 @@ impl PoolState {
     /// keep it for another request while the reuse policy allows, drop it
     /// otherwise. `state` keeps the epoch ticker running meanwhile.
     fn finish_p2(state: Arc<PoolState>, idle: Arc<Idle<Live>>) -> p2::Finish {
-        Box::new(
-            move |live: Live, result: wasmtime::Result<()>| match result {
+        Box::new(move |mut live: Live, result: wasmtime::Result<()>| {
+            // The request is over: its trace is not this instance's.
+            live.store.data_mut().trace_clear();
+            match result {
                 Ok(()) => {
                     if state.keeps_idle(live.served) {
                         idle.put(live, state.knobs.idle_instance_timeout);
@@ -1060,8 +1102,8 @@ impl PoolState {
                     tracing::warn!(instance = live.id, "instance discarded after a trap: {e:#}");
                     state.retire(live);
                 }
-            },
-        )
+            }
+        })
     }
 }
 

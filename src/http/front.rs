@@ -4,6 +4,7 @@
 
 use super::body::{self, BodyLimits, ClientBody, Outcome, ReadAheadError};
 use super::limits::{Conn, HttpStats, RequestGuard};
+use super::listener::Peer;
 use super::response::{AccessRecord, Body};
 use super::tls::Tls;
 use crate::engine::{Pool, RequestError, ResponseBody};
@@ -160,20 +161,31 @@ impl Front {
     /// close records the time).
     pub async fn handle(
         &self,
-        req: http::Request<Incoming>,
+        mut req: http::Request<Incoming>,
         guard: RequestGuard,
     ) -> Response<Body> {
+        let peer = guard.conn().peer;
+        let trace = crate::telemetry::trace::begin(
+            &mut req,
+            match peer {
+                Peer::Tcp(a) => Some(a),
+                Peer::Unix => None,
+            },
+        );
         let logging = self.access_logging();
-        let start = (logging || self.metrics.is_some()).then(Instant::now);
+        let recording = trace.as_ref().is_some_and(|t| t.recording());
+        let start = (logging || recording || self.metrics.is_some()).then(Instant::now);
         let http1 = req.version() <= http::Version::HTTP_11;
         let pool = self.pool();
         let outcome = Arc::new(Outcome::default());
-        let access = match (logging, start) {
-            (true, Some(start)) => Some(AccessRecord::new(
+        let access = match start {
+            Some(start) if logging || recording => Some(AccessRecord::new(
                 &req,
-                guard.conn().peer,
+                peer,
                 start,
                 outcome.clone(),
+                logging,
+                trace,
             )),
             _ => None,
         };
@@ -240,7 +252,8 @@ impl Front {
         let budget = self.pool().budget().clone();
         let mut r = r.map(|b| Body::own(b, guard, &budget));
         if self.access_logging() {
-            let mut record = AccessRecord::new(req, peer, Instant::now(), Arc::default());
+            let mut record =
+                AccessRecord::new(req, peer, Instant::now(), Arc::default(), true, None);
             record.answered(&r);
             r.body_mut().log_when_done(record);
         }
@@ -286,7 +299,9 @@ impl Front {
             }
         };
         let (method, uri) = (parts.method.clone(), parts.uri.clone());
-        let result = pool.handle(http::Request::from_parts(parts, body)).await;
+        let request = http::Request::from_parts(parts, body);
+        let trace = crate::telemetry::trace::of(&request);
+        let result = pool.handle(request).await;
         if outcome.failed.load(Relaxed) {
             return body_failure(&outcome);
         }
@@ -297,6 +312,9 @@ impl Front {
             // complete.
             Ok(resp) => resp.map(|b| Either::Left(b.abort_when(outcome.failed.clone()))),
             Err(e) => {
+                if let Some(t) = &trace {
+                    t.failed(e.to_string());
+                }
                 match &e {
                     RequestError::Rejected(_) => tracing::debug!(%method, %uri, "{e}"),
                     _ => tracing::warn!(%method, %uri, "{e}"),

@@ -28,6 +28,7 @@ use super::listener::Peer;
 use crate::engine::ResponseBody;
 use crate::engine::Served;
 use crate::engine::budget::{Held, MemoryBudget};
+use crate::telemetry::trace::RequestTrace;
 use bytes::Bytes;
 use http_body::{Body as _, Frame};
 use http_body_util::Full;
@@ -72,6 +73,9 @@ pub struct AccessRecord {
     served: Option<Served>,
     /// The body's length as the response declared it (`content-length`).
     declared: Option<u64>,
+    /// Write the access line (else only the trace is ended).
+    log: bool,
+    trace: Option<Arc<RequestTrace>>,
 }
 
 impl AccessRecord {
@@ -80,6 +84,8 @@ impl AccessRecord {
         peer: Peer,
         start: Instant,
         received: Arc<Outcome>,
+        log: bool,
+        trace: Option<Arc<RequestTrace>>,
     ) -> AccessRecord {
         AccessRecord {
             peer,
@@ -94,6 +100,8 @@ impl AccessRecord {
             status: 0,
             served: None,
             declared: None,
+            log,
+            trace,
         }
     }
 
@@ -122,6 +130,13 @@ impl AccessRecord {
             .received
             .received
             .load(std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = &self.trace {
+            t.finish(self.status, Some(bytes_in), Some(sent));
+        }
+        if !self.log {
+            return;
+        }
+        let ctx = self.trace.as_ref().map(|t| t.context());
         let line = crate::telemetry::access::Line {
             client: &self.peer,
             method: self.method.as_str(),
@@ -134,10 +149,13 @@ impl AccessRecord {
             instance,
             reused,
             complete,
+            trace: ctx,
         };
         if crate::telemetry::access::write(&line) {
             return;
         }
+        let trace_id = ctx.map(|c| c.trace_id_hex());
+        let span_id = ctx.map(|c| c.span_id_hex());
         tracing::info!(
             target: "access",
             client = %self.peer,
@@ -151,6 +169,8 @@ impl AccessRecord {
             instance,
             reused,
             complete,
+            trace_id = trace_id.as_deref(),
+            span_id = span_id.as_deref(),
         );
     }
 }

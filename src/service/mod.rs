@@ -17,8 +17,8 @@ use crate::engine::stats::Shared;
 use crate::error::LoadError;
 use crate::http::tls::Tls;
 use crate::http::{self as front, Front, Listener};
-use crate::telemetry::access;
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::{access, trace};
 use anyhow::{Context as _, Result, bail};
 use notify::Notifier;
 use sockets::Inherited;
@@ -27,6 +27,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 use tokio::signal::unix::{SignalKind, signal};
+
+/// The longest the drain waits for queued spans to reach the collector.
+const TRACE_FLUSH: Duration = Duration::from_secs(5);
 
 /// Why the service stops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +47,12 @@ pub fn run(opts: ServeOptions, inherited: Vec<Inherited>) -> Result<()> {
     // a one-line error at once.
     if let Some(a) = &settled.access_log {
         access::install(access::open(a)?);
+    }
+    trace::install(
+        trace::Tracer::start(settled.trace.clone()).context("cannot start the trace exporter")?,
+    );
+    if let Some(to) = trace::exporting() {
+        tracing::info!("exporting traces to {to}");
     }
     if settled.exit_idle_after.is_some() && inherited.is_empty() {
         bail!(
@@ -331,6 +340,7 @@ async fn serve(
         let _ = t.await;
     }
     access::flush();
+    trace::flush(TRACE_FLUSH);
     tracing::info!("stopped");
     Ok(())
 }
@@ -392,6 +402,8 @@ fn start_reload(
         // Opened now, put in use by `finish_reload`: a file that cannot be
         // opened fails the reload before anything changed.
         let access_log = settled.access_log.as_ref().map(access::open).transpose()?;
+        let tracer =
+            trace::prepare(settled.trace.clone()).context("cannot start the trace exporter")?;
         let staging = Staging::start(settled.knobs, settled.component)?;
         let pool = load(staging, shared.clone(), notifier).await?;
         match (&tls, files) {
@@ -418,7 +430,11 @@ fn start_reload(
             (None, None) => {}
         }
         shared.apply(&knobs)?;
-        Ok(Reloaded { pool, access_log })
+        Ok(Reloaded {
+            pool,
+            access_log,
+            tracer,
+        })
     })
 }
 
@@ -426,6 +442,8 @@ fn start_reload(
 struct Reloaded {
     pool: Pool,
     access_log: Option<access::Opened>,
+    /// `None`: the trace settings did not change.
+    tracer: Option<trace::Tracer>,
 }
 
 /// Swaps in a successfully reloaded pool. Listen addresses and the
@@ -436,10 +454,17 @@ fn finish_reload(
     stats: &crate::engine::Stats,
 ) -> ReloadResult {
     match done.map_err(anyhow::Error::from).and_then(|r| r) {
-        Ok(Reloaded { pool, access_log }) => {
+        Ok(Reloaded {
+            pool,
+            access_log,
+            tracer,
+        }) => {
             front.set_access_log(access_log.is_some());
             if let Some(a) = access_log {
                 access::install(a);
+            }
+            if let Some(t) = tracer {
+                trace::install(t);
             }
             let (old, new) = (front.pool().knobs().clone(), pool.knobs().clone());
             if old.max_concurrent_connections != new.max_concurrent_connections {

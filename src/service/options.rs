@@ -5,7 +5,7 @@ use crate::config::{AccessLogArg, FileConfig, KnobArgs, Knobs, defaults};
 use crate::http::listener::ListenSpec;
 use crate::http::tls::TlsFiles;
 use crate::http::{ListenAddr, Listener};
-use crate::telemetry::access;
+use crate::telemetry::{access, trace};
 use anyhow::{Context, Result, bail};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -48,6 +48,7 @@ pub(crate) struct Settled {
     plain_sockets: Vec<String>,
     /// `None`: off.
     pub(crate) access_log: Option<access::Settings>,
+    pub(crate) trace: trace::Settings,
 }
 
 impl ServeOptions {
@@ -107,7 +108,10 @@ impl ServeOptions {
         if let Some(name) = tls_sockets.iter().find(|n| plain_sockets.contains(n)) {
             bail!("socket `{name}` is named both in tls-socket and in plain-socket");
         }
+        let trace =
+            trace::Settings::from_env_and_file(file.trace_context.unwrap_or(true), &file.otel)?;
         Ok(Settled {
+            trace,
             component,
             knobs,
             listen_defaulted: self.listen.is_empty() && file.listen.is_empty(),

@@ -28,6 +28,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime};
 
+use super::trace::SpanContext;
+use super::trace::context::hex;
+
 /// The shape of the lines `logging::init` set up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shape {
@@ -266,6 +269,8 @@ pub struct Line<'a> {
     pub instance: i64,
     pub reused: bool,
     pub complete: bool,
+    /// The request's trace context, when it has one.
+    pub trace: Option<&'a SpanContext>,
 }
 
 /// A thread's text buffers and its batch.
@@ -378,6 +383,12 @@ fn fields(out: &mut String, client: &str, l: &Line<'_>) {
         r = l.reused,
         c = l.complete,
     );
+    if let Some(t) = l.trace {
+        out.push_str(" trace_id=");
+        hex(out, &t.trace_id);
+        out.push_str(" span_id=");
+        hex(out, &t.span_id);
+    }
 }
 
 fn json(out: &mut String, client: &str, l: &Line<'_>) {
@@ -393,7 +404,7 @@ fn json(out: &mut String, client: &str, l: &Line<'_>) {
     let _ = write!(
         out,
         "\",\"version\":\"{}\",\"status\":{},\"bytes_in\":{},\"bytes_out\":{},\
-         \"duration_ms\":{:?},\"instance\":{},\"reused\":{},\"complete\":{}}},\"target\":\"access\"}}",
+         \"duration_ms\":{:?},\"instance\":{},\"reused\":{},\"complete\":{}",
         version(l.version),
         l.status,
         l.bytes_in,
@@ -403,6 +414,14 @@ fn json(out: &mut String, client: &str, l: &Line<'_>) {
         l.reused,
         l.complete
     );
+    if let Some(t) = l.trace {
+        out.push_str(",\"trace_id\":\"");
+        hex(out, &t.trace_id);
+        out.push_str("\",\"span_id\":\"");
+        hex(out, &t.span_id);
+        out.push('"');
+    }
+    out.push_str("},\"target\":\"access\"}");
 }
 
 /// The inside of a JSON string (control characters were refused before).
@@ -442,6 +461,7 @@ mod tests {
             instance: 1,
             reused: false,
             complete: true,
+            trace: None,
         }
     }
 

@@ -282,6 +282,21 @@ impl Collector for HttpCollector {
             None,
             c.metric_type(),
         )?)?;
+        for (name, help, v) in [
+            (
+                "trace_spans_dropped",
+                "Spans not exported: the export queue was full or the collector failed the batch",
+                &super::trace::export::DROPPED,
+            ),
+            (
+                "trace_spans_exported",
+                "Spans the OTLP collector accepted",
+                &super::trace::export::EXPORTED,
+            ),
+        ] {
+            let c = ConstCounter::new(v.load(Relaxed));
+            c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
         let g = ConstGauge::new(h.connections_open.load(Relaxed) as i64);
         g.encode(encoder.encode_descriptor(
             "connections_open",

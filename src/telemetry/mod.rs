@@ -11,6 +11,7 @@
 pub mod access;
 pub mod logging;
 pub mod metrics;
+pub mod trace;
 
 use std::sync::atomic::AtomicU64;
 

@@ -2,6 +2,8 @@
 //! server, and a small HTTP client.
 #![allow(dead_code)]
 
+pub mod otlp;
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use std::net::SocketAddr;
