@@ -72,6 +72,10 @@ requests finish (at most \fB\-\-drain\-timeout\fR), then exit 0.
 Re\-read the config file and the component, compile off the request path and
 swap atomically. On failure the old component keeps serving and the reason
 is logged and shown in the service status.
+.TP
+\fBSIGUSR1\fR
+Write out the access lines gathered so far and reopen the access log file
+(after logrotate moved it).
 .SH ENVIRONMENT
 .TP
 \fBLISTEN_FDS\fR, \fBLISTEN_PID\fR, \fBLISTEN_FDNAMES\fR
@@ -92,6 +96,38 @@ Log filter, e.g. \fBinfo\fR, \fBwasmpool=debug\fR or \fBguest=off\fR.
 .TP
 \fBWASMPOOL_SHUTDOWN_DELAY\fR
 The shutdown delay, as \fB\-\-shutdown\-delay\fR (which wins).
+.TP
+\fBLOGS_DIRECTORY\fR
+With \fBaccess\-log = on\fR (the default), the access log goes to
+\fIaccess.log\fR in this directory (systemd's \fBLogsDirectory=\fR).
+.TP
+\fBOTEL_EXPORTER_OTLP_ENDPOINT\fR, \fBOTEL_EXPORTER_OTLP_TRACES_ENDPOINT\fR
+Export OpenTelemetry traces over OTLP/HTTP (protobuf) to this collector
+(\fBhttp://\fR; the first gets \fI/v1/traces\fR appended). Off when
+neither is set (nor \fBendpoint\fR or \fBtraces\-endpoint\fR in the
+config file's \fB[otel]\fR table, which the variables override).
+.TP
+\fBOTEL_EXPORTER_OTLP_HEADERS\fR, \fBOTEL_EXPORTER_OTLP_TRACES_HEADERS\fR
+Headers of each export, \fIkey=value,...\fR, values percent\-encoded
+(\fB[otel]\fR \fBheaders\fR).
+.TP
+\fBOTEL_SERVICE_NAME\fR, \fBOTEL_RESOURCE_ATTRIBUTES\fR
+The resource: \fBservice.name\fR (default wasmpool) and other attributes,
+\fIkey=value,...\fR (\fBservice\-name\fR, \fBresource\-attributes\fR).
+.TP
+\fBOTEL_TRACES_SAMPLER\fR, \fBOTEL_TRACES_SAMPLER_ARG\fR
+Sampling: parentbased_traceidratio (default), traceidratio, always_on,
+always_off, parentbased_always_on or parentbased_always_off; the ratio 0 to 1
+(default 1) (\fBtraces\-sampler\fR, \fBtraces\-sampler\-arg\fR).
+.TP
+\fBOTEL_BSP_MAX_QUEUE_SIZE\fR, \fBOTEL_BSP_MAX_EXPORT_BATCH_SIZE\fR, \fBOTEL_BSP_SCHEDULE_DELAY\fR, \fBOTEL_EXPORTER_OTLP_TIMEOUT\fR
+Spans waiting for export (2048; more are dropped and counted in
+\fBwasmpool_trace_spans_dropped_total\fR), spans per export (512), the
+longest a span waits in ms (5000), one export's limit in ms (10000).
+.TP
+\fBOTEL_TRACES_EXPORTER\fR, \fBOTEL_SDK_DISABLED\fR, \fBOTEL_EXPORTER_OTLP_PROTOCOL\fR
+\fBnone\fR and \fBtrue\fR turn export off; the protocol may only be
+\fBhttp/protobuf\fR.
 .SH FILES
 .TP
 \fI/etc/wasmpool/wasmpool.toml\fR
@@ -107,6 +143,10 @@ The example component, served by the \fBhello\fR app.
 .TP
 \fI/var/cache/wasmpool/\fR
 Compile cache of the packaged services.
+.TP
+\fI/var/log/wasmpool/NAME/access.log\fR
+Access log of app NAME (\fBdefault\fR for \fBwasmpool.service\fR),
+rotated by \fI/etc/logrotate.d/wasmpool\fR, which sends SIGUSR1.
 .SH EXIT STATUS
 0 on success and after a drain; 1 on errors (bad config, component, address
 or socket); 2 on command\-line syntax errors.
