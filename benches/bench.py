@@ -60,8 +60,9 @@ class Server:
         self.name, self.argv, self.port = name, argv, port
         self.metrics_port = metrics_port
         self.out = tempfile.TemporaryFile()
+        # wasmpool at its defaults, logging included: the access log goes
+        # to stderr, here a file (as under systemd's LogsDirectory=).
         e = dict(os.environ)
-        e.setdefault("WASMPOOL_LOG", "warn")
         e.update(env or {})
         self.proc = subprocess.Popen(argv, stdout=self.out, stderr=self.out, env=e)
         self.url = f"http://127.0.0.1:{port}"
@@ -102,9 +103,10 @@ class Server:
                 self.proc.wait()
 
 
-def wrk(url, seconds, conns, path="/"):
+def wrk(url, seconds, conns, path="/", headers=()):
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", url + path],
+        ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency",
+         *[a for h in headers for a in ("-H", h)], url + path],
         capture_output=True, text=True, check=True,
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
@@ -453,6 +455,106 @@ def front(bin_, guests, cache, rounds, seconds):
              "vs_h1": statistics.median(a / b for a, b in zip(rows[n], rows[base]))} for n in rows]
 
 
+class OtlpSink:
+    """A local OTLP/HTTP receiver that takes every export (200 at once)
+    and counts the bytes: what a collector on the same host costs the
+    sender, without a collector's own work."""
+
+    def __init__(self):
+        import http.server
+        sink = self
+        self.exports = 0
+        self.bytes = 0
+
+        class H(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                n = int(self.headers.get("content-length", "0"))
+                self.rfile.read(n)
+                sink.exports += 1
+                sink.bytes += n
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+
+
+TRACEPARENT = "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+TELEMETRY_GUESTS = [
+    ("p3 hello, defaults", "p3_suite.wasm", []),
+    ("Python p2, reuse 128", "py_p2.wasm", ["--max-instance-reuse-count", "128"]),
+]
+
+
+def telemetry(bin_, guests, cache, rounds, seconds, conns=16):
+    """What the access log and tracing cost, side by side: wasmpool at its
+    defaults (access log on, tracing off), with both off, with requests
+    carrying a traceparent (propagation only), and exporting every request
+    (ratio 1.0) to a local OTLP receiver; interleaved rounds."""
+    out = []
+    for name, guest, flags in TELEMETRY_GUESTS:
+        sink = OtlpSink()
+        export_env = {"OTEL_EXPORTER_OTLP_ENDPOINT": sink.url, "OTEL_TRACES_SAMPLER": "traceidratio",
+                      "OTEL_TRACES_SAMPLER_ARG": "1.0"}
+        variants = [
+            ("defaults", "defaults: access log on, tracing off", [], {}, ()),
+            ("off", "access log off, tracing off", ["--access-log", "off"], {}, ()),
+            ("propagate", "defaults, requests carry a traceparent (propagation only)", [], {}, (TRACEPARENT,)),
+            ("export", "defaults + export, ratio 1.0, local receiver", [], export_env, ()),
+        ]
+        servers, mports = {}, {}
+        for key, _, extra, env, _ in variants:
+            p, mports[key] = free_port(), free_port()
+            servers[key] = Server(f"wasmpool ({key})",
+                                  wasmpool_cmd(bin_, guests / guest, p, flags + extra, cache, mports[key]),
+                                  p, env=env, metrics_port=mports[key])
+        log(f"== telemetry: {name}")
+        for key, _, _, _, headers in variants:  # warm-up
+            wrk(servers[key].url, 1, conns, "/", headers)
+        rows = {key: [] for key, *_ in variants}
+        errors = {key: 0 for key, *_ in variants}
+        for r in range(rounds):
+            order = variants if r % 2 == 0 else variants[::-1]
+            for key, _, _, _, headers in order:
+                m = wrk(servers[key].url, seconds, conns, "/", headers)
+                rows[key].append(m["rps"])
+                errors[key] += m["non2xx"] + m["socket_errors"]
+            log(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rows.items()))
+        dropped = servers["export"].metric("wasmpool_trace_spans_dropped_total")
+        exported = servers["export"].metric("wasmpool_trace_spans_exported_total")
+        for s_ in servers.values():
+            s_.stop()
+        sink.stop()
+        ratio = lambda a, b: statistics.median(x / y for x, y in zip(rows[a], rows[b]))
+        out.append({
+            "scenario": name, "guest": guest, "flags": flags, "connections": conns,
+            "variants": [{"key": k, "label": label, "rps": statistics.median(rows[k]), "rounds": rows[k],
+                          "errors": errors[k]} for k, label, *_ in variants],
+            "defaults_vs_off": ratio("defaults", "off"),
+            "propagate_vs_defaults": ratio("propagate", "defaults"),
+            "export_vs_defaults": ratio("export", "defaults"),
+            "export_vs_off": ratio("export", "off"),
+            "spans_exported": exported, "spans_dropped": dropped,
+            "otlp_exports": sink.exports, "otlp_bytes": sink.bytes,
+        })
+        t = out[-1]
+        log(f"  -> defaults/off {t['defaults_vs_off']:.3f}, propagation/defaults {t['propagate_vs_defaults']:.3f}, "
+            f"export/defaults {t['export_vs_defaults']:.3f}; spans exported {exported:.0f}, dropped {dropped:.0f}")
+    return out
+
+
 def api_push(bin_dir, guests, cache, rounds):
     """The C API (push + completion callbacks) against the Rust API. The C
     harness runs twice: woken for every completion (as the Rust loop takes
@@ -490,6 +592,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=int, default=4)
     ap.add_argument("--only", help="regex: only these throughput scenarios")
+    ap.add_argument("--telemetry", action="store_true",
+                    help="with --only: run the telemetry scenarios too")
     a = ap.parse_args()
     bin_, guests = Path(a.bin), Path(a.guests)
     cache = Path(tempfile.mkdtemp(prefix="wasmpool-bench-cache."))
@@ -522,6 +626,8 @@ def main():
         res["memory"] = memory(bin_, guests, cache)
         res["api_push"] = api_push(Path(a.api_bins), guests, cache, a.rounds)
         res["front"] = front(bin_, guests, cache, a.rounds, a.seconds)
+    if not a.only or a.telemetry:
+        res["telemetry"] = telemetry(bin_, guests, cache, a.rounds, a.seconds)
     res["duration_s"] = round(time.time() - started)
     Path(a.out).write_text(json.dumps(res, indent=2))
     shutil.rmtree(cache, ignore_errors=True)

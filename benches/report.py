@@ -102,7 +102,8 @@ def main():
              "twice: at its defaults, and with `-W timeout=30s`, the protection wasmpool's default "
              "30 s request timeout gives (epoch checks compiled into the guest, so a spinning guest "
              "can be stopped); without it `wasmtime serve` compiles no epoch checks. The targets "
-             "are judged at equal protection.\n")
+             "are judged at equal protection. wasmpool runs at the defaults a user gets, logging included: "
+             "its access log (on by default) goes to stderr, which the harness keeps in a file.\n")
     L.append("![requests/s per scenario](benchmarks.svg)\n")
     L.append("## Throughput\n")
     L.append("| scenario | flags | conns | wasmpool req/s | wasmtime serve -W timeout req/s | "
@@ -237,6 +238,28 @@ def main():
         L.append("|---|---|---|---|")
         for r in res["front"]:
             L.append(f"| {r['protocol']} | {fmt(r['rps'])} | {r['vs_h1']:.2f}x | {r['failed']} |")
+        L.append("")
+    if "telemetry" in res:
+        L.append("## Access log and traces: what they cost\n")
+        L.append("Four wasmpool processes side by side per guest, each at its defaults except as the row says "
+                 "(stderr, where the access log goes by default, is a file); wrk with 16 connections, "
+                 f"{res['seconds']} s per row, {len(res['telemetry'][0]['variants'][0]['rounds'])} interleaved "
+                 "rounds; medians, and the median of per-round ratios. The export row sends every request's spans "
+                 "(server span and children) over OTLP/HTTP to a local receiver that accepts them at once.\n")
+        L.append("| guest | row | req/s | errors |")
+        L.append("|---|---|---|---|")
+        for t in res["telemetry"]:
+            for v in t["variants"]:
+                L.append(f"| {t['scenario']} | {v['label']} | {fmt(v['rps'])} | {v['errors']} |")
+        L.append("")
+        L.append("| guest | defaults / both off (target ≥ 0.97) | met | propagation / defaults | "
+                 "export / defaults (target ≥ 0.90) | met | spans exported | spans dropped |")
+        L.append("|---|---|---|---|---|---|---|---|")
+        for t in res["telemetry"]:
+            L.append(f"| {t['scenario']} | {t['defaults_vs_off']:.3f}x | {ok(t['defaults_vs_off'] >= 0.97)} | "
+                     f"{t['propagate_vs_defaults']:.3f}x | {t['export_vs_defaults']:.3f}x | "
+                     f"{ok(t['export_vs_defaults'] >= 0.90)} | {fmt(t['spans_exported'])} | "
+                     f"{fmt(t['spans_dropped'])} |")
         L.append("")
     rows = criterion_rows(crit)
     if rows:

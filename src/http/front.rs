@@ -315,9 +315,12 @@ impl Front {
                 if let Some(t) = &trace {
                     t.failed(e.to_string());
                 }
+                // The log line joins the request's trace, when it has one.
+                let trace_id = trace.as_ref().map(|t| t.context().trace_id_hex());
+                let trace_id = trace_id.as_deref();
                 match &e {
-                    RequestError::Rejected(_) => tracing::debug!(%method, %uri, "{e}"),
-                    _ => tracing::warn!(%method, %uri, "{e}"),
+                    RequestError::Rejected(_) => tracing::debug!(%method, %uri, trace_id, "{e}"),
+                    _ => tracing::warn!(%method, %uri, trace_id, "{e}"),
                 }
                 let r = error_response(e.status(), &e.to_string());
                 if e.status() == StatusCode::SERVICE_UNAVAILABLE {

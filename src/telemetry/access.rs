@@ -494,5 +494,32 @@ mod tests {
         let ts = v["timestamp"].as_str().unwrap();
         assert_eq!(ts.len(), 27, "{ts}");
         assert!(ts.ends_with('Z') && ts.as_bytes()[10] == b'T', "{ts}");
+        assert!(f.get("trace_id").is_none());
+    }
+
+    #[test]
+    fn a_trace_adds_its_ids_in_both_shapes() {
+        let ctx = SpanContext {
+            trace_id: [0xab; 16],
+            span_id: [0x01; 8],
+            flags: 1,
+        };
+        let mut l = line(&"::1", "/");
+        l.trace = Some(&ctx);
+        let mut out = String::new();
+        json(&mut out, "::1", &l);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["fields"]["trace_id"], "ab".repeat(16));
+        assert_eq!(v["fields"]["span_id"], "01".repeat(8));
+        let mut out = String::new();
+        fields(&mut out, "::1", &l);
+        assert!(
+            out.ends_with(&format!(
+                " trace_id={} span_id={}",
+                "ab".repeat(16),
+                "01".repeat(8)
+            )),
+            "{out}"
+        );
     }
 }

@@ -30,8 +30,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 static TRACER: ArcSwapOption<Tracer> = ArcSwapOption::const_empty();
 
-const TRACEPARENT: &str = "traceparent";
-const TRACESTATE: &str = "tracestate";
+// Static names: no hashing of a string per lookup.
+const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+const TRACESTATE: http::HeaderName = http::HeaderName::from_static("tracestate");
 
 /// The installed settings and, when exporting, the exporter.
 pub struct Tracer {
