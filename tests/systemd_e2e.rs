@@ -824,18 +824,27 @@ fn access_log_file_and_logrotate(c: &Container) {
     // Lines are written in batches, at least every second.
     let wait_for = |needle: &str, path: &str| {
         for _ in 0..50 {
-            if c.sh(&format!("grep -q -- '{needle}' {path}")).status.success() {
+            if c.sh(&format!("grep -q -- '{needle}' {path}"))
+                .status
+                .success()
+            {
                 return;
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        panic!("no {needle:?} in {path}: {}", c.ok(&format!("cat {path} || true")));
+        panic!(
+            "no {needle:?} in {path}: {}",
+            c.ok(&format!("cat {path} || true"))
+        );
     };
     let (code, _) = c.get(HELLO_SOCK, "/before-rotation");
     assert_eq!(code, "200");
     wait_for("target=/before-rotation", file);
     let journal = c.ok("journalctl -u wasmpool@hello.service -o cat --no-pager");
-    assert!(!journal.contains("access: "), "access lines in the journal: {journal}");
+    assert!(
+        !journal.contains("access: "),
+        "access lines in the journal: {journal}"
+    );
     c.ok("logrotate -f /etc/logrotate.d/wasmpool");
     c.ok(&format!("grep -q -- target=/before-rotation {file}.1"));
     let (code, _) = c.get(HELLO_SOCK, "/after-rotation");

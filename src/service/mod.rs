@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use tokio::signal::unix::{SignalKind, signal};
 
 /// The longest the drain waits for queued spans to reach the collector.
-const TRACE_FLUSH: Duration = Duration::from_secs(5);
+const TRACE_FLUSH: Duration = Duration::from_secs(3);
 
 /// Why the service stops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
