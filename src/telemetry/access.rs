@@ -26,7 +26,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::trace::SpanContext;
 use super::trace::context::hex;
@@ -437,11 +437,31 @@ fn json_str(out: &mut String, s: &str) {
 
 /// `2026-12-01T07:28:21.885528Z`, as `tracing-subscriber`'s default timer.
 fn now(out: &mut String) {
-    let _ = write!(
-        out,
-        "{}",
-        humantime::format_rfc3339_micros(SystemTime::now())
-    );
+    stamp(SystemTime::now(), out);
+}
+
+thread_local! {
+    /// The second last formatted on this thread, and its text up to the
+    /// fraction: a line then costs only its microseconds.
+    static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+}
+
+fn stamp(t: SystemTime, out: &mut String) {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    SECOND.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.0 != d.as_secs() {
+            let (secs, text) = &mut *s;
+            text.clear();
+            let whole = UNIX_EPOCH + Duration::from_secs(d.as_secs());
+            let _ = write!(text, "{}", humantime::format_rfc3339_seconds(whole));
+            text.pop(); // the `Z`
+            text.push('.');
+            *secs = d.as_secs();
+        }
+        out.push_str(&s.1);
+    });
+    let _ = write!(out, "{:06}Z", d.subsec_micros());
 }
 
 #[cfg(test)]
@@ -495,6 +515,20 @@ mod tests {
         assert_eq!(ts.len(), 27, "{ts}");
         assert!(ts.ends_with('Z') && ts.as_bytes()[10] == b'T', "{ts}");
         assert!(f.get("trace_id").is_none());
+    }
+
+    #[test]
+    fn the_time_is_as_the_default_timer_writes_it() {
+        for t in [
+            UNIX_EPOCH + Duration::from_micros(1_796_000_000_123_456),
+            UNIX_EPOCH + Duration::from_micros(1_796_000_000_999_999),
+            UNIX_EPOCH + Duration::from_micros(1_796_000_001_000_001),
+            UNIX_EPOCH + Duration::from_micros(1_796_000_001_000_002),
+        ] {
+            let mut out = String::new();
+            stamp(t, &mut out);
+            assert_eq!(out, humantime::format_rfc3339_micros(t).to_string());
+        }
     }
 
     #[test]
