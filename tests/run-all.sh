@@ -35,6 +35,8 @@ command -v podman >/dev/null || need+=(podman)
 command -v runc >/dev/null || need+=(runc)
 command -v haproxy >/dev/null || need+=(haproxy)
 command -v nginx >/dev/null || need+=(nginx)
+# The nginx module (ffi/nginx/) builds against Debian's nginx-dev.
+[ -f /usr/share/nginx/src/configure ] || need+=(nginx-dev)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
@@ -73,6 +75,13 @@ if git rev-parse --git-dir >/dev/null 2>&1; then
     exit 1
   fi
 fi
+
+# The nginx module (ffi/nginx/) in Debian's nginx, on the library and the
+# Python guest that `cargo test` built.
+target=$(cargo metadata --format-version 1 --no-deps --locked |
+  python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+REQUIRE_PYTHON=1 PYTHON_WASM="$target/tmp/python-p2/app.wasm" WASMPOOL_LIB_DIR="$target/debug" \
+  ffi/nginx/test.sh
 
 # The C library installed from source with cargo-c, used through pkg-config.
 command -v cargo-cinstall >/dev/null || cargo install --locked --quiet cargo-c@0.10.24
