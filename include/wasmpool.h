@@ -654,6 +654,9 @@ wasmpool_result wasmpool_handler_call(struct wasmpool_handler *h,
  * A descriptor that is readable while completions wait to be run by
  * `wasmpool_handler_poll` (poll mode; in engine mode it never becomes
  * readable). Owned by the handler: do not close it. -1 if `h` is NULL.
+ * It is reset only when the queue runs empty: an edge-triggered watcher
+ * (epoll with EPOLLET, as nginx uses) must call `wasmpool_handler_poll`
+ * until it returns 0.
  */
 int wasmpool_handler_completion_fd(struct wasmpool_handler *h);
 

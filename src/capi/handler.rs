@@ -963,6 +963,9 @@ pub unsafe extern "C" fn wasmpool_handler_call(
 /// A descriptor that is readable while completions wait to be run by
 /// `wasmpool_handler_poll` (poll mode; in engine mode it never becomes
 /// readable). Owned by the handler: do not close it. -1 if `h` is NULL.
+/// It is reset only when the queue runs empty: an edge-triggered watcher
+/// (epoll with EPOLLET, as nginx uses) must call `wasmpool_handler_poll`
+/// until it returns 0.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn wasmpool_handler_completion_fd(h: *mut wasmpool_handler) -> c_int {
     // SAFETY: see `handle_ref`.
