@@ -1,13 +1,14 @@
 //! The exporter: finished spans go into a bounded queue that a request
 //! never waits on (a full queue drops the span and counts it); one thread
-//! takes them out in batches and sends them as OTLP/HTTP protobuf with
+//! takes them out in batches (when one is full, or after the schedule
+//! delay) and sends them as OTLP/HTTP protobuf with
 //! the OpenTelemetry SDK's exporter. A slow or absent collector only
 //! costs spans.
 
 use super::settings::ExportSettings;
 use opentelemetry_sdk::trace::{SpanData, SpanExporter as _};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Spans lost: the queue was full, or the collector refused or failed
@@ -16,118 +17,132 @@ pub static DROPPED: AtomicU64 = AtomicU64::new(0);
 /// Spans the collector accepted.
 pub static EXPORTED: AtomicU64 = AtomicU64::new(0);
 
-enum Msg {
-    Span(Box<SpanData>),
-    /// Send what is queued now, then answer.
-    Flush(std::sync::mpsc::Sender<()>),
+/// What the requests and the exporter thread share. A push takes a lock
+/// no one holds for long and wakes the thread only when a batch is full:
+/// waking it per span (as a channel does) cost more than the spans.
+struct Shared {
+    spans: Mutex<Vec<SpanData>>,
+    max_queue: usize,
+    max_batch: usize,
+    /// Callers of [`Queue::flush`] waiting for the queue to be sent.
+    flushes: Mutex<Vec<std::sync::mpsc::Sender<()>>>,
+    closed: AtomicBool,
 }
 
-/// One exporter: its queue's sending side. Dropping it ends the thread
-/// once the queue is empty.
+/// One exporter: its queue and its thread. Dropping it ends the thread
+/// once what is queued has been sent.
 pub struct Queue {
-    tx: SyncSender<Msg>,
+    shared: Arc<Shared>,
+    thread: std::thread::Thread,
 }
 
 impl Queue {
     /// Starts the exporter thread.
     pub fn start(settings: &ExportSettings) -> std::io::Result<Queue> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(settings.max_queue);
+        let shared = Arc::new(Shared {
+            spans: Mutex::new(Vec::with_capacity(settings.max_batch)),
+            max_queue: settings.max_queue,
+            max_batch: settings.max_batch,
+            flushes: Mutex::default(),
+            closed: AtomicBool::new(false),
+        });
         let s = settings.clone();
-        std::thread::Builder::new()
+        let sh = shared.clone();
+        let thread = std::thread::Builder::new()
             .name("otlp-export".into())
-            .spawn(move || run(s, rx))?;
-        Ok(Queue { tx })
+            .spawn(move || run(s, &sh))?
+            .thread()
+            .clone();
+        Ok(Queue { shared, thread })
     }
 
     /// Queues a finished span, or drops it when the queue is full.
     pub fn push(&self, span: SpanData) {
-        match self.tx.try_send(Msg::Span(Box::new(span))) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                DROPPED.fetch_add(1, Relaxed);
-            }
+        let mut q = lock(&self.shared.spans);
+        if q.len() >= self.shared.max_queue {
+            drop(q);
+            DROPPED.fetch_add(1, Relaxed);
+            return;
+        }
+        q.push(span);
+        let full = q.len() == self.shared.max_batch;
+        drop(q);
+        if full {
+            self.thread.unpark();
         }
     }
 
     /// Sends what is queued, waiting at most `within`.
     pub fn flush(&self, within: Duration) -> bool {
         let (tx, rx) = std::sync::mpsc::channel();
-        let deadline = Instant::now() + within;
-        // The queue may be full: try until the thread makes room.
-        let mut msg = Msg::Flush(tx);
-        loop {
-            match self.tx.try_send(msg) {
-                Ok(()) => break,
-                Err(TrySendError::Full(m)) if Instant::now() < deadline => {
-                    msg = m;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(_) => return false,
-            }
-        }
-        rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .is_ok()
+        lock(&self.shared.flushes).push(tx);
+        self.thread.unpark();
+        rx.recv_timeout(within).is_ok()
     }
 }
 
-fn run(s: ExportSettings, rx: Receiver<Msg>) {
-    let rt = match tokio::runtime::Builder::new_current_thread()
+impl Drop for Queue {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Relaxed);
+        self.thread.unpark();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn run(s: ExportSettings, shared: &Shared) {
+    let exporter = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!("trace export off: cannot start its runtime: {e}");
-            drain_dropping(rx);
-            return;
-        }
-    };
-    let exporter = {
-        let _in = rt.enter();
-        build(&s)
-    };
-    let mut exporter = match exporter {
-        Ok(e) => e,
+        .map_err(|e| format!("cannot start its runtime: {e}"))
+        .and_then(|rt| {
+            let e = {
+                let _in = rt.enter();
+                build(&s)?
+            };
+            Ok((rt, e))
+        });
+    let (rt, mut exporter) = match exporter {
+        Ok(x) => (Some(x.0), Some(x.1)),
         Err(e) => {
             tracing::error!("trace export off: {e}");
-            drain_dropping(rx);
-            return;
+            (None, None)
         }
     };
-    let resource = opentelemetry_sdk::Resource::builder_empty()
-        .with_attributes(
-            s.resource
-                .iter()
-                .map(|(k, v)| opentelemetry::KeyValue::new(k.clone(), v.clone())),
-        )
-        .build();
-    exporter.set_resource(&resource);
-    let mut batch: Vec<SpanData> = Vec::with_capacity(s.max_batch);
-    let mut waiting_since: Option<Instant> = None;
+    if let Some(e) = &mut exporter {
+        let resource = opentelemetry_sdk::Resource::builder_empty()
+            .with_attributes(
+                s.resource
+                    .iter()
+                    .map(|(k, v)| opentelemetry::KeyValue::new(k.clone(), v.clone())),
+            )
+            .build();
+        e.set_resource(&resource);
+    }
     let mut warned_at: Option<Instant> = None;
     loop {
-        let wait = match waiting_since {
-            Some(t) => s.delay.saturating_sub(t.elapsed()),
-            None => Duration::from_secs(3600),
-        };
-        let mut flushed = None;
-        let mut done = false;
-        match rx.recv_timeout(wait) {
-            Ok(Msg::Span(span)) => {
-                batch.push(*span);
-                waiting_since.get_or_insert_with(Instant::now);
+        // Woken early by a full batch, a flush or the end.
+        std::thread::park_timeout(s.delay);
+        let closed = shared.closed.load(Relaxed);
+        let flushes = std::mem::take(&mut *lock(&shared.flushes));
+        loop {
+            let batch: Vec<SpanData> = {
+                let mut q = lock(&shared.spans);
+                let n = q.len().min(shared.max_batch);
+                q.drain(..n).collect()
+            };
+            if batch.is_empty() {
+                break;
             }
-            Ok(Msg::Flush(reply)) => flushed = Some(reply),
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => done = true,
-        }
-        let due = waiting_since.is_some_and(|t| t.elapsed() >= s.delay);
-        if !batch.is_empty() && (batch.len() >= s.max_batch || due || flushed.is_some() || done) {
             let n = batch.len() as u64;
-            let spans = std::mem::replace(&mut batch, Vec::with_capacity(s.max_batch));
-            waiting_since = None;
+            let (Some(rt), Some(exporter)) = (&rt, &exporter) else {
+                DROPPED.fetch_add(n, Relaxed);
+                continue;
+            };
             match rt
-                .block_on(async { tokio::time::timeout(s.timeout, exporter.export(spans)).await })
+                .block_on(async { tokio::time::timeout(s.timeout, exporter.export(batch)).await })
             {
                 Ok(Ok(())) => {
                     EXPORTED.fetch_add(n, Relaxed);
@@ -150,24 +165,11 @@ fn run(s: ExportSettings, rx: Receiver<Msg>) {
                 }
             }
         }
-        if let Some(reply) = flushed {
-            let _ = reply.send(());
+        for f in flushes {
+            let _ = f.send(());
         }
-        if done {
+        if closed {
             return;
-        }
-    }
-}
-
-fn drain_dropping(rx: Receiver<Msg>) {
-    for m in rx {
-        match m {
-            Msg::Span(_) => {
-                DROPPED.fetch_add(1, Relaxed);
-            }
-            Msg::Flush(reply) => {
-                let _ = reply.send(());
-            }
         }
     }
 }
