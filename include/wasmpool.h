@@ -567,6 +567,47 @@ wasmpool_result wasmpool_config_set_completion_mode(struct wasmpool_config *cfg,
 wasmpool_result wasmpool_config_set_engine_threads(struct wasmpool_config *cfg, uint32_t n);
 
 /**
+ * Divides the memory budget: the handler takes `1/n` of it, whether it
+ * is automatic or set (`wasmpool_config_set_memory_budget`), and at least
+ * 64 KiB. For hosts that run one handler per process in `n` processes
+ * (nginx's worker processes): together they keep to one budget. Default
+ * 1. 0 is invalid.
+ */
+wasmpool_result wasmpool_config_set_memory_budget_share(struct wasmpool_config *cfg, uint32_t n);
+
+/**
+ * Reads the TOML config file of `wasmpool serve --config` at `path` and
+ * applies its settings to `cfg`: the knobs it sets replace the config's
+ * (lists such as `env`, `dir` and `config-vars` are appended), the
+ * `[otel]` keys it sets and `trace-context` likewise; settings it does not
+ * mention keep their values, so a host calls this first and its own
+ * setters after to override the file. A relative `component` path is
+ * relative to the file's directory (as for the server; give `dir`,
+ * `cache-dir` and other paths absolute). Keys only the server's own front end
+ * uses (`listen`, `metrics-listen`, `tls-*`, `access-log*`,
+ * `drain-timeout`, `shutdown-delay`, `exit-idle-after`, and the
+ * connection-level knobs: header, body, send and keep-alive timeouts and
+ * rates, per-client limits, `max-concurrent-connections`,
+ * `max-concurrent-streams`, `client-body-buffer-size`,
+ * `response-buffer-size`, request-head limits) are checked and kept but
+ * have no effect on a handler. The file's `component` is available from
+ * `wasmpool_config_component`. On any error `cfg` is unchanged.
+ * Errors: `WASMPOOL_IO` (the file cannot be read),
+ * `WASMPOOL_INVALID_ARGUMENT` (it does not parse, or a value is invalid:
+ * the message names the file, the line where known, and the key).
+ */
+wasmpool_result wasmpool_config_load_file(struct wasmpool_config *cfg, const char *path);
+
+/**
+ * The component the last file loaded into `cfg` names (its `component`
+ * key, made absolute against the file's directory when relative), or
+ * NULL when it names none or no file was loaded. The string belongs to
+ * `cfg`: valid until the next `wasmpool_config_load_file` or
+ * `wasmpool_config_free`.
+ */
+const char *wasmpool_config_component(const struct wasmpool_config *cfg);
+
+/**
  * Loads the component at `component_path` (from the compile cache when
  * possible), proves it links by creating one instance, and starts the
  * engine threads. `cfg` is only read, not consumed. On success `*out`
@@ -733,6 +774,20 @@ void wasmpool_request_free(struct wasmpool_request *req);
  * The status code; 0 if `resp` is NULL.
  */
 uint16_t wasmpool_response_status(const struct wasmpool_response *resp);
+
+/**
+ * The id of the component instance that produced the response: ids
+ * count up from 1 for each component a handler loads (a reload starts
+ * again), so two responses with one id from one load came from one
+ * instance. 0 if `resp` is NULL or did not come from an instance.
+ */
+uint64_t wasmpool_response_instance_id(const struct wasmpool_response *resp);
+
+/**
+ * Whether the instance that produced the response had served a request
+ * before this one (it was reused); false if `resp` is NULL.
+ */
+bool wasmpool_response_reused(const struct wasmpool_response *resp);
 
 /**
  * Number of header fields (a name that repeats counts each time); 0 if

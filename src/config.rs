@@ -532,11 +532,20 @@ impl KnobArgs {
 
     /// Fills in defaults and checks values that depend on each other.
     pub fn resolve(&self) -> Result<Knobs, ConfigError> {
-        let d = Knobs::default();
+        self.resolve_over(&Knobs::default())
+    }
+
+    /// Like [`KnobArgs::resolve`], with `base` in place of the defaults:
+    /// what is set here wins; lists are appended to `base`'s (a later
+    /// `env` or `config-var` entry wins over an earlier one of its key).
+    pub fn resolve_over(&self, base: &Knobs) -> Result<Knobs, ConfigError> {
+        let d = base;
         let k = Knobs {
-            max_instance_reuse_count: self.max_instance_reuse_count,
-            reuse: self.reuse.unwrap_or_default(),
-            max_instance_concurrent_reuse_count: self.max_instance_concurrent_reuse_count,
+            max_instance_reuse_count: self.max_instance_reuse_count.or(d.max_instance_reuse_count),
+            reuse: self.reuse.unwrap_or(d.reuse),
+            max_instance_concurrent_reuse_count: self
+                .max_instance_concurrent_reuse_count
+                .or(d.max_instance_concurrent_reuse_count),
             idle_instance_timeout: self
                 .idle_instance_timeout
                 .unwrap_or(d.idle_instance_timeout),
@@ -547,7 +556,7 @@ impl KnobArgs {
             max_concurrent_connections: self
                 .max_concurrent_connections
                 .unwrap_or(d.max_concurrent_connections),
-            max_queued_requests: self.max_queued_requests,
+            max_queued_requests: self.max_queued_requests.or(d.max_queued_requests),
             max_queue_wait: self.max_queue_wait.unwrap_or(d.max_queue_wait),
             max_memory_size: self.max_memory_size.unwrap_or(d.max_memory_size),
             memory_keep_resident: self.memory_keep_resident.or(d.memory_keep_resident),
@@ -568,15 +577,20 @@ impl KnobArgs {
             send_min_rate: self.send_min_rate.unwrap_or(d.send_min_rate),
             response_buffer_size: self.response_buffer_size.unwrap_or(d.response_buffer_size),
             keepalive_timeout: self.keepalive_timeout.unwrap_or(d.keepalive_timeout),
-            max_connections_per_client: self.max_connections_per_client,
-            max_requests_per_client: self.max_requests_per_client,
-            memory_budget: self.memory_budget.unwrap_or_default(),
-            cache_dir: self.cache_dir.clone(),
-            cache_seed_dir: self.cache_seed_dir.clone(),
+            max_connections_per_client: self
+                .max_connections_per_client
+                .or(d.max_connections_per_client),
+            max_requests_per_client: self.max_requests_per_client.or(d.max_requests_per_client),
+            memory_budget: self.memory_budget.unwrap_or(d.memory_budget),
+            cache_dir: self.cache_dir.clone().or_else(|| d.cache_dir.clone()),
+            cache_seed_dir: self
+                .cache_seed_dir
+                .clone()
+                .or_else(|| d.cache_seed_dir.clone()),
             cache_max_size: self.cache_max_size.unwrap_or(d.cache_max_size),
-            no_cache: self.no_cache,
+            no_cache: self.no_cache || d.no_cache,
             env: {
-                let mut env: Vec<(String, String)> = Vec::new();
+                let mut env: Vec<(String, String)> = d.env.clone();
                 for e in &self.env {
                     let (k, v) = parse_env(e).map_err(ConfigError::invalid("env"))?;
                     env.retain(|(old, _)| *old != k);
@@ -586,9 +600,9 @@ impl KnobArgs {
             },
             max_concurrent_streams: self
                 .max_concurrent_streams
-                .unwrap_or(defaults::MAX_CONCURRENT_STREAMS),
+                .unwrap_or(d.max_concurrent_streams),
             dirs: {
-                let mut dirs = Vec::new();
+                let mut dirs = d.dirs.clone();
                 for (list, writable, key) in
                     [(&self.dir, false, "dir"), (&self.dir_rw, true, "dir-rw")]
                 {
@@ -601,7 +615,7 @@ impl KnobArgs {
                 dirs
             },
             config_vars: {
-                let mut vars: Vec<(String, String)> = Vec::new();
+                let mut vars: Vec<(String, String)> = d.config_vars.clone();
                 for v in &self.config_var {
                     let (k, v) = parse_config_var(v).map_err(ConfigError::invalid("config-var"))?;
                     vars.retain(|(old, _)| *old != k);
@@ -609,12 +623,15 @@ impl KnobArgs {
                 }
                 vars
             },
-            allow_outbound: self
-                .allow_outbound
-                .iter()
-                .map(|s| OutboundRule::parse(s))
-                .collect::<Result<_, _>>()
-                .map_err(ConfigError::invalid("allow-outbound"))?,
+            allow_outbound: {
+                let mut rules = d.allow_outbound.clone();
+                for s in &self.allow_outbound {
+                    rules.push(
+                        OutboundRule::parse(s).map_err(ConfigError::invalid("allow-outbound"))?,
+                    );
+                }
+                rules
+            },
         };
         k.validate()?;
         Ok(k)
@@ -1034,7 +1051,7 @@ fn located(text: &str, e: &toml::de::Error) -> String {
 }
 
 /// The line on which top-level `key` is set.
-fn line_of_key(text: &str, key: &str) -> Option<usize> {
+pub(crate) fn line_of_key(text: &str, key: &str) -> Option<usize> {
     text.lines()
         .position(|l| {
             let l = l.trim_start();

@@ -157,6 +157,103 @@ static void test_config(void) {
   wasmpool_config_free(NULL);
 }
 
+static void write_text(const char *path, const char *text) {
+  FILE *f = fopen(path, "w");
+  CHECK(f != NULL);
+  if (!f) return;
+  fputs(text, f);
+  fclose(f);
+}
+
+/* The server's TOML config file, read into a config. */
+static void test_config_file(void) {
+  char dir[] = "/tmp/wasmpool-capi-cfg-XXXXXX", path[256], want[300];
+  CHECK(mkdtemp(dir) != NULL);
+  snprintf(path, sizeof(path), "%s/wasmpool.toml", dir);
+  snprintf(want, sizeof(want), "%s/app.wasm", dir);
+  write_text(path,
+             "component = \"app.wasm\"\n"
+             "listen = [\"127.0.0.1:8080\"]\n" /* the server's only: kept, no effect */
+             "max-instance-reuse-count = 7\n"
+             "request-timeout = \"2s\"\n"
+             "memory-budget = \"64MiB\"\n"
+             "env = [\"A=1\"]\n"
+             "[config-vars]\ngreeting = \"hi\"\n"
+             "[otel]\nservice-name = \"svc\"\n");
+  wasmpool_config *cfg = wasmpool_config_new();
+  CHECK(wasmpool_config_component(cfg) == NULL);
+  CHECK_RESULT(wasmpool_config_load_file(cfg, path), WASMPOOL_OK);
+  const char *component = wasmpool_config_component(cfg);
+  CHECK(component != NULL && strcmp(component, want) == 0);
+  /* a setter after the file overrides it */
+  CHECK_RESULT(wasmpool_config_set_max_instance_reuse_count(cfg, 3), WASMPOOL_OK);
+
+  /* errors: the file, the line and the key; the config is unchanged */
+  char missing[300];
+  snprintf(missing, sizeof(missing), "%s/missing.toml", dir);
+  CHECK_RESULT(wasmpool_config_load_file(cfg, missing), WASMPOOL_IO);
+  CHECK(strstr(wasmpool_last_error(), "missing.toml") != NULL);
+  write_text(path, "max-instance-reuse-count = 2\nrequest-timeout = \n");
+  CHECK_RESULT(wasmpool_config_load_file(cfg, path), WASMPOOL_INVALID_ARGUMENT);
+  CHECK(strstr(wasmpool_last_error(), "line 2") != NULL);
+  write_text(path, "# a comment\nmax-instance-reuse-count = 0\n");
+  CHECK_RESULT(wasmpool_config_load_file(cfg, path), WASMPOOL_INVALID_ARGUMENT);
+  CHECK(strstr(wasmpool_last_error(), "max-instance-reuse-count") != NULL);
+  CHECK(strstr(wasmpool_last_error(), "line 2") != NULL);
+  CHECK(strstr(wasmpool_last_error(), "wasmpool.toml") != NULL);
+  write_text(path, "no-such-key = 1\n");
+  CHECK_RESULT(wasmpool_config_load_file(cfg, path), WASMPOOL_INVALID_ARGUMENT);
+  CHECK(strstr(wasmpool_last_error(), "no-such-key") != NULL);
+  write_text(path, "memory-budget = \"1000PiB\"\n");
+  CHECK_RESULT(wasmpool_config_load_file(cfg, path), WASMPOOL_INVALID_ARGUMENT);
+  CHECK(strstr(wasmpool_last_error(), "memory-budget") != NULL);
+  write_text(path, "[otel]\ntraces-sampler = \"sometimes\"\n");
+  CHECK_RESULT(wasmpool_config_load_file(cfg, path), WASMPOOL_INVALID_ARGUMENT);
+  CHECK(strstr(wasmpool_last_error(), "sampler") != NULL);
+  CHECK(wasmpool_config_component(cfg) != NULL &&
+        strcmp(wasmpool_config_component(cfg), want) == 0);
+  /* a file without a component: none */
+  write_text(path, "max-queued-requests = 0\n");
+  CHECK_RESULT(wasmpool_config_load_file(cfg, path), WASMPOOL_OK);
+  CHECK(wasmpool_config_component(cfg) == NULL);
+  CHECK_RESULT(wasmpool_config_load_file(NULL, path), WASMPOOL_NULL_ARGUMENT);
+  CHECK_RESULT(wasmpool_config_load_file(cfg, NULL), WASMPOOL_NULL_ARGUMENT);
+  CHECK(wasmpool_config_component(NULL) == NULL);
+
+  /* the budget shared by 4 processes: a quarter each, and it serves */
+  CHECK_RESULT(wasmpool_config_set_memory_budget_share(cfg, 0), WASMPOOL_INVALID_ARGUMENT);
+  CHECK_RESULT(wasmpool_config_set_memory_budget_share(NULL, 2), WASMPOOL_NULL_ARGUMENT);
+  CHECK_RESULT(wasmpool_config_set_memory_budget(cfg, 64u << 20), WASMPOOL_OK);
+  CHECK_RESULT(wasmpool_config_set_memory_budget_share(cfg, 4), WASMPOOL_OK);
+  CHECK_RESULT(wasmpool_config_set_cache_dir(cfg, cache_dir), WASMPOOL_OK);
+  wasmpool_handler *h = new_handler(cfg, p2_path);
+  if (h) {
+    wasmpool_response *resp = NULL;
+    CHECK_RESULT(wasmpool_handler_call(h, wasmpool_request_new("GET", "/"), &resp), WASMPOOL_OK);
+    CHECK(wasmpool_response_status(resp) == 200);
+    wasmpool_response_free(resp);
+    CHECK_RESULT(wasmpool_handler_free(h), WASMPOOL_OK);
+  }
+  wasmpool_config_free(cfg);
+  unlink(path);
+  rmdir(dir);
+}
+
+/* Which instance answered, and whether it had answered before. */
+static void test_served(wasmpool_handler *h) {
+  wasmpool_response *a = NULL, *b = NULL;
+  CHECK_RESULT(wasmpool_handler_call(h, wasmpool_request_new("GET", "/counter"), &a), WASMPOOL_OK);
+  CHECK_RESULT(wasmpool_handler_call(h, wasmpool_request_new("GET", "/counter"), &b), WASMPOOL_OK);
+  CHECK(wasmpool_response_instance_id(a) > 0);
+  /* one request at a time: the second goes to the idle instance */
+  CHECK(wasmpool_response_instance_id(b) == wasmpool_response_instance_id(a));
+  CHECK(wasmpool_response_reused(b));
+  wasmpool_response_free(a);
+  wasmpool_response_free(b);
+  CHECK(wasmpool_response_instance_id(NULL) == 0);
+  CHECK(!wasmpool_response_reused(NULL));
+}
+
 static void test_requests(void) {
   CHECK(wasmpool_request_new(NULL, "/") == NULL);
   CHECK(wasmpool_request_new("GET", NULL) == NULL);
@@ -532,6 +629,7 @@ int main(int argc, char **argv) {
 
   test_basics();
   test_config();
+  test_config_file();
   test_requests();
   test_load_errors();
 
@@ -550,6 +648,7 @@ int main(int argc, char **argv) {
   wasmpool_config_free(cfg);
   if (h && h3) {
     test_call_and_echo(h);
+    test_served(h);
     test_push(h);
     test_concurrent_push(h);
     test_concurrent_push(h3);

@@ -50,6 +50,12 @@ pub struct wasmpool_config {
     pub(crate) otel: OtelFile,
     /// W3C trace context propagation (default on).
     pub(crate) trace_context: bool,
+    /// The component named by the last file loaded
+    /// (`wasmpool_config_load_file`), for `wasmpool_config_component`.
+    pub(crate) component: Option<std::ffi::CString>,
+    /// The handler takes this share (1/n) of the memory budget
+    /// (`wasmpool_config_set_memory_budget_share`).
+    pub(crate) budget_share: u32,
 }
 
 impl wasmpool_config {
@@ -80,6 +86,8 @@ pub extern "C" fn wasmpool_config_new() -> *mut wasmpool_config {
             max_response_size: DEFAULT_MAX_RESPONSE_SIZE,
             otel: OtelFile::default(),
             trace_context: true,
+            component: None,
+            budget_share: 1,
         })))
     })
 }
@@ -538,4 +546,131 @@ pub unsafe extern "C" fn wasmpool_config_set_engine_threads(
         unsafe { handle_mut(cfg, "cfg") }?.engine_threads = n as usize;
         Ok(())
     })
+}
+
+/// Divides the memory budget: the handler takes `1/n` of it, whether it
+/// is automatic or set (`wasmpool_config_set_memory_budget`), and at least
+/// 64 KiB. For hosts that run one handler per process in `n` processes
+/// (nginx's worker processes): together they keep to one budget. Default
+/// 1. 0 is invalid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wasmpool_config_set_memory_budget_share(
+    cfg: *mut wasmpool_config,
+    n: u32,
+) -> wasmpool_result {
+    boundary(|| {
+        // SAFETY: see `handle_mut`.
+        let cfg = unsafe { handle_mut(cfg, "cfg") }?;
+        if n == 0 {
+            return Err(Failure::invalid(
+                "the memory budget share must be 1 or more",
+            ));
+        }
+        cfg.budget_share = n;
+        Ok(())
+    })
+}
+
+/// Reads the TOML config file of `wasmpool serve --config` at `path` and
+/// applies its settings to `cfg`: the knobs it sets replace the config's
+/// (lists such as `env`, `dir` and `config-vars` are appended), the
+/// `[otel]` keys it sets and `trace-context` likewise; settings it does not
+/// mention keep their values, so a host calls this first and its own
+/// setters after to override the file. A relative `component` path is
+/// relative to the file's directory (as for the server; give `dir`,
+/// `cache-dir` and other paths absolute). Keys only the server's own front end
+/// uses (`listen`, `metrics-listen`, `tls-*`, `access-log*`,
+/// `drain-timeout`, `shutdown-delay`, `exit-idle-after`, and the
+/// connection-level knobs: header, body, send and keep-alive timeouts and
+/// rates, per-client limits, `max-concurrent-connections`,
+/// `max-concurrent-streams`, `client-body-buffer-size`,
+/// `response-buffer-size`, request-head limits) are checked and kept but
+/// have no effect on a handler. The file's `component` is available from
+/// `wasmpool_config_component`. On any error `cfg` is unchanged.
+/// Errors: `WASMPOOL_IO` (the file cannot be read),
+/// `WASMPOOL_INVALID_ARGUMENT` (it does not parse, or a value is invalid:
+/// the message names the file, the line where known, and the key).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wasmpool_config_load_file(
+    cfg: *mut wasmpool_config,
+    path: *const c_char,
+) -> wasmpool_result {
+    use crate::config::{FileConfig, MemoryBudgetArg};
+    use crate::error::ConfigError;
+    boundary(|| {
+        // SAFETY: see `str_arg`.
+        let path = std::path::Path::new(unsafe { str_arg(path, "path") }?);
+        // SAFETY: see `handle_mut`.
+        let cfg = unsafe { handle_mut(cfg, "cfg") }?;
+        let file = FileConfig::load(path).map_err(|e| match e {
+            ConfigError::Read { .. } => Failure::new(wasmpool_result::WASMPOOL_IO, e.to_string()),
+            e => Failure::invalid(e.to_string()),
+        })?;
+        let in_file = |e: ConfigError| {
+            let line = match &e {
+                ConfigError::Invalid { key, .. } => std::fs::read_to_string(path)
+                    .ok()
+                    .and_then(|text| crate::config::line_of_key(&text, key))
+                    .map(|n| format!(", line {n}"))
+                    .unwrap_or_default(),
+                _ => String::new(),
+            };
+            Failure::invalid(format!("{}{line}: {e}", path.display()))
+        };
+        let knobs = file.knobs.resolve_over(&cfg.knobs).map_err(in_file)?;
+        if let MemoryBudgetArg::Bytes(_) = knobs.memory_budget {
+            crate::engine::budget::resolve(knobs.memory_budget, 0).map_err(in_file)?;
+        }
+        let mut otel = cfg.otel.clone();
+        let f = file.otel;
+        for (slot, v) in [
+            (&mut otel.endpoint, f.endpoint),
+            (&mut otel.traces_endpoint, f.traces_endpoint),
+            (&mut otel.headers, f.headers),
+            (&mut otel.service_name, f.service_name),
+            (&mut otel.resource_attributes, f.resource_attributes),
+            (&mut otel.traces_sampler, f.traces_sampler),
+            (&mut otel.traces_sampler_arg, f.traces_sampler_arg),
+        ] {
+            if v.is_some() {
+                *slot = v;
+            }
+        }
+        let trace_context = file.trace_context.unwrap_or(cfg.trace_context);
+        trace::Settings::from_sources(trace_context, &otel, &|_| None)
+            .map_err(|e| Failure::invalid(format!("{}: {e}", path.display())))?;
+        let component = match file.component {
+            Some(p) => Some(
+                std::ffi::CString::new(p.to_str().ok_or_else(|| {
+                    Failure::invalid(format!("{}: `component` is not UTF-8", path.display()))
+                })?)
+                .map_err(|_| {
+                    Failure::invalid(format!("{}: `component` contains NUL", path.display()))
+                })?,
+            ),
+            None => None,
+        };
+        cfg.knobs = knobs;
+        cfg.otel = otel;
+        cfg.trace_context = trace_context;
+        cfg.component = component;
+        Ok(())
+    })
+}
+
+/// The component the last file loaded into `cfg` names (its `component`
+/// key, made absolute against the file's directory when relative), or
+/// NULL when it names none or no file was loaded. The string belongs to
+/// `cfg`: valid until the next `wasmpool_config_load_file` or
+/// `wasmpool_config_free`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wasmpool_config_component(cfg: *const wasmpool_config) -> *const c_char {
+    let mut out = std::ptr::null();
+    boundary(|| {
+        // SAFETY: see `handle_ref`.
+        let cfg = unsafe { super::handle_ref(cfg, "cfg") }?;
+        out = cfg.component.as_ref().map_or(out, |c| c.as_ptr());
+        Ok(())
+    });
+    out
 }

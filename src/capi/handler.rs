@@ -421,12 +421,9 @@ async fn run_full(
             ));
         }
     };
-    Ok(wasmpool_response::full(
-        parts.status.as_u16(),
-        head_of(&parts),
-        data,
-        trailers,
-    ))
+    let mut resp = wasmpool_response::full(parts.status.as_u16(), head_of(&parts), data, trailers);
+    resp.served = parts.extensions.get().copied();
+    Ok(resp)
 }
 
 /// Runs one request to its response head; the body streams through a
@@ -466,6 +463,7 @@ async fn run_streaming(
         headers: head_of(&parts),
         body: super::message::ResponseBody::Stream(super::stream::StreamBody { pipe }),
         trailers: std::sync::OnceLock::new(),
+        served: parts.extensions.get().copied(),
     })
 }
 
@@ -587,6 +585,22 @@ fn load_pool(
     })
 }
 
+/// The knobs with the handler's share (1/`share`) of the memory budget,
+/// resolved now (an automatic budget from the cgroup or the machine).
+fn shared_budget(
+    knobs: &crate::config::Knobs,
+    share: u32,
+) -> Result<crate::config::Knobs, Failure> {
+    use crate::config::MemoryBudgetArg;
+    let mut knobs = knobs.clone();
+    if share > 1 {
+        let (bytes, _) = crate::engine::budget::resolve(knobs.memory_budget, 0)
+            .map_err(|e| Failure::invalid(e.to_string()))?;
+        knobs.memory_budget = MemoryBudgetArg::Bytes((bytes / u64::from(share)).max(64 << 10));
+    }
+    Ok(knobs)
+}
+
 fn new_handler(cfg: &wasmpool_config, source: Source) -> Result<*mut wasmpool_handler, Failure> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.engine_threads)
@@ -598,10 +612,11 @@ fn new_handler(cfg: &wasmpool_config, source: Source) -> Result<*mut wasmpool_ha
     cfg.knobs
         .validate()
         .map_err(|e| Failure::invalid(e.to_string()))?;
-    let engine = crate::engine::stats::Shared::new(&cfg.knobs)
-        .map_err(|e| Failure::invalid(e.to_string()))?;
+    let knobs = shared_budget(&cfg.knobs, cfg.budget_share)?;
+    let engine =
+        crate::engine::stats::Shared::new(&knobs).map_err(|e| Failure::invalid(e.to_string()))?;
     let tracer = new_tracer(cfg)?;
-    let pool = load_pool(&rt, cfg.knobs.clone(), source, &engine)?;
+    let pool = load_pool(&rt, knobs.clone(), source, &engine)?;
     // SAFETY: plain eventfd creation; the result is checked.
     let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
     if fd < 0 {
@@ -626,7 +641,7 @@ fn new_handler(cfg: &wasmpool_config, source: Source) -> Result<*mut wasmpool_ha
         rt: Some(rt),
         pool: arc_swap::ArcSwap::from_pointee(pool),
         engine,
-        cfg: Mutex::new((cfg.knobs.clone(), cfg.max_response_size)),
+        cfg: Mutex::new((knobs, cfg.max_response_size)),
         tracer: arc_swap::ArcSwapOption::new(tracer),
         shared,
     })))
@@ -892,7 +907,10 @@ impl wasmpool_handler {
             ));
         }
         let (knobs, max_response) = match cfg {
-            Some(c) => (c.knobs.clone(), c.max_response_size),
+            Some(c) => (
+                shared_budget(&c.knobs, c.budget_share)?,
+                c.max_response_size,
+            ),
             None => self.cfg.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         };
         knobs

@@ -39,6 +39,8 @@ pub struct wasmpool_response {
     pub(crate) body: ResponseBody,
     /// Trailers, once the body ended.
     pub(crate) trailers: OnceLock<Vec<(Bytes, Bytes)>>,
+    /// The instance that answered.
+    pub(crate) served: Option<crate::engine::pool::Served>,
 }
 
 /// A response body: complete, or streaming from the guest.
@@ -66,6 +68,7 @@ impl wasmpool_response {
                 read: Mutex::new(0),
             },
             trailers: OnceLock::from(trailers),
+            served: None,
         }
     }
 
@@ -232,6 +235,38 @@ pub unsafe extern "C" fn wasmpool_response_status(resp: *const wasmpool_response
     unsafe { handle_ref(resp, "resp") }
         .map(|r| r.status)
         .unwrap_or(0)
+}
+
+/// The id of the component instance that produced the response: ids
+/// count up from 1 for each component a handler loads (a reload starts
+/// again), so two responses with one id from one load came from one
+/// instance. 0 if `resp` is NULL or did not come from an instance.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wasmpool_response_instance_id(resp: *const wasmpool_response) -> u64 {
+    let mut id = 0;
+    boundary(|| {
+        // SAFETY: see `handle_ref`.
+        id = unsafe { handle_ref(resp, "resp") }?
+            .served
+            .map_or(0, |s| s.instance);
+        Ok(())
+    });
+    id
+}
+
+/// Whether the instance that produced the response had served a request
+/// before this one (it was reused); false if `resp` is NULL.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wasmpool_response_reused(resp: *const wasmpool_response) -> bool {
+    let mut reused = false;
+    boundary(|| {
+        // SAFETY: see `handle_ref`.
+        reused = unsafe { handle_ref(resp, "resp") }?
+            .served
+            .is_some_and(|s| s.reused);
+        Ok(())
+    });
+    reused
 }
 
 /// Number of header fields (a name that repeats counts each time); 0 if
