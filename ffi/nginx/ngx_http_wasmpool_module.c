@@ -32,9 +32,19 @@
 
 #include <wasmpool.h>
 
+#include <grp.h>
+#include <poll.h>
+#include <pwd.h>
+
 
 /* read from a response body / written to a body writer at a time */
 #define NGX_HTTP_WASMPOOL_BUF_SIZE   65536
+
+/*
+ * The longest the load check of a component may take (it compiles the
+ * component when the compile cache does not have it).
+ */
+#define NGX_HTTP_WASMPOOL_CHECK_TIMEOUT  300000
 
 /* callbacks run per wasmpool_handler_poll() call */
 #define NGX_HTTP_WASMPOOL_POLL_MAX   64
@@ -55,7 +65,8 @@ typedef struct {
     ngx_int_t                   max_concurrent_requests;
     ngx_int_t                   max_queued_requests;
     ngx_str_t                   cache_dir;
-    off_t                       memory_budget;
+    ngx_str_t                   config_file; /* NUL-terminated */
+    off_t                       memory_budget; /* 0: automatic */
     ngx_flag_t                  memory_budget_per_worker;
     ngx_int_t                   engine_threads;
 } ngx_http_wasmpool_knobs_t;
@@ -64,6 +75,14 @@ typedef struct {
 typedef struct {
     ngx_str_t                   path;        /* NUL-terminated */
     ngx_http_wasmpool_knobs_t   knobs;
+    ngx_http_wasmpool_knobs_t  *file_base;   /* see the loc conf */
+
+    /*
+     * The libwasmpool config, made while nginx reads its configuration
+     * (in the master: plain data, no threads), so workers neither read
+     * the config file again nor need the right to.
+     */
+    wasmpool_config            *cfg;
 
     /* in a worker process */
     wasmpool_handler           *handler;
@@ -81,6 +100,13 @@ typedef struct {
 typedef struct {
     ngx_str_t                   path;        /* set by wasmpool_component */
     ngx_http_wasmpool_knobs_t   knobs;
+    ngx_flag_t                  serve_file;  /* wasmpool_config here */
+
+    /*
+     * With wasmpool_config: the knobs of the blocks outside the one that
+     * names the file, which the file's settings override (NULL: none).
+     */
+    ngx_http_wasmpool_knobs_t  *file_base;
     ngx_http_wasmpool_component_t  *component;
 } ngx_http_wasmpool_loc_conf_t;
 
@@ -98,6 +124,9 @@ typedef struct {
     ngx_chain_t                *free;        /* response buffers */
     ngx_chain_t                *busy;
 
+    uint64_t                    instance;    /* that answered; 0: none */
+
+    unsigned                    reused:1;    /* ... and had served before */
     unsigned                    pushed:1;         /* the head callback will run */
     unsigned                    head_done:1;      /* ... and it did */
     unsigned                    cancelled:1;
@@ -142,10 +171,20 @@ static void ngx_http_wasmpool_tick(ngx_http_wasmpool_component_t *wc);
 static ngx_uint_t ngx_http_wasmpool_hop_by_hop(u_char *name, size_t len);
 
 static ngx_int_t ngx_http_wasmpool_apply_knobs(wasmpool_config *cfg,
-    ngx_http_wasmpool_knobs_t *k, ngx_uint_t workers, ngx_conf_t *cf,
-    ngx_log_t *log);
-static ngx_int_t ngx_http_wasmpool_empty_variable(ngx_http_request_t *r,
+    ngx_http_wasmpool_knobs_t *k, ngx_conf_t *cf, ngx_log_t *log);
+static ngx_int_t ngx_http_wasmpool_variable(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data);
+static ngx_int_t ngx_http_wasmpool_postconfiguration(ngx_conf_t *cf);
+static ngx_int_t ngx_http_wasmpool_check_component(ngx_conf_t *cf,
+    ngx_http_wasmpool_component_t *wc);
+static void ngx_http_wasmpool_check_child(ngx_conf_t *cf,
+    ngx_http_wasmpool_component_t *wc, int fd);
+static ngx_int_t ngx_http_wasmpool_host_settings(wasmpool_config *cfg,
+    ngx_http_wasmpool_knobs_t *k, ngx_uint_t workers);
+static void ngx_http_wasmpool_free_config(void *data);
+static void ngx_http_wasmpool_unset_knobs(ngx_http_wasmpool_knobs_t *k);
+static char *ngx_http_wasmpool_config_file(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
 
 static ngx_int_t ngx_http_wasmpool_add_variables(ngx_conf_t *cf);
 static void *ngx_http_wasmpool_create_main_conf(ngx_conf_t *cf);
@@ -190,6 +229,13 @@ static ngx_command_t  ngx_http_wasmpool_commands[] = {
     { ngx_string("wasmpool_component"),
       NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
       ngx_http_wasmpool_component,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("wasmpool_config"),
+      NGX_HTTP_WASMPOOL_CONF,
+      ngx_http_wasmpool_config_file,
       NGX_HTTP_LOC_CONF_OFFSET,
       0,
       NULL },
@@ -256,7 +302,7 @@ static ngx_command_t  ngx_http_wasmpool_commands[] = {
 
 static ngx_http_module_t  ngx_http_wasmpool_module_ctx = {
     ngx_http_wasmpool_add_variables,       /* preconfiguration */
-    NULL,                                  /* postconfiguration */
+    ngx_http_wasmpool_postconfiguration,   /* postconfiguration */
 
     ngx_http_wasmpool_create_main_conf,    /* create main configuration */
     NULL,                                  /* init main configuration */
@@ -286,17 +332,17 @@ ngx_module_t  ngx_http_wasmpool_module = {
 
 
 /*
- * The C API reports no instance per response (which instance served it,
- * whether it was reused), so these are registered but never found: they
- * log as "-".
+ * $wasmpool_instance: the id of the instance that answered the request;
+ * $wasmpool_reused: "1" if it had served a request before, else "0".
+ * Not found ("-" in logs) for a request no instance answered.
  */
 static ngx_http_variable_t  ngx_http_wasmpool_vars[] = {
 
     { ngx_string("wasmpool_instance"), NULL,
-      ngx_http_wasmpool_empty_variable, 0, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+      ngx_http_wasmpool_variable, 0, NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
     { ngx_string("wasmpool_reused"), NULL,
-      ngx_http_wasmpool_empty_variable, 0, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+      ngx_http_wasmpool_variable, 1, NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
       ngx_http_null_variable
 };
@@ -853,6 +899,8 @@ ngx_http_wasmpool_on_head(void *data, wasmpool_result result,
     }
 
     ctx->response = response;
+    ctx->instance = wasmpool_response_instance_id(response);
+    ctx->reused = wasmpool_response_reused(response) ? 1 : 0;
 
     wr = wasmpool_response_set_ready_callback(response,
                                           ngx_http_wasmpool_on_response_ready,
@@ -1512,10 +1560,36 @@ ngx_http_wasmpool_hop_by_hop(u_char *name, size_t len)
 
 
 static ngx_int_t
-ngx_http_wasmpool_empty_variable(ngx_http_request_t *r,
+ngx_http_wasmpool_variable(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data)
 {
-    v->not_found = 1;
+    u_char                   *p;
+    ngx_http_wasmpool_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_wasmpool_module);
+
+    if (ctx == NULL || ctx->instance == 0) {
+        v->not_found = 1;
+        return NGX_OK;
+    }
+
+    if (data == 1) {
+        p = (u_char *) (ctx->reused ? "1" : "0");
+        v->len = 1;
+
+    } else {
+        p = ngx_pnalloc(r->pool, NGX_INT64_LEN);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        v->len = ngx_sprintf(p, "%uL", ctx->instance) - p;
+    }
+
+    v->data = p;
+    v->valid = 1;
+    v->no_cacheable = 1;
+    v->not_found = 0;
 
     return NGX_OK;
 }
@@ -1578,20 +1652,30 @@ ngx_http_wasmpool_create_loc_conf(ngx_conf_t *cf)
      * set by ngx_pcalloc():
      *
      *     conf->path = { 0, NULL };
-     *     conf->knobs.cache_dir = { 0, NULL };
      *     conf->component = NULL;
+     *     conf->file_base = NULL;
      */
 
-    conf->knobs.max_reuse = NGX_CONF_UNSET;
-    conf->knobs.max_concurrent_reuse = NGX_CONF_UNSET;
-    conf->knobs.request_timeout = NGX_CONF_UNSET_MSEC;
-    conf->knobs.max_concurrent_requests = NGX_CONF_UNSET;
-    conf->knobs.max_queued_requests = NGX_CONF_UNSET;
-    conf->knobs.memory_budget = NGX_CONF_UNSET;
-    conf->knobs.memory_budget_per_worker = NGX_CONF_UNSET;
-    conf->knobs.engine_threads = NGX_CONF_UNSET;
+    ngx_http_wasmpool_unset_knobs(&conf->knobs);
+    conf->serve_file = NGX_CONF_UNSET;
 
     return conf;
+}
+
+
+static void
+ngx_http_wasmpool_unset_knobs(ngx_http_wasmpool_knobs_t *k)
+{
+    ngx_memzero(k, sizeof(ngx_http_wasmpool_knobs_t));
+
+    k->max_reuse = NGX_CONF_UNSET;
+    k->max_concurrent_reuse = NGX_CONF_UNSET;
+    k->request_timeout = NGX_CONF_UNSET_MSEC;
+    k->max_concurrent_requests = NGX_CONF_UNSET;
+    k->max_queued_requests = NGX_CONF_UNSET;
+    k->memory_budget = NGX_CONF_UNSET;
+    k->memory_budget_per_worker = NGX_CONF_UNSET;
+    k->engine_threads = NGX_CONF_UNSET;
 }
 
 
@@ -1609,7 +1693,10 @@ ngx_http_wasmpool_same_knobs(ngx_http_wasmpool_knobs_t *a,
            && a->engine_threads == b->engine_threads
            && a->cache_dir.len == b->cache_dir.len
            && ngx_strncmp(a->cache_dir.data, b->cache_dir.data,
-                          a->cache_dir.len) == 0;
+                          a->cache_dir.len) == 0
+           && a->config_file.len == b->config_file.len
+           && ngx_strncmp(a->config_file.data, b->config_file.data,
+                          a->config_file.len) == 0;
 }
 
 
@@ -1619,14 +1706,40 @@ ngx_http_wasmpool_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_http_wasmpool_loc_conf_t *prev = parent;
     ngx_http_wasmpool_loc_conf_t *conf = child;
 
+    size_t                           len;
     ngx_uint_t                       i;
+    const char                      *file_component;
     wasmpool_config                 *cfg;
-    ngx_http_wasmpool_knobs_t       *k, *pk;
+    ngx_pool_cleanup_t              *cln;
+    ngx_http_wasmpool_knobs_t       *k, *pk, outer;
     ngx_http_wasmpool_component_t   *wc, **wcp;
     ngx_http_wasmpool_main_conf_t   *wmcf;
 
     k = &conf->knobs;
     pk = &prev->knobs;
+
+    /*
+     * The more specific wins: the knobs of outer blocks go under the
+     * file of wasmpool_config, the directives of its own block and of the
+     * blocks inside it over it.
+     */
+
+    if (k->config_file.data != NULL) {
+        conf->file_base = ngx_palloc(cf->pool,
+                                     sizeof(ngx_http_wasmpool_knobs_t));
+        if (conf->file_base == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        *conf->file_base = *pk;
+        ngx_str_null(&conf->file_base->config_file);
+
+        ngx_http_wasmpool_unset_knobs(&outer);
+        pk = &outer;
+
+    } else {
+        conf->file_base = prev->file_base;
+    }
 
     /* unset knobs keep libwasmpool's defaults */
 
@@ -1640,6 +1753,7 @@ ngx_http_wasmpool_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_value(k->max_queued_requests, pk->max_queued_requests,
                          NGX_CONF_UNSET);
     ngx_conf_merge_str_value(k->cache_dir, pk->cache_dir, "");
+    ngx_conf_merge_str_value(k->config_file, pk->config_file, "");
     ngx_conf_merge_off_value(k->memory_budget, pk->memory_budget,
                              NGX_CONF_UNSET);
     ngx_conf_merge_value(k->memory_budget_per_worker,
@@ -1647,10 +1761,58 @@ ngx_http_wasmpool_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_value(k->engine_threads, pk->engine_threads,
                          NGX_CONF_UNSET);
 
-    /* wasmpool_component is not inherited by nested locations */
+    /*
+     * A location is served by wasmpool_component, or by wasmpool_config
+     * in the location itself (its file's component). Neither is
+     * inherited by nested locations.
+     */
+
+    if (conf->serve_file == NGX_CONF_UNSET) {
+        conf->serve_file = 0;
+    }
+
+    if (conf->path.len == 0 && !conf->serve_file) {
+        return NGX_CONF_OK;
+    }
+
+    /* the config libwasmpool will run with, checked by libwasmpool */
+
+    cfg = wasmpool_config_new();
+    if (cfg == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    if ((conf->file_base
+         && ngx_http_wasmpool_apply_knobs(cfg, conf->file_base, cf, cf->log)
+            != NGX_OK)
+        || ngx_http_wasmpool_apply_knobs(cfg, k, cf, cf->log) != NGX_OK)
+    {
+        wasmpool_config_free(cfg);
+        return NGX_CONF_ERROR;
+    }
 
     if (conf->path.len == 0) {
-        return NGX_CONF_OK;
+        file_component = wasmpool_config_component(cfg);
+
+        if (file_component == NULL) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "wasmpool_config \"%V\" names no component: "
+                               "set \"component\" in it or use "
+                               "wasmpool_component", &k->config_file);
+            wasmpool_config_free(cfg);
+            return NGX_CONF_ERROR;
+        }
+
+        len = ngx_strlen(file_component);
+
+        conf->path.data = ngx_pnalloc(cf->pool, len + 1);
+        if (conf->path.data == NULL) {
+            wasmpool_config_free(cfg);
+            return NGX_CONF_ERROR;
+        }
+
+        ngx_memcpy(conf->path.data, file_component, len + 1);
+        conf->path.len = len;
     }
 
     /* one handler per component and set of knobs */
@@ -1664,26 +1826,26 @@ ngx_http_wasmpool_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
 
         if (wc->path.len == conf->path.len
             && ngx_strncmp(wc->path.data, conf->path.data, wc->path.len) == 0
-            && ngx_http_wasmpool_same_knobs(&wc->knobs, k))
+            && ngx_http_wasmpool_same_knobs(&wc->knobs, k)
+            && (wc->file_base == conf->file_base
+                || (wc->file_base && conf->file_base
+                    && ngx_http_wasmpool_same_knobs(wc->file_base,
+                                                    conf->file_base))))
         {
+            wasmpool_config_free(cfg);
             conf->component = wc;
             return NGX_CONF_OK;
         }
     }
 
-    /* check the knobs with libwasmpool itself (no handler is created) */
-
-    cfg = wasmpool_config_new();
-    if (cfg == NULL) {
-        return NGX_CONF_ERROR;
-    }
-
-    if (ngx_http_wasmpool_apply_knobs(cfg, k, 1, cf, cf->log) != NGX_OK) {
+    cln = ngx_pool_cleanup_add(cf->pool, 0);
+    if (cln == NULL) {
         wasmpool_config_free(cfg);
         return NGX_CONF_ERROR;
     }
 
-    wasmpool_config_free(cfg);
+    cln->handler = ngx_http_wasmpool_free_config;
+    cln->data = cfg;
 
     wc = ngx_pcalloc(cf->pool, sizeof(ngx_http_wasmpool_component_t));
     if (wc == NULL) {
@@ -1692,6 +1854,8 @@ ngx_http_wasmpool_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
 
     wc->path = conf->path;
     wc->knobs = *k;
+    wc->file_base = conf->file_base;
+    wc->cfg = cfg;
     ngx_queue_init(&wc->live);
 
     wcp = ngx_array_push(&wmcf->components);
@@ -1763,6 +1927,51 @@ ngx_http_wasmpool_component(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 }
 
 
+/*
+ *   wasmpool_config FILE;
+ *
+ * The TOML file of "wasmpool serve --config" (relative paths: to nginx's
+ * configuration prefix). In a location it also serves the location, with
+ * the file's component unless wasmpool_component names one.
+ */
+
+static char *
+ngx_http_wasmpool_config_file(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_wasmpool_loc_conf_t *wlcf = conf;
+
+    ngx_str_t                 *value, path;
+    ngx_http_core_loc_conf_t  *clcf;
+
+    if (wlcf->knobs.config_file.data) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+    path = value[1];
+
+    if (path.len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "empty wasmpool_config path");
+        return NGX_CONF_ERROR;
+    }
+
+    if (ngx_conf_full_name(cf->cycle, &path, 1) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    wlcf->knobs.config_file = path;
+
+    if (cf->cmd_type == NGX_HTTP_LOC_CONF) {
+        wlcf->serve_file = 1;
+
+        clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+        clcf->handler = ngx_http_wasmpool_handler;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
 static char *
 ngx_http_wasmpool_cache_dir(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
@@ -1794,10 +2003,12 @@ ngx_http_wasmpool_cache_dir(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
 
 /*
- *   wasmpool_memory_budget SIZE [per_worker];
+ *   wasmpool_memory_budget SIZE|auto [per_worker];
  *
  * SIZE is what all workers may use together (each gets SIZE divided by
- * worker_processes), or with "per_worker" what each worker may use.
+ * worker_processes), or with "per_worker" what each worker may use;
+ * "auto" is the cgroup's memory limit, else physical memory, less a
+ * quarter for the processes themselves.
  */
 
 static char *
@@ -1815,19 +2026,25 @@ ngx_http_wasmpool_memory_budget(ngx_conf_t *cf, ngx_command_t *cmd,
 
     value = cf->args->elts;
 
-    size = ngx_parse_offset(&value[1]);
+    if (value[1].len == 4 && ngx_strncmp(value[1].data, "auto", 4) == 0) {
+        size = 0;
 
-    if (size == NGX_ERROR) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "invalid wasmpool_memory_budget \"%V\"", &value[1]);
-        return NGX_CONF_ERROR;
-    }
+    } else {
+        size = ngx_parse_offset(&value[1]);
 
-    if (size < 65536) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "wasmpool_memory_budget \"%V\" is less than 64k",
-                           &value[1]);
-        return NGX_CONF_ERROR;
+        if (size == NGX_ERROR) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid wasmpool_memory_budget \"%V\"",
+                               &value[1]);
+            return NGX_CONF_ERROR;
+        }
+
+        if (size < 65536) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "wasmpool_memory_budget \"%V\" is less "
+                               "than 64k", &value[1]);
+            return NGX_CONF_ERROR;
+        }
     }
 
     wlcf->knobs.memory_budget = size;
@@ -1863,21 +2080,28 @@ ngx_http_wasmpool_check_msec(ngx_conf_t *cf, void *post, void *data)
 
 
 /*
- * Sets the knobs on a libwasmpool config; reports a value libwasmpool
- * refuses (with cf: in nginx -t's "in FILE:LINE" form).
+ * Sets the knobs on a libwasmpool config: the config file's first, then
+ * the directives', which win; reports what libwasmpool refuses (with cf:
+ * in nginx -t's "in FILE:LINE" form).
  */
 
 static ngx_int_t
 ngx_http_wasmpool_apply_knobs(wasmpool_config *cfg,
-    ngx_http_wasmpool_knobs_t *k, ngx_uint_t workers, ngx_conf_t *cf,
-    ngx_log_t *log)
+    ngx_http_wasmpool_knobs_t *k, ngx_conf_t *cf, ngx_log_t *log)
 {
-    off_t             budget;
     const char       *knob;
     wasmpool_result   wr;
 
     wr = WASMPOOL_OK;
     knob = NULL;
+
+    if (k->config_file.len) {
+        knob = "wasmpool_config";
+        wr = wasmpool_config_load_file(cfg, (char *) k->config_file.data);
+        if (wr != WASMPOOL_OK) {
+            goto failed;
+        }
+    }
 
     if (k->max_reuse != NGX_CONF_UNSET) {
         knob = "wasmpool_max_instance_reuse_count";
@@ -1933,18 +2157,9 @@ ngx_http_wasmpool_apply_knobs(wasmpool_config *cfg,
     }
 
     if (k->memory_budget != NGX_CONF_UNSET) {
-        budget = k->memory_budget;
-
-        if (!k->memory_budget_per_worker && workers > 1) {
-            budget /= (off_t) workers;
-        }
-
-        if (budget < 65536) {
-            budget = 65536;
-        }
-
         knob = "wasmpool_memory_budget";
-        wr = wasmpool_config_set_memory_budget(cfg, (uint64_t) budget);
+        wr = wasmpool_config_set_memory_budget(cfg,
+                                              (uint64_t) k->memory_budget);
         if (wr != WASMPOOL_OK) {
             goto failed;
         }
@@ -1976,7 +2191,270 @@ failed:
 }
 
 
+static void
+ngx_http_wasmpool_free_config(void *data)
+{
+    wasmpool_config_free(data);
+}
+
+
+/*
+ * Each component is loaded once while nginx reads its configuration
+ * (nginx -t, start, reload): in a child process of the process that reads
+ * it, so that the master itself never runs libwasmpool's threads. A file
+ * that is not a component, or a component that does not link, fails the
+ * configuration with the reason (a reload then keeps the old one), and
+ * the compile cache is filled once for all workers. The child runs as the
+ * workers' user, so what it writes to the cache is theirs.
+ */
+
+static ngx_int_t
+ngx_http_wasmpool_postconfiguration(ngx_conf_t *cf)
+{
+    ngx_uint_t                      i;
+    ngx_http_wasmpool_component_t **wcp;
+    ngx_http_wasmpool_main_conf_t  *wmcf;
+
+    if (ngx_process == NGX_PROCESS_SIGNALLER) {
+        return NGX_OK;
+    }
+
+    wmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_wasmpool_module);
+
+    wcp = wmcf->components.elts;
+
+    for (i = 0; i < wmcf->components.nelts; i++) {
+        if (ngx_http_wasmpool_check_component(cf, wcp[i]) != NGX_OK) {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_wasmpool_check_child(ngx_conf_t *cf,
+    ngx_http_wasmpool_component_t *wc, int fd)
+{
+    int                 n;
+    char                msg[1024];
+    uid_t               uid;
+    gid_t               gid;
+    const char         *name;
+    struct group       *grp;
+    struct passwd      *pwd;
+    ngx_core_conf_t    *ccf;
+    wasmpool_result     wr;
+    wasmpool_handler   *h;
+
+    if (geteuid() == 0) {
+        ccf = (ngx_core_conf_t *) ngx_get_conf(cf->cycle->conf_ctx,
+                                               ngx_core_module);
+
+        if (ccf->user != (ngx_uid_t) NGX_CONF_UNSET_UINT) {
+            uid = ccf->user;
+            gid = ccf->group;
+            name = ccf->username;
+
+        } else {
+            /* no "user" before "http": nginx's default, as its core does */
+#ifdef NGX_USER
+            name = NGX_USER;
+#else
+            name = "nobody";
+#endif
+            pwd = getpwnam(name);
+#ifdef NGX_GROUP
+            grp = getgrnam(NGX_GROUP);
+#else
+            grp = getgrnam("nogroup");
+#endif
+            if (pwd == NULL || grp == NULL) {
+                n = snprintf(msg, sizeof(msg),
+                             "cannot find the workers' user \"%s\"", name);
+                goto done;
+            }
+
+            uid = pwd->pw_uid;
+            gid = grp->gr_gid;
+        }
+
+        if (setgid(gid) == -1 || initgroups(name, gid) == -1
+            || setuid(uid) == -1)
+        {
+            n = snprintf(msg, sizeof(msg),
+                         "cannot switch to the workers' user \"%s\": %s",
+                         name, strerror(errno));
+            goto done;
+        }
+    }
+
+    if (ngx_http_wasmpool_host_settings(wc->cfg, &wc->knobs, 1) != NGX_OK) {
+        n = snprintf(msg, sizeof(msg), "%s", wasmpool_last_error());
+        goto done;
+    }
+
+    wr = wasmpool_handler_new(wc->cfg, (char *) wc->path.data, &h);
+
+    if (wr == WASMPOOL_OK) {
+        (void) wasmpool_handler_free(h);
+        n = snprintf(msg, sizeof(msg), "ok");
+
+    } else {
+        n = snprintf(msg, sizeof(msg), "%s: %s", wasmpool_result_str(wr),
+                     wasmpool_last_error());
+    }
+
+done:
+
+    if (n > 0 && write(fd, msg, ngx_min((size_t) n, sizeof(msg) - 1)) == -1) {
+        /* the parent reports a check that said nothing */
+    }
+
+    _exit(0);
+}
+
+
+static ngx_int_t
+ngx_http_wasmpool_check_component(ngx_conf_t *cf,
+    ngx_http_wasmpool_component_t *wc)
+{
+    int            fds[2], rc, status;
+    char           msg[1024];
+    size_t         len;
+    pid_t          pid;
+    ssize_t        n;
+    ngx_msec_t     start, left;
+    struct pollfd  pfd;
+
+    if (pipe(fds) == -1) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, ngx_errno,
+                           "wasmpool: pipe() failed");
+        return NGX_ERROR;
+    }
+
+    pid = fork();
+
+    if (pid == -1) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, ngx_errno,
+                           "wasmpool: fork() failed");
+        close(fds[0]);
+        close(fds[1]);
+        return NGX_ERROR;
+    }
+
+    if (pid == 0) {
+        close(fds[0]);
+        ngx_http_wasmpool_check_child(cf, wc, fds[1]);
+    }
+
+    close(fds[1]);
+
+    len = 0;
+    ngx_time_update();
+    start = ngx_current_msec;
+
+    for ( ;; ) {
+        ngx_time_update();
+        left = NGX_HTTP_WASMPOOL_CHECK_TIMEOUT
+               - ngx_min(ngx_current_msec - start,
+                         NGX_HTTP_WASMPOOL_CHECK_TIMEOUT);
+
+        if (left == 0) {
+            (void) kill(pid, SIGKILL);
+            len = snprintf(msg, sizeof(msg),
+                           "loading took longer than %d s",
+                           NGX_HTTP_WASMPOOL_CHECK_TIMEOUT / 1000);
+            break;
+        }
+
+        pfd.fd = fds[0];
+        pfd.events = POLLIN;
+        pfd.revents = 0;
+
+        rc = poll(&pfd, 1, (int) left);
+
+        if (rc == -1 && errno == EINTR) {
+            continue;
+        }
+
+        if (rc <= 0) {
+            continue;
+        }
+
+        n = read(fds[0], msg + len, sizeof(msg) - 1 - len);
+
+        if (n == -1 && errno == EINTR) {
+            continue;
+        }
+
+        if (n <= 0) {
+            break;
+        }
+
+        len += n;
+
+        if (len == sizeof(msg) - 1) {
+            break;
+        }
+    }
+
+    close(fds[0]);
+
+    while (waitpid(pid, &status, 0) == -1 && errno == EINTR) {
+        /* void */
+    }
+
+    msg[len] = '\0';
+
+    if (len == 2 && msg[0] == 'o' && msg[1] == 'k') {
+        return NGX_OK;
+    }
+
+    if (len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "wasmpool: loading component \"%V\" crashed",
+                           &wc->path);
+
+    } else {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "wasmpool: component \"%V\" does not load: %s",
+                           &wc->path, msg);
+    }
+
+    return NGX_ERROR;
+}
+
+
 /* worker processes */
+
+
+/*
+ * The settings every handler of the module runs with, on top of the
+ * knobs: callbacks on the polling thread only; nginx's
+ * client_max_body_size is the limit of request bodies, not libwasmpool's
+ * own; and unless wasmpool_memory_budget says per_worker, each of the
+ * workers takes its share of the budget.
+ */
+
+static ngx_int_t
+ngx_http_wasmpool_host_settings(wasmpool_config *cfg,
+    ngx_http_wasmpool_knobs_t *k, ngx_uint_t workers)
+{
+    if (wasmpool_config_set_completion_mode(cfg, WASMPOOL_COMPLETION_POLL)
+        != WASMPOOL_OK
+        || wasmpool_config_set_max_request_body_size(cfg, UINT64_MAX)
+           != WASMPOOL_OK
+        || wasmpool_config_set_memory_budget_share(cfg,
+               (k->memory_budget_per_worker == 1) ? 1 : (uint32_t) workers)
+           != WASMPOOL_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
 
 
 static ngx_int_t
@@ -1986,43 +2464,19 @@ ngx_http_wasmpool_start_component(ngx_cycle_t *cycle,
     int                 fd;
     ngx_int_t           flags;
     ngx_connection_t   *c;
-    wasmpool_config    *cfg;
     wasmpool_result     wr;
 
-    cfg = wasmpool_config_new();
-    if (cfg == NULL) {
-        ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
-                      "wasmpool: wasmpool_config_new() failed");
-        return NGX_ERROR;
-    }
+    /* wc->cfg is this process's copy of the master's: ours to change */
 
-    if (ngx_http_wasmpool_apply_knobs(cfg, &wc->knobs, workers, NULL,
-                                      cycle->log)
+    if (ngx_http_wasmpool_host_settings(wc->cfg, &wc->knobs, workers)
         != NGX_OK)
-    {
-        wasmpool_config_free(cfg);
-        return NGX_ERROR;
-    }
-
-    /*
-     * Callbacks on this thread only; and nginx's client_max_body_size is
-     * the limit of request bodies, not libwasmpool's own.
-     */
-
-    if (wasmpool_config_set_completion_mode(cfg, WASMPOOL_COMPLETION_POLL)
-        != WASMPOOL_OK
-        || wasmpool_config_set_max_request_body_size(cfg, UINT64_MAX)
-           != WASMPOOL_OK)
     {
         ngx_log_error(NGX_LOG_EMERG, cycle->log, 0, "wasmpool: %s",
                       wasmpool_last_error());
-        wasmpool_config_free(cfg);
         return NGX_ERROR;
     }
 
-    wr = wasmpool_handler_new(cfg, (char *) wc->path.data, &wc->handler);
-
-    wasmpool_config_free(cfg);
+    wr = wasmpool_handler_new(wc->cfg, (char *) wc->path.data, &wc->handler);
 
     if (wr != WASMPOOL_OK) {
         ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,

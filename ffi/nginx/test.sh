@@ -204,9 +204,9 @@ code=$(curl -sS -I -o "$tmp/head.out" -w '%{http_code}' "$url/") || fail "HEAD /
 [ "$code" = 200 ] || fail "HEAD / gave $code"
 ok "HEAD / -> 200"
 
-grep -q 'GET / HTTP/1.1 200 instance=- reused=-' "$tmp/access.log" \
+grep -Eq '^GET / HTTP/1.1 200 instance=[1-9][0-9]* reused=[01]$' "$tmp/access.log" \
     || fail "access log: $(tail -1 "$tmp/access.log")"
-ok "\$wasmpool_instance and \$wasmpool_reused exist (and are empty: '-' in the log)"
+ok "\$wasmpool_instance and \$wasmpool_reused in the access log: $(grep -m1 '^GET / ' "$tmp/access.log")"
 
 # reload: new workers load the components again and serve
 "$NGINX" -p "$tmp" -c "$tmp/nginx.conf" -s reload 2>/dev/null || fail "nginx -s reload"

@@ -19,6 +19,8 @@
 ;;   /scatter   grows memory to 1 MiB and writes a byte into every other 4 KiB
 ;;              page of it (128 separate places, as interpreters write all
 ;;              over their heap), then answers with the number of writes
+;;   /zeros/N   N bytes of "x", streamed in 64 KiB pieces (stops when the
+;;              client goes away)
 ;;   anything else: "hello from p2"
 ;; Memory: 0..1024 return areas, 1024..4096 constant data, heap from 64 KiB
 ;; (a bump allocator reset at each request: WASIp2 instances run one request
@@ -81,6 +83,7 @@
   (data (i32.const 1430) "/stain")
   (data (i32.const 1440) "/hold")
   (data (i32.const 1450) "/scatter")
+  (data (i32.const 1460) "/zeros")
 
   (func $cabi_realloc (export "cabi_realloc") (param $old i32) (param $old_size i32) (param $align i32) (param $size i32) (result i32)
     (local $ptr i32) (local $end i32)
@@ -186,6 +189,20 @@
     (call $block (local.get $p))
     (call $drop_pollable (local.get $p)))
 
+  (func $zeros (param $out i32) (param $n i32)
+    (local $s i32) (local $c i32)
+    (memory.fill (i32.const 65536) (i32.const 120) (i32.const 65536))
+    (local.set $s (call $begin (local.get $out) (i32.const 200)))
+    (block $done
+      (loop $l
+        (br_if $done (i32.eqz (local.get $n)))
+        (local.set $c (select (i32.const 65536) (local.get $n) (i32.gt_u (local.get $n) (i32.const 65536))))
+        (call $write_all (local.get $s) (i32.const 65536) (local.get $c))
+        (br_if $done (i32.load8_u (i32.const 48)))
+        (local.set $n (i32.sub (local.get $n) (local.get $c)))
+        (br $l)))
+    (call $end (local.get $s)))
+
   (func $echo (param $req i32) (param $out i32)
     (local $s i32) (local $m i32) (local $h i32) (local $list i32) (local $n i32) (local $e i32)
     (local $ib i32) (local $is i32)
@@ -288,6 +305,8 @@
           (call $respond (local.get $out) (i32.const 200) (i32.const 1410) (i32.const 6)) (br $routed)))
       (if (call $starts_with (local.get $p) (local.get $n) (i32.const 1400) (i32.const 4))
         (then (call $env (local.get $out)) (br $routed)))
+      (if (call $starts_with (local.get $p) (local.get $n) (i32.const 1460) (i32.const 6))
+        (then (call $zeros (local.get $out) (call $digits (local.get $p) (local.get $n))) (br $routed)))
       (if (call $starts_with (local.get $p) (local.get $n) (i32.const 1430) (i32.const 6))
         (then
           (call $respond (local.get $out) (i32.const 200) (i32.const 512)
