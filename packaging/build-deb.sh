@@ -3,11 +3,16 @@
 #   wasmpool         the server: binary, units, man page, config
 #   libwasmpool0     the shared library, in the multiarch directory
 #   libwasmpool-dev  header, pkg-config file, .so link, static library
+#   libnginx-mod-http-wasmpool
+#                    the nginx module (ffi/nginx/) for the installed nginx,
+#                    made by packaging/build-deb-nginx.sh from the library
+#                    package (it can run alone on one: see its header)
 # The library files are what `cargo cinstall` installs (built by cargo-c in
 # a target directory of its own: its cargo fingerprints builds differently
 # from the toolchain's, so sharing one would rebuild everything each time).
 # Needs cargo-deb 3.8.0 and cargo-c 0.10.24 (installed when missing) and
-# dpkg-dev. Prints the paths of the three packages on its last three lines.
+# dpkg-dev; the nginx module needs nginx-dev. Prints the paths of the four
+# packages on its last four lines, in that order.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -53,6 +58,11 @@ printf 'libwasmpool 0 libwasmpool0 (>= %s)\n' "$version" >"$tmp/lib/DEBIAN/shlib
 chmod 644 "$tmp/lib/DEBIAN/shlibs"
 dpkg-deb --root-owner-group -Zxz -b "$tmp/lib" "$libpkg" >/dev/null
 
+# The nginx module, linked against that library package (and depending on
+# it through the shlibs file).
+nginxpkg=$(packaging/build-deb-nginx.sh "$libpkg" "$target/debian" | tail -n 1)
+
 echo "$server"
 echo "$libpkg"
 echo "$devpkg"
+echo "$nginxpkg"

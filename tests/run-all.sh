@@ -35,7 +35,8 @@ command -v podman >/dev/null || need+=(podman)
 command -v runc >/dev/null || need+=(runc)
 command -v haproxy >/dev/null || need+=(haproxy)
 command -v nginx >/dev/null || need+=(nginx)
-# The nginx module (ffi/nginx/) builds against Debian's nginx-dev.
+# The nginx module (ffi/nginx/, and its package) builds against Debian's
+# nginx-dev.
 [ -f /usr/share/nginx/src/configure ] || need+=(nginx-dev)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
@@ -114,5 +115,6 @@ tests/container.sh
 cargo test --locked --test fleet -- --ignored --test-threads=1 --nocapture
 
 command -v cargo-deb >/dev/null || cargo install --locked --quiet cargo-deb@3.8.0
-debs=$(packaging/build-deb.sh | tail -n 3)
+# (server, library, development files, nginx module)
+debs=$(packaging/build-deb.sh | tail -n 4)
 WASMPOOL_DEBS="$debs" cargo test --locked --test systemd_e2e -- --ignored --nocapture

@@ -4,7 +4,9 @@
 //! a C host is built against libwasmpool-dev in the container), then socket activation, notify status, reload and
 //! restart under load, kill -9 under load, stop during slow requests, a
 //! broken component on reload, the journal, `systemd-analyze security`, a
-//! memory storm against an app with `MemoryMax=`, and a clean purge.
+//! memory storm against an app with `MemoryMax=`, the nginx module's
+//! package in Debian's nginx (enabled on installation, serving the packaged
+//! component across reloads, gone on purge), and a clean purge.
 //!
 //! Needs root, debootstrap and systemd-nspawn; tests/run-all.sh builds the
 //! packages and runs this with `WASMPOOL_DEBS="..." cargo test --test
@@ -21,9 +23,10 @@ const HELLO_SOCK: &str = "/run/wasmpool/hello.sock";
 const SUITE_SOCK: &str = "/run/wasmpool/suite.sock";
 
 /// What the base root has beyond minbase: systemd, curl for the requests,
-/// and a C toolchain with pkg-config to build a host against
-/// libwasmpool-dev. A root made with another list is made again.
-const INCLUDE: &str = "systemd,systemd-sysv,curl,dbus,gcc,libc6-dev,pkg-config,logrotate";
+/// a C toolchain with pkg-config to build a host against libwasmpool-dev,
+/// and Debian's nginx for libnginx-mod-http-wasmpool. A root made with
+/// another list is made again.
+const INCLUDE: &str = "systemd,systemd-sysv,curl,dbus,gcc,libc6-dev,pkg-config,logrotate,nginx";
 
 fn base_root() -> PathBuf {
     let base = PathBuf::from(BASE);
@@ -344,16 +347,18 @@ impl<'a> Load<'a> {
     }
 }
 
-/// The three packages build-deb.sh made: server, library, development.
+/// The four packages build-deb.sh made: server, library, development,
+/// nginx module.
 struct Debs {
     server: PathBuf,
     lib: PathBuf,
     dev: PathBuf,
+    nginx: PathBuf,
 }
 
 fn debs() -> Debs {
     let list = std::env::var("WASMPOOL_DEBS")
-        .expect("WASMPOOL_DEBS names the three packages (see tests/run-all.sh)");
+        .expect("WASMPOOL_DEBS names the four packages (see tests/run-all.sh)");
     let paths: Vec<PathBuf> = list.split_whitespace().map(PathBuf::from).collect();
     let find = |prefix: &str| {
         let p = paths
@@ -372,6 +377,7 @@ fn debs() -> Debs {
         server: find("wasmpool_"),
         lib: find("libwasmpool0_"),
         dev: find("libwasmpool-dev_"),
+        nginx: find("libnginx-mod-http-wasmpool_"),
     }
 }
 
@@ -388,7 +394,7 @@ fn lintian_reports_no_errors() {
     let d = debs();
     let out = Command::new("lintian")
         .args(["--no-cfg", "--fail-on", "error", "--tag-display-limit", "0"])
-        .args([&d.server, &d.lib, &d.dev])
+        .args([&d.server, &d.lib, &d.dev, &d.nginx])
         .output()
         .expect("lintian runs");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -425,10 +431,15 @@ fn lintian_reports_no_errors() {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    // It did look at all three (each has the changelog warning).
+    // It did look at all four (each has the changelog warning).
     assert_eq!(
         packages_seen.into_iter().collect::<Vec<_>>(),
-        ["libwasmpool-dev", "libwasmpool0", "wasmpool"],
+        [
+            "libnginx-mod-http-wasmpool",
+            "libwasmpool-dev",
+            "libwasmpool0",
+            "wasmpool"
+        ],
         "{text}"
     );
 }
@@ -463,6 +474,7 @@ fn package_under_real_systemd() {
         ("wasmpool", &debs.server),
         ("libwasmpool0", &debs.lib),
         ("libwasmpool-dev", &debs.dev),
+        ("libnginx-mod-http-wasmpool", &debs.nginx),
     ] {
         write(
             &c,
@@ -682,6 +694,8 @@ fn package_under_real_systemd() {
         eprintln!("{unit}: exposure {e}");
         assert!(e <= 1.5, "{unit}: exposure {e} > 1.5");
     }
+
+    nginx_module(&c, apt);
 
     // Purge leaves nothing behind (the admin removes their own app first).
     c.ok(
@@ -909,4 +923,156 @@ fn tls_on_a_tcp_socket(c: &Container) {
     // Back to the packaged units.
     c.ok("rm -rf /etc/systemd/system/wasmpool@hello.socket.d /etc/systemd/system/wasmpool@hello.service.d \
           /etc/wasmpool/tls && systemctl daemon-reload && systemctl restart wasmpool@hello.socket");
+}
+
+/// The nginx module's package in Debian's nginx (in the base root, started
+/// at boot): installed from the local repository it enables itself the way
+/// Debian's libnginx-mod-* packages do (a link in modules-enabled, nginx
+/// reloaded by dpkg's trigger); a site on a loopback port serves the
+/// packaged hello component, with the compile cache in a directory of the
+/// workers' user, across reloads; purging removes the link and the module
+/// and leaves nginx running without it.
+fn nginx_module(c: &Container, apt: &str) {
+    const PKG: &str = "libnginx-mod-http-wasmpool";
+    const LINK: &str = "/etc/nginx/modules-enabled/50-mod-http-wasmpool.conf";
+    const LOAD: &str = "/usr/share/nginx/modules-available/mod-http-wasmpool.conf";
+    const MODULE: &str = "/usr/lib/nginx/modules/ngx_http_wasmpool_module.so";
+    const SITE: &str = "/etc/nginx/conf.d/wasmpool-hello.conf";
+    const CACHE: &str = "/var/cache/nginx/wasmpool";
+    const URL: &str = "http://127.0.0.1:8090/";
+    let nginx_log = |c: &Container| {
+        c.ok("journalctl -u nginx.service --no-pager -o cat; cat /var/log/nginx/error.log; true")
+    };
+    assert_eq!(
+        c.show("nginx.service", "ActiveState"),
+        "active",
+        "nginx is not running: {}",
+        nginx_log(c)
+    );
+    let master = c.ok("cat /run/nginx.pid").trim().to_string();
+    // The worker processes: the children of the master.
+    let workers = |c: &Container| -> Vec<String> {
+        c.ok(&format!("cat /proc/{master}/task/*/children"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    // Waits until none of `old` serves any more (a reload's new workers
+    // took over), then checks the master is the same process.
+    let reloaded = |c: &Container, old: &[String]| {
+        c.wait_for(
+            "nginx's old workers to exit",
+            Duration::from_secs(30),
+            |c| {
+                let now = workers(c);
+                !now.is_empty() && now.iter().all(|p| !old.contains(p))
+            },
+        );
+        assert_eq!(c.ok("cat /run/nginx.pid").trim(), master, "nginx restarted");
+    };
+
+    let before = workers(c);
+    c.ok(&format!(
+        "DEBIAN_FRONTEND=noninteractive {apt} install -y --no-install-recommends {PKG}"
+    ));
+    assert_eq!(c.ok(&format!("readlink {LINK}")).trim(), LOAD);
+    assert_eq!(
+        c.ok(&format!("cat {LINK}")),
+        "load_module modules/ngx_http_wasmpool_module.so;\n"
+    );
+    // Its dependencies: the installed nginx's ABI and the library package.
+    let depends = c.ok(&format!("dpkg-query -W -f '${{Depends}}' {PKG}"));
+    let provides = c.ok("dpkg-query -W -f '${Provides}' nginx");
+    let abi = depends
+        .split(", ")
+        .find(|d| d.starts_with("nginx-abi-"))
+        .unwrap_or_else(|| panic!("no nginx-abi-* in Depends: {depends}"));
+    assert!(
+        provides.split(", ").any(|p| p == abi),
+        "{depends} / nginx provides {provides}"
+    );
+    assert!(depends.contains("libwasmpool0 (>= "), "{depends}");
+    // No run path: libwasmpool.so.0 comes from the multiarch directory.
+    let dynamic = c.ok(&format!("readelf -d {MODULE}"));
+    assert!(
+        dynamic.contains("Shared library: [libwasmpool.so.0]")
+            && !dynamic.contains("RPATH")
+            && !dynamic.contains("RUNPATH"),
+        "{dynamic}"
+    );
+    let needed = c.ok(&format!("ldd {MODULE}"));
+    assert!(
+        needed.contains("libwasmpool.so.0 => /lib/x86_64-linux-gnu/libwasmpool.so.0")
+            || needed.contains("libwasmpool.so.0 => /usr/lib/x86_64-linux-gnu/libwasmpool.so.0"),
+        "{needed}"
+    );
+    // dpkg's trigger reloaded nginx, which now has the module loaded.
+    reloaded(c, &before);
+    assert!(
+        c.ok(&format!("cat /proc/{master}/maps"))
+            .contains("ngx_http_wasmpool_module.so"),
+        "the module is not loaded in nginx: {}",
+        nginx_log(c)
+    );
+
+    // A site serving the packaged example component.
+    c.ok(&format!("install -d -o www-data -g www-data {CACHE}"));
+    write(
+        c,
+        SITE,
+        format!(
+            "server {{\n    listen 127.0.0.1:8090;\n    wasmpool_cache_dir {CACHE};\n    \
+             location / {{\n        wasmpool_component /usr/share/wasmpool/hello.wasm;\n    }}\n}}\n"
+        )
+        .as_bytes(),
+    );
+    c.ok("nginx -t");
+    let get = |c: &Container| {
+        let o = c.sh(&format!("curl -sS --max-time 30 -w '%{{http_code}}' {URL}"));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    const HELLO: &str = "Hello from wasmpool!\n200";
+    for round in 1..=2 {
+        let old = workers(c);
+        c.ok("systemctl reload nginx");
+        reloaded(c, &old);
+        let out = get(c);
+        assert_eq!(
+            out,
+            HELLO,
+            "GET {URL} after reload {round}: {}",
+            nginx_log(c)
+        );
+        // The workers compiled into (then loaded from) the cache directory.
+        c.ok(&format!(
+            "find {CACHE} -maxdepth 1 -name '*.cwasm' -user www-data | grep -q ."
+        ));
+    }
+    assert_eq!(c.show("nginx.service", "ActiveState"), "active");
+    let errors = c.ok("grep -E '\\[(emerg|alert|crit)\\]' /var/log/nginx/error.log || true");
+    assert!(errors.is_empty(), "nginx's error log: {errors}");
+
+    // The admin removes their site, then purges: the link (moved aside on
+    // removal) and the module are gone, and nginx, reloaded by the
+    // trigger, runs without the module.
+    c.ok(&format!("rm -rf {SITE} {CACHE}"));
+    let old = workers(c);
+    c.ok(&format!(
+        "DEBIAN_FRONTEND=noninteractive apt-get purge -y {PKG}"
+    ));
+    c.ok(&format!(
+        "! test -e {LINK} && ! test -L {LINK} && ! test -L {LINK}.removed \
+         && ! test -e {MODULE} && ! test -e {LOAD}"
+    ));
+    c.ok("dpkg-query -W -f='${Status}' libwasmpool0 | grep -q 'install ok installed'");
+    reloaded(c, &old);
+    assert_eq!(c.show("nginx.service", "ActiveState"), "active");
+    assert!(
+        !c.ok(&format!("cat /proc/{master}/maps"))
+            .contains("ngx_http_wasmpool_module.so"),
+        "nginx still has the module loaded"
+    );
+    c.ok("nginx -t");
+    let out = c.ok("curl -sS --max-time 30 -o /dev/null -w '%{http_code}' http://127.0.0.1/");
+    assert_eq!(out, "200", "nginx's default site after the purge");
 }

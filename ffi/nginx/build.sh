@@ -8,6 +8,10 @@
 #   WASMPOOL_LIB_DIR  directory with libwasmpool.so (or libwasmpool.so.0);
 #                     default: the directory of an installed
 #                     libwasmpool.so.0 (ldconfig), else <repo>/target/release
+#   WASMPOOL_RPATH    the module's run path (DT_RUNPATH): a directory, or
+#                     `none` for none (the dynamic linker then finds
+#                     libwasmpool.so.0 in the system's library directories:
+#                     what a packaged module needs); default WASMPOOL_LIB_DIR
 #   NGINX_SRC         nginx-dev tree (default /usr/share/nginx/src)
 #   BUILD_DIR         where to build (default: a new temporary directory)
 #
@@ -37,7 +41,8 @@ else
     echo "build.sh: no libwasmpool.so in $WASMPOOL_LIB_DIR (set WASMPOOL_LIB_DIR)" >&2
     exit 1
 fi
-export WASMPOOL_LIB_DIR WASMPOOL_LINK
+WASMPOOL_RPATH=${WASMPOOL_RPATH:-$WASMPOOL_LIB_DIR}
+export WASMPOOL_LIB_DIR WASMPOOL_LINK WASMPOOL_RPATH
 
 if [ ! -x "$NGINX_SRC/configure" ] || [ ! -f "$NGINX_SRC/conf_flags" ]; then
     echo "build.sh: $NGINX_SRC is not an nginx-dev tree (apt-get install nginx-dev)" >&2
