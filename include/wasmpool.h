@@ -181,6 +181,27 @@ typedef uint32_t wasmpool_result;
 #endif // __cplusplus
 
 /**
+ * How severe a log record is.
+ */
+enum wasmpool_log_level
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  WASMPOOL_LOG_ERROR = 1,
+  WASMPOOL_LOG_WARN = 2,
+  WASMPOOL_LOG_INFO = 3,
+  WASMPOOL_LOG_DEBUG = 4,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum wasmpool_log_level wasmpool_log_level;
+#else
+typedef uint32_t wasmpool_log_level;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
  * How completion callbacks are delivered.
  */
 enum wasmpool_completion_mode
@@ -330,6 +351,17 @@ typedef struct wasmpool_stats {
    */
   uint64_t in_flight;
 } wasmpool_stats;
+
+/**
+ * Receives one log record: its level, whether it is a line the guest
+ * wrote (to stdout: INFO, to stderr: WARN), and the text (`len` bytes,
+ * UTF-8, no newline, not NUL-terminated, valid during the call only).
+ */
+typedef void (*wasmpool_log_callback)(void *userdata,
+                                      wasmpool_log_level level,
+                                      bool guest,
+                                      const uint8_t *message,
+                                      size_t len);
 
 /**
  * Called when a stream the host waits on can go on: a body writer can
@@ -721,6 +753,20 @@ wasmpool_result wasmpool_handler_stats(const struct wasmpool_handler *h,
  * thread is `WASMPOOL_MISUSE`, and the handler is then left alone.
  */
 wasmpool_result wasmpool_handler_free(struct wasmpool_handler *h);
+
+/**
+ * Hands what libwasmpool logs to `cb`, at `max_level` and more severe
+ * (`WASMPOOL_LOG_INFO` includes the guests' stdout lines, `..._WARN` their
+ * stderr lines). `cb` runs on whatever thread logs, often an engine
+ * thread, several at once: it must be thread-safe, quick, and must not
+ * call back into wasmpool. NULL `cb` stops logging (a call running on
+ * another thread may still finish). Process-wide: the last call wins. The
+ * library installs a global `tracing` subscriber the first time; if the
+ * process already has one (a Rust host's), the result is
+ * `WASMPOOL_MISUSE`. Errors: `WASMPOOL_INVALID_ARGUMENT` for an unknown
+ * level.
+ */
+wasmpool_result wasmpool_set_logger(wasmpool_log_callback cb, void *userdata, uint32_t max_level);
 
 /**
  * A request with `method` (e.g. "GET", or any valid token) and `uri`, in

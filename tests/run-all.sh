@@ -38,6 +38,8 @@ command -v nginx >/dev/null || need+=(nginx)
 # The nginx module (ffi/nginx/, and its package) builds against Debian's
 # nginx-dev.
 [ -f /usr/share/nginx/src/configure ] || need+=(nginx-dev)
+# ... and is tested over TLS (openssl makes the certificate).
+command -v openssl >/dev/null || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
@@ -77,11 +79,17 @@ if git rev-parse --git-dir >/dev/null 2>&1; then
   fi
 fi
 
-# The nginx module (ffi/nginx/) in Debian's nginx, on the library and the
-# Python guest that `cargo test` built.
+# The nginx module (ffi/nginx/) in Debian's nginx: on the release library
+# (1 GiB each way through it; the packages below build it anyway), with
+# the Python guest `cargo test` built and the WAT suite guest; its short
+# valgrind run on the debug library.
 target=$(cargo metadata --format-version 1 --no-deps --locked |
   python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
-REQUIRE_PYTHON=1 PYTHON_WASM="$target/tmp/python-p2/app.wasm" WASMPOOL_LIB_DIR="$target/debug" \
+cargo build --locked --release --lib
+WASMPOOL_GUESTS_WAT_ONLY=1 cargo bench --locked --profile dev --bench guests -- "$target/tmp/nginx-guests"
+REQUIRE_GUESTS=1 PYTHON_WASM="$target/tmp/python-p2/app.wasm" \
+  SUITE_WASM="$target/tmp/nginx-guests/p2_suite.wasm" \
+  WASMPOOL_LIB_DIR="$target/release" VALGRIND_LIB_DIR="$target/debug" \
   ffi/nginx/test.sh
 
 # The C library installed from source with cargo-c, used through pkg-config.

@@ -182,6 +182,11 @@ static void ngx_http_wasmpool_check_child(ngx_conf_t *cf,
 static ngx_int_t ngx_http_wasmpool_host_settings(wasmpool_config *cfg,
     ngx_http_wasmpool_knobs_t *k, ngx_uint_t workers);
 static void ngx_http_wasmpool_free_config(void *data);
+static void ngx_http_wasmpool_on_log(void *data, wasmpool_log_level level,
+    bool guest, const uint8_t *msg, size_t len);
+static void ngx_http_wasmpool_log_handler(ngx_event_t *rev);
+static void ngx_http_wasmpool_start_log(ngx_cycle_t *cycle);
+static void ngx_http_wasmpool_stop_log(void);
 static void ngx_http_wasmpool_unset_knobs(ngx_http_wasmpool_knobs_t *k);
 static char *ngx_http_wasmpool_config_file(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
@@ -205,6 +210,17 @@ static void ngx_http_wasmpool_exit_process(ngx_cycle_t *cycle);
 
 /* set in exit_process: callbacks then touch no nginx request */
 static ngx_uint_t  ngx_http_wasmpool_exiting;
+
+/*
+ * libwasmpool's log (guest output, its warnings) comes on engine threads:
+ * its callback only writes each record to a pipe (one write of at most
+ * PIPE_BUF bytes: atomic), whose read end the worker's event loop watches
+ * and turns into error log lines.
+ */
+static ngx_connection_t  *ngx_http_wasmpool_log_conn;
+static int                ngx_http_wasmpool_log_wfd = -1;
+static u_char             ngx_http_wasmpool_log_buf[65536];
+static size_t             ngx_http_wasmpool_log_len;
 
 
 static ngx_conf_num_bounds_t  ngx_http_wasmpool_positive_u32 = {
@@ -2270,14 +2286,14 @@ ngx_http_wasmpool_check_child(ngx_conf_t *cf,
 #else
             grp = getgrnam("nogroup");
 #endif
-            if (pwd == NULL || grp == NULL) {
+            if (pwd == NULL) {
                 n = snprintf(msg, sizeof(msg),
                              "cannot find the workers' user \"%s\"", name);
                 goto done;
             }
 
             uid = pwd->pw_uid;
-            gid = grp->gr_gid;
+            gid = grp ? grp->gr_gid : pwd->pw_gid;
         }
 
         if (setgid(gid) == -1 || initgroups(name, gid) == -1
@@ -2558,6 +2574,10 @@ ngx_http_wasmpool_init_process(ngx_cycle_t *cycle)
 
     ngx_http_wasmpool_exiting = 0;
 
+    if (wmcf->components.nelts) {
+        ngx_http_wasmpool_start_log(cycle);
+    }
+
     wcp = wmcf->components.elts;
 
     for (i = 0; i < wmcf->components.nelts; i++) {
@@ -2644,5 +2664,201 @@ ngx_http_wasmpool_exit_process(ngx_cycle_t *cycle)
         }
 
         wc->handler = NULL;
+    }
+
+    /* the handlers are gone: nothing logs any more */
+
+    ngx_http_wasmpool_stop_log();
+}
+
+
+/* libwasmpool's log */
+
+
+static void
+ngx_http_wasmpool_on_log(void *data, wasmpool_log_level level, bool guest,
+    const uint8_t *msg, size_t len)
+{
+    u_char  rec[PIPE_BUF];
+
+    /* any thread: no nginx call here, one write(2) of <= PIPE_BUF bytes */
+
+    if (ngx_http_wasmpool_log_wfd == -1) {
+        return;
+    }
+
+    len = ngx_min(len, sizeof(rec) - 3);
+
+    rec[0] = (u_char) ('0' + level);
+    rec[1] = guest ? 'g' : 'l';
+    ngx_memcpy(&rec[2], msg, len);
+    rec[len + 2] = '\n';
+
+    /* a full pipe (the worker is busy for long) drops the record */
+
+    if (write(ngx_http_wasmpool_log_wfd, rec, len + 3) == -1) {
+        return;
+    }
+}
+
+
+static void
+ngx_http_wasmpool_log_record(ngx_log_t *log, u_char *p, size_t n)
+{
+    ngx_uint_t  level;
+
+    if (n < 2) {
+        return;
+    }
+
+    if (p[1] == 'g') {
+        /* what a guest wrote to stdout or stderr */
+        ngx_log_error(NGX_LOG_INFO, log, 0, "wasmpool: %*s",
+                      (size_t) (n - 2), p + 2);
+        return;
+    }
+
+    switch (p[0]) {
+    case '1':
+        level = NGX_LOG_ERR;
+        break;
+    case '2':
+        level = NGX_LOG_WARN;
+        break;
+    case '3':
+        level = NGX_LOG_INFO;
+        break;
+    default:
+        level = NGX_LOG_DEBUG;
+        break;
+    }
+
+    ngx_log_error(level, log, 0, "wasmpool: %*s", (size_t) (n - 2), p + 2);
+}
+
+
+static void
+ngx_http_wasmpool_log_handler(ngx_event_t *rev)
+{
+    u_char            *p, *end, *nl;
+    ssize_t            n;
+    ngx_connection_t  *c;
+
+    c = rev->data;
+
+    /* edge-triggered: read until the pipe is empty */
+
+    for ( ;; ) {
+        n = read(c->fd, ngx_http_wasmpool_log_buf + ngx_http_wasmpool_log_len,
+                 sizeof(ngx_http_wasmpool_log_buf) - ngx_http_wasmpool_log_len);
+
+        if (n == -1 && ngx_errno == NGX_EINTR) {
+            continue;
+        }
+
+        if (n <= 0) {
+            return;
+        }
+
+        ngx_http_wasmpool_log_len += n;
+
+        p = ngx_http_wasmpool_log_buf;
+        end = p + ngx_http_wasmpool_log_len;
+
+        while (p < end) {
+            nl = ngx_strlchr(p, end, '\n');
+            if (nl == NULL) {
+                break;
+            }
+
+            ngx_http_wasmpool_log_record(c->log, p, nl - p);
+            p = nl + 1;
+        }
+
+        /* keep a record the read cut in two */
+
+        ngx_http_wasmpool_log_len = end - p;
+        ngx_memmove(ngx_http_wasmpool_log_buf, p, ngx_http_wasmpool_log_len);
+    }
+}
+
+
+static void
+ngx_http_wasmpool_start_log(ngx_cycle_t *cycle)
+{
+    int                fds[2];
+    ngx_int_t          flags;
+    ngx_uint_t         level;
+    wasmpool_result    wr;
+    ngx_connection_t  *c;
+
+    if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) == -1) {
+        ngx_log_error(NGX_LOG_ALERT, cycle->log, ngx_errno,
+                      "wasmpool: pipe2() for the log failed");
+        return;
+    }
+
+    c = ngx_get_connection(fds[0], cycle->log);
+    if (c == NULL) {
+        close(fds[0]);
+        close(fds[1]);
+        return;
+    }
+
+    c->log = cycle->log;
+    c->read->log = cycle->log;
+    c->write->log = cycle->log;
+    c->read->handler = ngx_http_wasmpool_log_handler;
+
+    flags = (ngx_event_flags & NGX_USE_CLEAR_EVENT) ? NGX_CLEAR_EVENT
+                                                     : NGX_LEVEL_EVENT;
+
+    if (ngx_add_event(c->read, NGX_READ_EVENT, flags) != NGX_OK) {
+        ngx_close_connection(c);
+        close(fds[1]);
+        return;
+    }
+
+    ngx_http_wasmpool_log_conn = c;
+    ngx_http_wasmpool_log_wfd = fds[1];
+    ngx_http_wasmpool_log_len = 0;
+
+    level = cycle->log->log_level;
+
+    wr = wasmpool_set_logger(ngx_http_wasmpool_on_log, NULL,
+                             (level >= NGX_LOG_DEBUG) ? WASMPOOL_LOG_DEBUG
+                             : (level >= NGX_LOG_INFO) ? WASMPOOL_LOG_INFO
+                             : WASMPOOL_LOG_WARN);
+    if (wr != WASMPOOL_OK) {
+        ngx_log_error(NGX_LOG_WARN, cycle->log, 0,
+                      "wasmpool: its log is not in the error log: %s",
+                      wasmpool_last_error());
+    }
+}
+
+
+static void
+ngx_http_wasmpool_stop_log(void)
+{
+    int  fd;
+
+    (void) wasmpool_set_logger(NULL, NULL, WASMPOOL_LOG_INFO);
+
+    if (ngx_http_wasmpool_log_conn == NULL) {
+        return;
+    }
+
+    /* what is in the pipe still goes to the log */
+
+    ngx_http_wasmpool_log_handler(ngx_http_wasmpool_log_conn->read);
+
+    fd = ngx_http_wasmpool_log_wfd;
+    ngx_http_wasmpool_log_wfd = -1;
+
+    ngx_close_connection(ngx_http_wasmpool_log_conn);
+    ngx_http_wasmpool_log_conn = NULL;
+
+    if (fd != -1) {
+        close(fd);
     }
 }

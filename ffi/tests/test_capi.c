@@ -239,6 +239,46 @@ static void test_config_file(void) {
   rmdir(dir);
 }
 
+static pthread_mutex_t log_lock = PTHREAD_MUTEX_INITIALIZER;
+static char log_seen[4096];
+static int log_guest_info;
+
+static void on_log(void *userdata, wasmpool_log_level level, bool guest, const uint8_t *msg,
+                   size_t len) {
+  (void)userdata;
+  pthread_mutex_lock(&log_lock);
+  if (guest && level == WASMPOOL_LOG_INFO && memmem(msg, len, "guest log line from p2", 22))
+    log_guest_info++;
+  size_t used = strlen(log_seen);
+  if (used + len + 2 < sizeof(log_seen)) {
+    memcpy(log_seen + used, msg, len);
+    log_seen[used + len] = '\n';
+    log_seen[used + len + 1] = '\0';
+  }
+  pthread_mutex_unlock(&log_lock);
+}
+
+/* What the library logs, and the guest's output, reach the host. */
+static void test_logger(wasmpool_handler *h) {
+  CHECK_RESULT(wasmpool_set_logger(on_log, NULL, 9), WASMPOOL_INVALID_ARGUMENT);
+  CHECK_RESULT(wasmpool_set_logger(on_log, NULL, WASMPOOL_LOG_INFO), WASMPOOL_OK);
+  wasmpool_response *resp = NULL;
+  CHECK_RESULT(wasmpool_handler_call(h, wasmpool_request_new("GET", "/log"), &resp), WASMPOOL_OK);
+  CHECK(wasmpool_response_status(resp) == 200);
+  wasmpool_response_free(resp);
+  pthread_mutex_lock(&log_lock);
+  CHECK(log_guest_info == 1);
+  CHECK(strstr(log_seen, "stream=stdout") != NULL);
+  pthread_mutex_unlock(&log_lock);
+  /* off: the next line goes nowhere */
+  CHECK_RESULT(wasmpool_set_logger(NULL, NULL, WASMPOOL_LOG_INFO), WASMPOOL_OK);
+  CHECK_RESULT(wasmpool_handler_call(h, wasmpool_request_new("GET", "/log"), &resp), WASMPOOL_OK);
+  wasmpool_response_free(resp);
+  pthread_mutex_lock(&log_lock);
+  CHECK(log_guest_info == 1);
+  pthread_mutex_unlock(&log_lock);
+}
+
 /* Which instance answered, and whether it had answered before. */
 static void test_served(wasmpool_handler *h) {
   wasmpool_response *a = NULL, *b = NULL;
@@ -649,6 +689,7 @@ int main(int argc, char **argv) {
   if (h && h3) {
     test_call_and_echo(h);
     test_served(h);
+    test_logger(h);
     test_push(h);
     test_concurrent_push(h);
     test_concurrent_push(h3);

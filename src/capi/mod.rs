@@ -10,11 +10,13 @@
 
 mod config;
 mod handler;
+mod log;
 mod message;
 mod stream;
 
 pub use config::*;
 pub use handler::*;
+pub use log::*;
 pub use message::*;
 pub use stream::*;
 
