@@ -157,7 +157,7 @@ static ngx_int_t ngx_http_wasmpool_send_head(ngx_http_request_t *r,
 static void ngx_http_wasmpool_pump(ngx_http_request_t *r,
     ngx_http_wasmpool_ctx_t *ctx);
 static ngx_int_t ngx_http_wasmpool_send_last(ngx_http_request_t *r,
-    ngx_http_wasmpool_ctx_t *ctx);
+    ngx_http_wasmpool_ctx_t *ctx, ngx_chain_t *data);
 static void ngx_http_wasmpool_finalize(ngx_http_request_t *r,
     ngx_http_wasmpool_ctx_t *ctx, ngx_int_t rc);
 static ngx_int_t ngx_http_wasmpool_error_status(ngx_http_request_t *r,
@@ -1267,14 +1267,40 @@ ngx_http_wasmpool_pump(ngx_http_request_t *r, ngx_http_wasmpool_ctx_t *ctx)
         }
 
         if (n == 0) {
-            rc = ngx_http_wasmpool_send_last(r, ctx);
+            rc = ngx_http_wasmpool_send_last(r, ctx, NULL);
             ngx_http_wasmpool_finalize(r, ctx, rc);
             return;
         }
 
         b->last = b->start + n;
-        b->flush = 1;
         cl->next = NULL;
+
+        /*
+         * Fill the buffer with what the guest has ready: a response that
+         * is already complete goes out whole, head, body and end, in one
+         * write.
+         */
+
+        while (b->last < b->end) {
+            n = 0;
+            wr = wasmpool_response_read(ctx->response, b->last,
+                                        b->end - b->last, &n);
+            if (wr != WASMPOOL_OK || n == 0) {
+                break;
+            }
+
+            b->last += n;
+        }
+
+        if (wr == WASMPOOL_OK && n == 0) {
+            rc = ngx_http_wasmpool_send_last(r, ctx, cl);
+            ngx_http_wasmpool_finalize(r, ctx, rc);
+            return;
+        }
+
+        /* more to come (or a failure, which the next read reports again) */
+
+        b->flush = 1;
 
         rc = ngx_http_output_filter(r, cl);
 
@@ -1289,13 +1315,17 @@ ngx_http_wasmpool_pump(ngx_http_request_t *r, ngx_http_wasmpool_ctx_t *ctx)
 }
 
 
-/* the end of the body: the trailers, if any, and the last buffer */
+/*
+ * The end of the body: the trailers, if any, and the last buffer, after
+ * "data" (the body's last bytes, or NULL).
+ */
 
 static ngx_int_t
 ngx_http_wasmpool_send_last(ngx_http_request_t *r,
-    ngx_http_wasmpool_ctx_t *ctx)
+    ngx_http_wasmpool_ctx_t *ctx, ngx_chain_t *data)
 {
     size_t            i, n, name_len, value_len;
+    ngx_int_t         rc;
     ngx_buf_t        *b;
     ngx_chain_t       out;
     ngx_table_elt_t  *h;
@@ -1342,7 +1372,21 @@ ngx_http_wasmpool_send_last(ngx_http_request_t *r,
     out.buf = b;
     out.next = NULL;
 
-    return ngx_http_output_filter(r, &out);
+    if (data == NULL) {
+        return ngx_http_output_filter(r, &out);
+    }
+
+    data->next = &out;
+
+    rc = ngx_http_output_filter(r, data);
+
+    /* the data buffer goes back to the free list once it is sent */
+
+    data->next = NULL;
+    ngx_chain_update_chains(r->pool, &ctx->free, &ctx->busy, &data,
+                            (ngx_buf_tag_t) &ngx_http_wasmpool_module);
+
+    return rc;
 }
 
 
