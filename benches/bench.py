@@ -555,6 +555,108 @@ def telemetry(bin_, guests, cache, rounds, seconds, conns=16):
     return out
 
 
+NGINX_SCENARIOS = [
+    ("p2 hello, reuse 128", "p2_hello.wasm", "/", ["--max-instance-reuse-count", "128"],
+     ["wasmpool_max_instance_reuse_count 128;"]),
+    ("p3 hello, defaults", "p3_suite.wasm", "/", [], []),
+    ("Python p2, reuse 128", "py_p2.wasm", "/", ["--max-instance-reuse-count", "128"],
+     ["wasmpool_max_instance_reuse_count 128;"]),
+]
+
+
+def nginx_server(name, module, body, tmp):
+    """nginx in the foreground (its master is the process), as a distribution
+    runs it: worker_processes auto, the access log on, to a file."""
+    d = Path(tempfile.mkdtemp(prefix="wasmpool-bench-nginx.", dir=tmp))
+    (d / "logs").mkdir()
+    port = free_port()
+    conf = d / "nginx.conf"
+    conf.write_text(f"""
+{f"load_module {module};" if module else ""}
+user root root;
+worker_processes auto;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log {d}/access.log;
+    client_body_temp_path {d};
+    server {{
+        listen 127.0.0.1:{port};
+{body}
+    }}
+}}
+""")
+    return Server(name, ["nginx", "-p", str(d), "-c", str(conf), "-g", "daemon off;"], port)
+
+
+def nginx(bin_, guests, cache, rounds, seconds, module, conns=16):
+    """nginx with the module, nginx proxy_pass to wasmpool serve over a unix
+    socket with upstream keepalive (the way to put nginx in front today),
+    and wasmpool serve alone; interleaved rounds, same guests."""
+    out = []
+    tmp = Path(tempfile.mkdtemp(prefix="wasmpool-bench-nginx."))
+    os.chmod(tmp, 0o755)
+    for name, guest, path, flags, directives in NGINX_SCENARIOS:
+        log(f"== nginx: {name}")
+        servers = {}
+        p, mport = free_port(), free_port()
+        servers["serve"] = Server("wasmpool serve", wasmpool_cmd(bin_, guests / guest, p, flags, cache, mport), p,
+                                  metrics_port=mport)
+        sock = tmp / f"wasmpool-{guest}.sock"
+        behind = [str(bin_), "serve", str(guests / guest), "--listen", f"unix:{sock}", "--cache-dir", str(cache),
+                  *flags]
+        servers["behind"] = subprocess.Popen(behind, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(3000):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        servers["proxy"] = nginx_server("nginx proxy_pass", None, f"""
+        location / {{
+            proxy_pass http://wasmpool;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+    upstream wasmpool {{
+        server unix:{sock};
+        keepalive 64;""", tmp)
+        servers["module"] = nginx_server("nginx + module", module, f"""
+        location / {{
+            wasmpool_component {guests / guest};
+            wasmpool_cache_dir {cache};
+            {" ".join(directives)}
+        }}""", tmp)
+        measured = ["module", "proxy", "serve"]
+        for k in measured:  # warm-up
+            wrk(servers[k].url, 1, conns, path)
+        rows = {k: [] for k in measured}
+        errors = {k: 0 for k in measured}
+        for r in range(rounds):
+            for k in (measured if r % 2 == 0 else measured[::-1]):
+                m = wrk(servers[k].url, seconds, conns, path)
+                rows[k].append(m["rps"])
+                errors[k] += m["non2xx"] + m["socket_errors"]
+            log(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rows.items()))
+        for k, s in servers.items():
+            if k == "behind":
+                s.terminate()
+                s.wait(10)
+            else:
+                s.stop()
+        res = {
+            "scenario": name, "guest": guest, "flags": flags, "connections": conns,
+            "rps": {k: statistics.median(v) for k, v in rows.items()},
+            "rounds": rows, "errors": errors,
+            "module_vs_proxy": statistics.median(a / b for a, b in zip(rows["module"], rows["proxy"])),
+            "module_vs_serve": statistics.median(a / b for a, b in zip(rows["module"], rows["serve"])),
+        }
+        out.append(res)
+        log(f"  -> module {res['module_vs_proxy']:.2f}x proxy_pass, {res['module_vs_serve']:.2f}x wasmpool serve")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def api_push(bin_dir, guests, cache, rounds):
     """The C API (push + completion callbacks) against the Rust API. The C
     harness runs twice: woken for every completion (as the Rust loop takes
@@ -594,6 +696,8 @@ def main():
     ap.add_argument("--only", help="regex: only these throughput scenarios")
     ap.add_argument("--telemetry", action="store_true",
                     help="with --only: run the telemetry scenarios too")
+    ap.add_argument("--nginx-module", help="ngx_http_wasmpool_module.so: run the nginx rows")
+    ap.add_argument("--nginx", action="store_true", help="with --only: run the nginx rows too")
     a = ap.parse_args()
     bin_, guests = Path(a.bin), Path(a.guests)
     cache = Path(tempfile.mkdtemp(prefix="wasmpool-bench-cache."))
@@ -628,6 +732,8 @@ def main():
         res["front"] = front(bin_, guests, cache, a.rounds, a.seconds)
     if not a.only or a.telemetry:
         res["telemetry"] = telemetry(bin_, guests, cache, a.rounds, a.seconds)
+    if a.nginx_module and (not a.only or a.nginx):
+        res["nginx"] = nginx(bin_, guests, cache, a.rounds, a.seconds, a.nginx_module)
     res["duration_s"] = round(time.time() - started)
     Path(a.out).write_text(json.dumps(res, indent=2))
     shutil.rmtree(cache, ignore_errors=True)

@@ -261,6 +261,24 @@ def main():
                      f"{ok(t['export_vs_defaults'] >= 0.90)} | {fmt(t['spans_exported'])} | "
                      f"{fmt(t['spans_dropped'])} |")
         L.append("")
+    if "nginx" in res:
+        L.append("## nginx: the module, proxy_pass to wasmpool serve, wasmpool serve alone\n")
+        L.append("Side by side per guest: nginx 1.22 (Debian's, `worker_processes auto`, access log on, to a "
+                 "file) with `ngx_http_wasmpool_module`; the same nginx with `proxy_pass` to `wasmpool serve` "
+                 "on a unix socket with upstream `keepalive 64` (HTTP/1.1, the way to put nginx in front of "
+                 "wasmpool without the module); and `wasmpool serve` alone on TCP. Each at its defaults except "
+                 "the reuse count the row names; wrk with 16 connections, "
+                 f"{res['seconds']} s per row, {len(res['nginx'][0]['rounds']['module'])} interleaved rounds; "
+                 "medians, and the median of per-round ratios.\n")
+        L.append("| guest | nginx + module | nginx proxy_pass | wasmpool serve | module / proxy_pass "
+                 "(target ≥ 1.3) | met | module / serve (target ≥ 0.9) | met | errors |")
+        L.append("|---|---|---|---|---|---|---|---|---|")
+        for t in res["nginx"]:
+            L.append(f"| {t['scenario']} | {fmt(t['rps']['module'])} | {fmt(t['rps']['proxy'])} | "
+                     f"{fmt(t['rps']['serve'])} | {t['module_vs_proxy']:.2f}x | {ok(t['module_vs_proxy'] >= 1.3)} | "
+                     f"{t['module_vs_serve']:.2f}x | {ok(t['module_vs_serve'] >= 0.9)} | "
+                     f"{sum(t['errors'].values())} |")
+        L.append("")
     rows = criterion_rows(crit)
     if rows:
         L.append("## Micro-benchmarks (Criterion, `cargo bench --bench engine`)\n")

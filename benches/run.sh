@@ -50,10 +50,16 @@ cc -O2 -std=c11 -Wall -Werror -I include ffi/bench/push_bench.c \
   -L "$target/release" -Wl,-rpath,"$out" -lwasmpool -lpthread \
   -o "$out/push_bench"
 cp "$target/release/examples/api_push" "$out/api_push"
+# The nginx module, for Debian's nginx (nginx-dev), on the same library.
+command -v nginx >/dev/null && [ -f /usr/share/nginx/src/configure ] ||
+  { apt-get update -qq && apt-get install -y -qq nginx nginx-dev >/dev/null; }
+rm -rf "$out/nginx-build"
+module=$(WASMPOOL_LIB_DIR="$target/release" WASMPOOL_RPATH="$out" BUILD_DIR="$out/nginx-build" \
+  ffi/nginx/build.sh | tail -n 1)
 
 python3 benches/bench.py --bin "$target/release/wasmpool" \
   --native "$target/release/examples/native_hello" --guests "$out/guests" \
-  --api-bins "$out" --out "$out/results.json" "$@"
+  --api-bins "$out" --nginx-module "$module" --out "$out/results.json" "$@"
 cargo bench --locked --bench engine -- --noplot 2>&1 | tee "$out/criterion.txt"
 python3 benches/report.py "$out/results.json" "$out/criterion.txt" \
   docs/benchmarks.md docs/benchmarks.svg
