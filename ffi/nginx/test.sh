@@ -564,9 +564,14 @@ read -r reqs failures <"$tmp/load.out"
 [ "${reqs:-0}" -gt 100 ] || fail "the load made only ${reqs:-0} requests"
 [ "$failures" = 0 ] || fail "$failures of $reqs requests failed across two reloads"
 grep -E '\[(alert|crit|emerg)\]' "$tmp/error.log" && fail "alerts in the error log"
+# the load check filled the compile cache: the new workers compiled nothing
+ready=$(grep -c 'wasmpool: component ready .*cache=Hit' "$tmp/error.log")
+[ "$ready" -ge $((want * 3)) ] || fail "only $ready of $((want * 3)) worker loads came from the compile cache"
+grep 'wasmpool: component ready' "$tmp/error.log" | grep -v 'cache=Hit' \
+    && fail "a worker compiled a component"
 pids=$(grep -o 'pid=[0-9]*' "$tmp/access.log" | sort -u | wc -l)
 [ "$pids" -ge 4 ] || fail "the access log shows $pids worker pids (2 workers, 2 reloads: want 4 or more)"
-ok "two nginx -s reload under load (8 clients, 7 s): $reqs requests, 0 failed, served by $pids worker processes"
+ok "two nginx -s reload under load (8 clients, 7 s): $reqs requests, 0 failed, served by $pids worker processes; all $ready worker loads from the compile cache"
 
 # a reload with a broken component keeps the old configuration serving
 cp "$tmp/text.wasm" "$tmp/guests/broken.wasm"

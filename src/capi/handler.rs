@@ -581,6 +581,8 @@ fn load_pool(
         .map_err(|e| Failure::new(WASMPOOL_PANIC, format!("loading panicked: {e}")))?
         .map_err(load_failure)?;
         pool.probe().await.map_err(load_failure)?;
+        // As the server says it (a host's logger: wasmpool_set_logger).
+        tracing::info!(component = pool.name(), world = %pool.world(), cache = ?pool.cache_outcome(), "component ready");
         Ok::<_, Failure>(pool)
     })
 }
