@@ -226,6 +226,11 @@ static void test_config_file(void) {
   CHECK_RESULT(wasmpool_config_set_memory_budget(cfg, 64u << 20), WASMPOOL_OK);
   CHECK_RESULT(wasmpool_config_set_memory_budget_share(cfg, 4), WASMPOOL_OK);
   CHECK_RESULT(wasmpool_config_set_cache_dir(cfg, cache_dir), WASMPOOL_OK);
+  /* small pools, as small_config's (valgrind) */
+  CHECK_RESULT(wasmpool_config_set_max_concurrent_requests(cfg, 16), WASMPOOL_OK);
+  CHECK_RESULT(wasmpool_config_set_max_memory_size(cfg, 16u << 20), WASMPOOL_OK);
+  CHECK_RESULT(wasmpool_config_set_memory_keep_resident(cfg, 256u << 10), WASMPOOL_OK);
+  CHECK_RESULT(wasmpool_config_set_engine_threads(cfg, 2), WASMPOOL_OK);
   wasmpool_handler *h = new_handler(cfg, p2_path);
   if (h) {
     wasmpool_response *resp = NULL;
