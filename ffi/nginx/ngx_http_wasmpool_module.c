@@ -182,6 +182,8 @@ static void ngx_http_wasmpool_check_child(ngx_conf_t *cf,
 static ngx_int_t ngx_http_wasmpool_host_settings(wasmpool_config *cfg,
     ngx_http_wasmpool_knobs_t *k, ngx_uint_t workers);
 static void ngx_http_wasmpool_free_config(void *data);
+static ngx_connection_t *ngx_http_wasmpool_watch(ngx_cycle_t *cycle,
+    ngx_fd_t fd, ngx_event_handler_pt handler, void *data);
 static void ngx_http_wasmpool_on_log(void *data, wasmpool_log_level level,
     bool guest, const uint8_t *msg, size_t len);
 static void ngx_http_wasmpool_log_handler(ngx_event_t *rev);
@@ -2491,6 +2493,42 @@ ngx_http_wasmpool_check_component(ngx_conf_t *cf,
 
 
 /*
+ * A connection that watches "fd" for reading (edge-triggered under
+ * epoll: "handler" must read until the fd is empty), or NULL. The fd stays
+ * the caller's: on failure it is not closed.
+ */
+
+static ngx_connection_t *
+ngx_http_wasmpool_watch(ngx_cycle_t *cycle, ngx_fd_t fd,
+    ngx_event_handler_pt handler, void *data)
+{
+    ngx_int_t          flags;
+    ngx_connection_t  *c;
+
+    c = ngx_get_connection(fd, cycle->log);
+    if (c == NULL) {
+        return NULL;
+    }
+
+    c->data = data;
+    c->log = cycle->log;
+    c->read->log = cycle->log;
+    c->write->log = cycle->log;
+    c->read->handler = handler;
+
+    flags = (ngx_event_flags & NGX_USE_CLEAR_EVENT) ? NGX_CLEAR_EVENT
+                                                     : NGX_LEVEL_EVENT;
+
+    if (ngx_add_event(c->read, NGX_READ_EVENT, flags) != NGX_OK) {
+        ngx_free_connection(c);
+        return NULL;
+    }
+
+    return c;
+}
+
+
+/*
  * The settings every handler of the module runs with, on top of the
  * knobs: callbacks on the polling thread only; nginx's
  * client_max_body_size is the limit of request bodies, not libwasmpool's
@@ -2522,8 +2560,6 @@ ngx_http_wasmpool_start_component(ngx_cycle_t *cycle,
     ngx_http_wasmpool_component_t *wc, ngx_uint_t workers)
 {
     int                 fd;
-    ngx_int_t           flags;
-    ngx_connection_t   *c;
     wasmpool_result     wr;
 
     /* wc->cfg is this process's copy of the master's: ours to change */
@@ -2551,26 +2587,12 @@ ngx_http_wasmpool_start_component(ngx_cycle_t *cycle,
 
     fd = wasmpool_handler_completion_fd(wc->handler);
 
-    c = ngx_get_connection(fd, cycle->log);
-    if (c == NULL) {
+    wc->conn = ngx_http_wasmpool_watch(cycle, fd,
+                                       ngx_http_wasmpool_completion_handler,
+                                       wc);
+    if (wc->conn == NULL) {
         goto failed;
     }
-
-    c->data = wc;
-    c->log = cycle->log;
-    c->read->log = cycle->log;
-    c->write->log = cycle->log;
-    c->read->handler = ngx_http_wasmpool_completion_handler;
-
-    flags = (ngx_event_flags & NGX_USE_CLEAR_EVENT) ? NGX_CLEAR_EVENT
-                                                     : NGX_LEVEL_EVENT;
-
-    if (ngx_add_event(c->read, NGX_READ_EVENT, flags) != NGX_OK) {
-        ngx_free_connection(c);
-        goto failed;
-    }
-
-    wc->conn = c;
 
     ngx_log_error(NGX_LOG_INFO, cycle->log, 0,
                   "wasmpool: component \"%V\" loaded", &wc->path);
@@ -2831,7 +2853,6 @@ static void
 ngx_http_wasmpool_start_log(ngx_cycle_t *cycle)
 {
     int                fds[2];
-    ngx_int_t          flags;
     ngx_uint_t         level;
     wasmpool_result    wr;
     ngx_connection_t  *c;
@@ -2842,23 +2863,10 @@ ngx_http_wasmpool_start_log(ngx_cycle_t *cycle)
         return;
     }
 
-    c = ngx_get_connection(fds[0], cycle->log);
+    c = ngx_http_wasmpool_watch(cycle, fds[0], ngx_http_wasmpool_log_handler,
+                                NULL);
     if (c == NULL) {
         close(fds[0]);
-        close(fds[1]);
-        return;
-    }
-
-    c->log = cycle->log;
-    c->read->log = cycle->log;
-    c->write->log = cycle->log;
-    c->read->handler = ngx_http_wasmpool_log_handler;
-
-    flags = (ngx_event_flags & NGX_USE_CLEAR_EVENT) ? NGX_CLEAR_EVENT
-                                                     : NGX_LEVEL_EVENT;
-
-    if (ngx_add_event(c->read, NGX_READ_EVENT, flags) != NGX_OK) {
-        ngx_close_connection(c);
         close(fds[1]);
         return;
     }

@@ -718,6 +718,12 @@ EOF
     # a client that goes away
     curl -sS -o /dev/null --max-time 1 "$url/s/sleep/1800" 2>/dev/null
     kill -QUIT "$vp"
+    # a graceful stop under valgrind takes a while; a hang fails the test
+    for _ in $(seq 1200); do kill -0 "$vp" 2>/dev/null || break; sleep 0.5; done
+    if kill -0 "$vp" 2>/dev/null; then
+        kill -KILL "$vp"
+        fail "nginx under valgrind did not stop within 600 s of SIGQUIT"
+    fi
     wait "$vp"
     rc=$?
     vlog=$(grep -l "Command: $NGINX" "$tmp"/vg.*.log | while read -r f; do

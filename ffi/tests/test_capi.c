@@ -193,23 +193,21 @@ static void test_config_file(void) {
   snprintf(missing, sizeof(missing), "%s/missing.toml", dir);
   CHECK_RESULT(wasmpool_config_load_file(cfg, missing), WASMPOOL_IO);
   CHECK(strstr(wasmpool_last_error(), "missing.toml") != NULL);
-  write_text(path, "max-instance-reuse-count = 2\nrequest-timeout = \n");
-  CHECK_RESULT(wasmpool_config_load_file(cfg, path), WASMPOOL_INVALID_ARGUMENT);
-  CHECK(strstr(wasmpool_last_error(), "line 2") != NULL);
-  write_text(path, "# a comment\nmax-instance-reuse-count = 0\n");
-  CHECK_RESULT(wasmpool_config_load_file(cfg, path), WASMPOOL_INVALID_ARGUMENT);
-  CHECK(strstr(wasmpool_last_error(), "max-instance-reuse-count") != NULL);
+/* the file `text` is refused as invalid, and the message names `needle` */
+#define REFUSED(text, needle)                                                     \
+  do {                                                                           \
+    write_text(path, text);                                                      \
+    CHECK_RESULT(wasmpool_config_load_file(cfg, path), WASMPOOL_INVALID_ARGUMENT); \
+    CHECK(strstr(wasmpool_last_error(), needle) != NULL);                        \
+  } while (0)
+  REFUSED("max-instance-reuse-count = 2\nrequest-timeout = \n", "line 2");
+  REFUSED("# a comment\nmax-instance-reuse-count = 0\n", "max-instance-reuse-count");
   CHECK(strstr(wasmpool_last_error(), "line 2") != NULL);
   CHECK(strstr(wasmpool_last_error(), "wasmpool.toml") != NULL);
-  write_text(path, "no-such-key = 1\n");
-  CHECK_RESULT(wasmpool_config_load_file(cfg, path), WASMPOOL_INVALID_ARGUMENT);
-  CHECK(strstr(wasmpool_last_error(), "no-such-key") != NULL);
-  write_text(path, "memory-budget = \"1000PiB\"\n");
-  CHECK_RESULT(wasmpool_config_load_file(cfg, path), WASMPOOL_INVALID_ARGUMENT);
-  CHECK(strstr(wasmpool_last_error(), "memory-budget") != NULL);
-  write_text(path, "[otel]\ntraces-sampler = \"sometimes\"\n");
-  CHECK_RESULT(wasmpool_config_load_file(cfg, path), WASMPOOL_INVALID_ARGUMENT);
-  CHECK(strstr(wasmpool_last_error(), "sampler") != NULL);
+  REFUSED("no-such-key = 1\n", "no-such-key");
+  REFUSED("memory-budget = \"1000PiB\"\n", "memory-budget");
+  REFUSED("[otel]\ntraces-sampler = \"sometimes\"\n", "sampler");
+#undef REFUSED
   CHECK(wasmpool_config_component(cfg) != NULL &&
         strcmp(wasmpool_config_component(cfg), want) == 0);
   /* a file without a component: none */

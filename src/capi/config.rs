@@ -265,13 +265,24 @@ pub unsafe extern "C" fn wasmpool_config_set_memory_budget(
         0 => MemoryBudgetArg::Auto,
         b => MemoryBudgetArg::Bytes(b),
     };
-    if let MemoryBudgetArg::Bytes(_) = arg
-        && !cfg.is_null()
-        && let Err(e) = crate::engine::budget::resolve(arg, 0)
+    if !cfg.is_null()
+        && let Err(e) = check_budget(arg)
     {
         return boundary(|| Err(Failure::invalid(e.to_string())));
     }
     set(cfg, |k| k.memory_budget = arg)
+}
+
+/// An explicit budget above what this process may use at all is refused
+/// when it is set, not when a handler is made (an automatic one is
+/// resolved then).
+fn check_budget(arg: crate::config::MemoryBudgetArg) -> Result<(), crate::error::ConfigError> {
+    match arg {
+        crate::config::MemoryBudgetArg::Bytes(_) => {
+            crate::engine::budget::resolve(arg, 0).map(|_| ())
+        }
+        crate::config::MemoryBudgetArg::Auto => Ok(()),
+    }
 }
 
 /// Directory of the compile cache (a copy of the string is kept). The
@@ -595,7 +606,7 @@ pub unsafe extern "C" fn wasmpool_config_load_file(
     cfg: *mut wasmpool_config,
     path: *const c_char,
 ) -> wasmpool_result {
-    use crate::config::{FileConfig, MemoryBudgetArg};
+    use crate::config::FileConfig;
     use crate::error::ConfigError;
     boundary(|| {
         // SAFETY: see `str_arg`.
@@ -618,24 +629,9 @@ pub unsafe extern "C" fn wasmpool_config_load_file(
             Failure::invalid(format!("{}{line}: {e}", path.display()))
         };
         let knobs = file.knobs.resolve_over(&cfg.knobs).map_err(in_file)?;
-        if let MemoryBudgetArg::Bytes(_) = knobs.memory_budget {
-            crate::engine::budget::resolve(knobs.memory_budget, 0).map_err(in_file)?;
-        }
+        check_budget(knobs.memory_budget).map_err(in_file)?;
         let mut otel = cfg.otel.clone();
-        let f = file.otel;
-        for (slot, v) in [
-            (&mut otel.endpoint, f.endpoint),
-            (&mut otel.traces_endpoint, f.traces_endpoint),
-            (&mut otel.headers, f.headers),
-            (&mut otel.service_name, f.service_name),
-            (&mut otel.resource_attributes, f.resource_attributes),
-            (&mut otel.traces_sampler, f.traces_sampler),
-            (&mut otel.traces_sampler_arg, f.traces_sampler_arg),
-        ] {
-            if v.is_some() {
-                *slot = v;
-            }
-        }
+        otel.overlay(file.otel);
         let trace_context = file.trace_context.unwrap_or(cfg.trace_context);
         trace::Settings::from_sources(trace_context, &otel, &|_| None)
             .map_err(|e| Failure::invalid(format!("{}: {e}", path.display())))?;

@@ -243,30 +243,25 @@ pub unsafe extern "C" fn wasmpool_response_status(resp: *const wasmpool_response
 /// instance. 0 if `resp` is NULL or did not come from an instance.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn wasmpool_response_instance_id(resp: *const wasmpool_response) -> u64 {
-    let mut id = 0;
-    boundary(|| {
-        // SAFETY: see `handle_ref`.
-        id = unsafe { handle_ref(resp, "resp") }?
-            .served
-            .map_or(0, |s| s.instance);
-        Ok(())
-    });
-    id
+    served(resp).map_or(0, |s| s.instance)
 }
 
 /// Whether the instance that produced the response had served a request
 /// before this one (it was reused); false if `resp` is NULL.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn wasmpool_response_reused(resp: *const wasmpool_response) -> bool {
-    let mut reused = false;
+    served(resp).is_some_and(|s| s.reused)
+}
+
+/// Which instance answered `resp`; None (and the last error set) for NULL.
+fn served(resp: *const wasmpool_response) -> Option<crate::engine::pool::Served> {
+    let mut served = None;
     boundary(|| {
         // SAFETY: see `handle_ref`.
-        reused = unsafe { handle_ref(resp, "resp") }?
-            .served
-            .is_some_and(|s| s.reused);
+        served = unsafe { handle_ref(resp, "resp") }?.served;
         Ok(())
     });
-    reused
+    served
 }
 
 /// Number of header fields (a name that repeats counts each time); 0 if

@@ -27,6 +27,25 @@ pub struct OtelFile {
     pub traces_sampler_arg: Option<String>,
 }
 
+impl OtelFile {
+    /// Lays `other` over this: the keys it sets win, the others stay.
+    pub fn overlay(&mut self, other: OtelFile) {
+        for (slot, v) in [
+            (&mut self.endpoint, other.endpoint),
+            (&mut self.traces_endpoint, other.traces_endpoint),
+            (&mut self.headers, other.headers),
+            (&mut self.service_name, other.service_name),
+            (&mut self.resource_attributes, other.resource_attributes),
+            (&mut self.traces_sampler, other.traces_sampler),
+            (&mut self.traces_sampler_arg, other.traces_sampler_arg),
+        ] {
+            if v.is_some() {
+                *slot = v;
+            }
+        }
+    }
+}
+
 /// Whether and how requests are sampled (trace id and parent decide).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Sampler {
