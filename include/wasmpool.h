@@ -593,6 +593,23 @@ wasmpool_result wasmpool_config_set_reuse_mode(struct wasmpool_config *cfg, uint
 wasmpool_result wasmpool_config_set_completion_mode(struct wasmpool_config *cfg, uint32_t mode);
 
 /**
+ * With `inline` true, `wasmpool_handler_push` and
+ * `wasmpool_handler_push_streaming` run the request on the calling thread
+ * until it completes or has to wait (for an instance, for more of the
+ * request body, for the guest's outbound I/O, or for the host to read the
+ * response), and only then hand it to the engine threads; a guest that
+ * computes holds the calling thread for at most about one epoch tick
+ * (10 ms) before it moves too. A small request then never wakes another
+ * thread: for hosts whose event loop pushes and polls on one thread. The
+ * callbacks still run only inside `wasmpool_handler_poll` (the completion
+ * fd is readable when a push completed its request), and the logger
+ * (`wasmpool_set_logger`) may also be called on the pushing thread.
+ * Needs `WASMPOOL_COMPLETION_POLL` (`wasmpool_handler_new` refuses it in
+ * engine mode). Default false.
+ */
+wasmpool_result wasmpool_config_set_inline(struct wasmpool_config *cfg, bool inline_);
+
+/**
  * Engine threads the handler runs (default: the number of CPUs, at most
  * 4). 0 is invalid.
  */

@@ -69,6 +69,7 @@ typedef struct {
     off_t                       memory_budget; /* 0: automatic */
     ngx_flag_t                  memory_budget_per_worker;
     ngx_int_t                   engine_threads;
+    ngx_flag_t                  inline_run;  /* wasmpool_inline */
 } ngx_http_wasmpool_knobs_t;
 
 
@@ -314,6 +315,13 @@ static ngx_command_t  ngx_http_wasmpool_commands[] = {
       offsetof(ngx_http_wasmpool_loc_conf_t, knobs.engine_threads),
       &ngx_http_wasmpool_positive_u32 },
 
+    { ngx_string("wasmpool_inline"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_wasmpool_loc_conf_t, knobs.inline_run),
+      NULL },
+
       ngx_null_command
 };
 
@@ -497,6 +505,16 @@ ngx_http_wasmpool_start(ngx_http_request_t *r)
 
     ctx->pushed = 1;
     ngx_http_wasmpool_tick(ctx->component);
+
+    /*
+     * An inline push may have answered already: its callback runs in this
+     * cycle of the event loop (posted, so not inside this handler), not
+     * after the next wait for events.
+     */
+
+    if (ctx->component->knobs.inline_run != 0 && ctx->component->conn) {
+        ngx_post_event(ctx->component->conn->read, &ngx_posted_events);
+    }
 
     r->write_event_handler = ngx_http_wasmpool_write_handler;
 
@@ -1738,6 +1756,7 @@ ngx_http_wasmpool_unset_knobs(ngx_http_wasmpool_knobs_t *k)
     k->memory_budget = NGX_CONF_UNSET;
     k->memory_budget_per_worker = NGX_CONF_UNSET;
     k->engine_threads = NGX_CONF_UNSET;
+    k->inline_run = NGX_CONF_UNSET;
 }
 
 
@@ -1753,6 +1772,7 @@ ngx_http_wasmpool_same_knobs(ngx_http_wasmpool_knobs_t *a,
            && a->memory_budget == b->memory_budget
            && a->memory_budget_per_worker == b->memory_budget_per_worker
            && a->engine_threads == b->engine_threads
+           && a->inline_run == b->inline_run
            && a->cache_dir.len == b->cache_dir.len
            && ngx_strncmp(a->cache_dir.data, b->cache_dir.data,
                           a->cache_dir.len) == 0
@@ -1822,6 +1842,7 @@ ngx_http_wasmpool_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
                          pk->memory_budget_per_worker, 0);
     ngx_conf_merge_value(k->engine_threads, pk->engine_threads,
                          NGX_CONF_UNSET);
+    ngx_conf_merge_value(k->inline_run, pk->inline_run, NGX_CONF_UNSET);
 
     /*
      * A location is served by wasmpool_component, or by wasmpool_config
@@ -2540,8 +2561,14 @@ static ngx_int_t
 ngx_http_wasmpool_host_settings(wasmpool_config *cfg,
     ngx_http_wasmpool_knobs_t *k, ngx_uint_t workers)
 {
+    /*
+     * Callbacks run in the event loop; requests start on the worker's
+     * thread too unless "wasmpool_inline off" (see the header).
+     */
+
     if (wasmpool_config_set_completion_mode(cfg, WASMPOOL_COMPLETION_POLL)
         != WASMPOOL_OK
+        || wasmpool_config_set_inline(cfg, k->inline_run != 0) != WASMPOOL_OK
         || wasmpool_config_set_max_request_body_size(cfg, UINT64_MAX)
            != WASMPOOL_OK
         || wasmpool_config_set_memory_budget_share(cfg,

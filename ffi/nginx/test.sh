@@ -152,6 +152,10 @@ openssl req -x509 -newkey rsa:2048 -nodes -keyout "$tmp/key.pem" -out "$tmp/cert
         }
         location /cfg/ {
             wasmpool_config $tmp/app/wasmpool.toml;
+        }
+        location /noinline/ {
+            wasmpool_component $HELLO;
+            wasmpool_inline off;
         }"
     if [ "$have_python" = 1 ]; then
         echo "        location /py/ {
@@ -268,6 +272,9 @@ expect_t_failure "a memory budget larger than the machine" \
 expect_t_failure "wasmpool_engine_threads -1" \
     "        location /bad { wasmpool_component $HELLO; wasmpool_engine_threads -1; }" \
     "invalid number"
+expect_t_failure "wasmpool_inline maybe" \
+    "        location /bad { wasmpool_component $HELLO; wasmpool_inline maybe; }" \
+    "invalid value \"maybe\""
 expect_t_failure "a config file with a syntax error" \
     "        location /bad { wasmpool_config $tmp/syntax.toml; wasmpool_component $HELLO; }" \
     "syntax.toml.*line 1"
@@ -312,7 +319,7 @@ workers() { pgrep -P "$master" | tr '\n' ' '; }
 # KiB of a process's /proc status field
 status_kib() { awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status"; }
 
-components=2
+components=3
 [ "$have_python" = 1 ] && components=$((components + 1))
 [ "$have_suite" = 1 ] && components=$((components + 2))
 want=$((components * 2))
@@ -329,6 +336,13 @@ code=$(curl -sS -o "$tmp/hello.out" -w '%{http_code}' "$url/") || fail "GET /"
 printf 'Hello from wasmpool!\n' | cmp -s - "$tmp/hello.out" \
     || fail "GET / body: $(od -c "$tmp/hello.out" | head -3)"
 ok "GET / -> 200 \"Hello from wasmpool!\\n\""
+
+# the same through engine threads (wasmpool_inline off)
+for i in 1 2 3; do
+    code=$(curl -sS -o "$tmp/noinline.out" -w '%{http_code}' "$url/noinline/$i") || fail "GET /noinline/"
+    [ "$code" = 200 ] && cmp -s "$tmp/hello.out" "$tmp/noinline.out" || fail "GET /noinline/$i gave $code"
+done
+ok "GET /noinline/ (wasmpool_inline off) -> 200, three times"
 
 curl -sS -v -o "$tmp/ka.out" "$url/a" -o "$tmp/ka2.out" "$url/b" -o "$tmp/ka3.out" "$url/c" \
     2>"$tmp/ka.err" || fail "keep-alive requests"

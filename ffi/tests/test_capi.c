@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 static int failures = 0;
@@ -597,6 +598,80 @@ static void test_poll_mode(void) {
   waiter_destroy(&w);
 }
 
+static double now_ms(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (double)t.tv_sec * 1e3 + (double)t.tv_nsec / 1e6;
+}
+
+/* Runs callbacks as the completion fd says until `n` ran (or `ms`). */
+static int poll_until(wasmpool_handler *h, waiter *w, int n, int ms) {
+  struct pollfd p = {wasmpool_handler_completion_fd(h), POLLIN, 0};
+  for (int waited = 0; w->done < n && waited < ms; waited += 10)
+    if (poll(&p, 1, 10) > 0) wasmpool_handler_poll(h, 64);
+  return w->done;
+}
+
+/* Inline pushes: a short request runs to its end inside the push (the
+ * completion fd is readable when the push returns; the callback still waits
+ * for wasmpool_handler_poll, on this thread); one that waits, or a guest
+ * that spins, goes on on the engine threads and the push returns. */
+static void test_inline_mode(void) {
+  wasmpool_config *cfg = small_config();
+  CHECK_RESULT(wasmpool_config_set_inline(NULL, true), WASMPOOL_NULL_ARGUMENT);
+  CHECK_RESULT(wasmpool_config_set_inline(cfg, true), WASMPOOL_OK);
+  /* callbacks on engine threads do not go with inline pushes */
+  wasmpool_handler *h = NULL;
+  CHECK_RESULT(wasmpool_handler_new(cfg, p2_path, &h), WASMPOOL_INVALID_ARGUMENT);
+  CHECK(h == NULL);
+  CHECK(strstr(wasmpool_last_error(), "inline") != NULL);
+  CHECK_RESULT(wasmpool_config_set_completion_mode(cfg, WASMPOOL_COMPLETION_POLL), WASMPOOL_OK);
+  CHECK_RESULT(wasmpool_config_set_request_timeout_ms(cfg, 1000), WASMPOOL_OK);
+  h = new_handler(cfg, p2_path);
+  wasmpool_config_free(cfg);
+  if (!h) return;
+  int fd = wasmpool_handler_completion_fd(h);
+  struct pollfd p = {fd, POLLIN, 0};
+  waiter w;
+  waiter_init(&w);
+  enum { N = 20 };
+  int answered_in_push = 0;
+  for (int i = 0; i < N; i++) {
+    CHECK_RESULT(push(h, "GET", "/", &w), WASMPOOL_OK);
+    CHECK(w.done == i); /* not inside the push */
+    if (poll(&p, 1, 0) == 1) answered_in_push++;
+    CHECK(poll_until(h, &w, i + 1, 10000) == i + 1);
+    CHECK(pthread_equal(w.thread, pthread_self()));
+    CHECK(poll(&p, 1, 0) == 0); /* reset once the queue ran empty */
+  }
+  CHECK(w.ok == N && w.bad_body == 0);
+  /* An epoch tick (a preempted thread) may send one to the engine
+   * threads now and then; valgrind makes every request slower than one. */
+  if (!quick) CHECK(answered_in_push >= N / 2);
+  printf("inline: %d of %d answered inside the push\n", answered_in_push, N);
+  /* a request that waits (for a timer) goes on on the engine threads */
+  CHECK_RESULT(push(h, "GET", "/sleep/100", &w), WASMPOOL_OK);
+  CHECK(w.done == N && poll(&p, 1, 0) == 0);
+  CHECK(poll_until(h, &w, N + 1, 10000) == N + 1 && w.ok == N + 1);
+  /* a guest that spins holds this thread about one epoch tick, then runs
+   * on (and times out) on an engine thread */
+  double t0 = now_ms();
+  CHECK_RESULT(push(h, "GET", "/busy", &w), WASMPOOL_OK);
+  double took = now_ms() - t0;
+  CHECK(took < (quick ? 5000 : 500));
+  printf("inline: a spinning guest held the push %.1f ms\n", took);
+  CHECK(w.done == N + 1);
+  CHECK(poll_until(h, &w, N + 2, 20000) == N + 2 && w.by_result[WASMPOOL_TIMEOUT] == 1);
+  /* a trap inside the push is the callback's result, not the push's */
+  CHECK_RESULT(push(h, "GET", "/trap", &w), WASMPOOL_OK);
+  CHECK(poll_until(h, &w, N + 3, 10000) == N + 3 && w.by_result[WASMPOOL_TRAP] == 1);
+  /* freed with a request in flight: its callback runs in the free */
+  CHECK_RESULT(push(h, "GET", "/sleep/200", &w), WASMPOOL_OK);
+  CHECK_RESULT(wasmpool_handler_free(h), WASMPOOL_OK);
+  CHECK(w.done == N + 4 && w.ok == N + 2);
+  waiter_destroy(&w);
+}
+
 static void test_free_with_requests_in_flight(int poll_mode) {
   wasmpool_config *cfg = small_config();
   if (poll_mode) CHECK_RESULT(wasmpool_config_set_completion_mode(cfg, WASMPOOL_COMPLETION_POLL), WASMPOOL_OK);
@@ -703,6 +778,7 @@ int main(int argc, char **argv) {
   test_timeout_and_overload();
   test_memory_budget();
   test_poll_mode();
+  test_inline_mode();
   test_free_with_requests_in_flight(0);
   test_free_with_requests_in_flight(1);
 

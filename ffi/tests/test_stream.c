@@ -1,7 +1,8 @@
 /* Tests of the streaming C API: request bodies written after the push,
  * responses read as they come, backpressure both ways, cancellation,
  * reload, the response size cap, misuse, and many threads streaming at
- * once; in both completion modes. Run plain, statically linked, under
+ * once; in both completion modes, and in poll mode with inline pushes (as
+ * the nginx module runs). Run plain, statically linked, under
  * AddressSanitizer/UBSan and under valgrind by tests/c_api.rs.
  *
  * usage: test_stream P2_SUITE.wasm P3_SUITE.wasm CACHE_DIR [quick|big]
@@ -49,6 +50,8 @@ static atomic_int checks = 0;
 static const char *p2_path, *p3_path, *cache_dir;
 static int quick = 0, big = 0;
 
+/* poll_mode: 0 engine callbacks, 1 poll mode, 2 poll mode with inline
+ * pushes (the push runs the request until it waits). */
 static wasmpool_config *base_config(int poll_mode) {
   wasmpool_config *cfg = wasmpool_config_new();
   CHECK(cfg != NULL);
@@ -61,6 +64,7 @@ static wasmpool_config *base_config(int poll_mode) {
   CHECK_RESULT(wasmpool_config_set_max_request_body_size(cfg, UINT64_MAX), WASMPOOL_OK);
   if (poll_mode)
     CHECK_RESULT(wasmpool_config_set_completion_mode(cfg, WASMPOOL_COMPLETION_POLL), WASMPOOL_OK);
+  if (poll_mode == 2) CHECK_RESULT(wasmpool_config_set_inline(cfg, true), WASMPOOL_OK);
   return cfg;
 }
 
@@ -578,7 +582,7 @@ int main(int argc, char **argv) {
 
   test_misuse();
   test_buffered();
-  for (int poll_mode = 0; poll_mode < 2; poll_mode++) {
+  for (int poll_mode = 0; poll_mode < 3; poll_mode++) {
     double t0 = now_s();
     wasmpool_handler *h = handler(p2_path, poll_mode);
     CHECK(echo_stream(h, poll_mode, 0) == 0);
@@ -613,13 +617,13 @@ one_gib:
      * bounded by the request timeout, and on a slow host under the other
      * test binaries' load (sanitizers, valgrind) 1 GiB each way took more
      * than the usual 60 s: this one is about memory, not speed. */
-    wasmpool_config *cfg = base_config(1);
+    wasmpool_config *cfg = base_config(2);
     CHECK_RESULT(wasmpool_config_set_request_timeout_ms(cfg, 900000), WASMPOOL_OK);
     wasmpool_handler *h = NULL;
     CHECK_RESULT(wasmpool_handler_new(cfg, p2_path, &h), WASMPOOL_OK);
     wasmpool_config_free(cfg);
     uint64_t gib = 1ull << 30;
-    CHECK(echo_stream(h, 1, gib) == gib);
+    CHECK(echo_stream(h, 2, gib) == gib);
     CHECK_RESULT(wasmpool_handler_free(h), WASMPOOL_OK);
     long peak = peak_rss_kib();
     printf("1 GiB streamed up and down; peak RSS %ld KiB\n", peak);

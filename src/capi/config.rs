@@ -43,6 +43,9 @@ pub enum wasmpool_reuse_mode {
 pub struct wasmpool_config {
     pub(crate) knobs: Knobs,
     pub(crate) completion: wasmpool_completion_mode,
+    /// Pushes start their request on the pushing thread
+    /// (`wasmpool_config_set_inline`).
+    pub(crate) inline: bool,
     pub(crate) engine_threads: usize,
     /// Largest body `wasmpool_handler_push` / `_call` collect.
     pub(crate) max_response_size: u64,
@@ -82,6 +85,7 @@ pub extern "C" fn wasmpool_config_new() -> *mut wasmpool_config {
         Ok(Box::into_raw(Box::new(wasmpool_config {
             knobs: Knobs::default(),
             completion: wasmpool_completion_mode::WASMPOOL_COMPLETION_ENGINE,
+            inline: false,
             engine_threads: threads,
             max_response_size: DEFAULT_MAX_RESPONSE_SIZE,
             otel: OtelFile::default(),
@@ -536,6 +540,31 @@ pub unsafe extern "C" fn wasmpool_config_set_completion_mode(
         };
         // SAFETY: see `handle_mut`.
         unsafe { handle_mut(cfg, "cfg") }?.completion = mode;
+        Ok(())
+    })
+}
+
+/// With `inline` true, `wasmpool_handler_push` and
+/// `wasmpool_handler_push_streaming` run the request on the calling thread
+/// until it completes or has to wait (for an instance, for more of the
+/// request body, for the guest's outbound I/O, or for the host to read the
+/// response), and only then hand it to the engine threads; a guest that
+/// computes holds the calling thread for at most about one epoch tick
+/// (10 ms) before it moves too. A small request then never wakes another
+/// thread: for hosts whose event loop pushes and polls on one thread. The
+/// callbacks still run only inside `wasmpool_handler_poll` (the completion
+/// fd is readable when a push completed its request), and the logger
+/// (`wasmpool_set_logger`) may also be called on the pushing thread.
+/// Needs `WASMPOOL_COMPLETION_POLL` (`wasmpool_handler_new` refuses it in
+/// engine mode). Default false.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wasmpool_config_set_inline(
+    cfg: *mut wasmpool_config,
+    inline: bool,
+) -> wasmpool_result {
+    boundary(|| {
+        // SAFETY: see `handle_mut`.
+        unsafe { handle_mut(cfg, "cfg") }?.inline = inline;
         Ok(())
     })
 }

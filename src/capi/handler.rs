@@ -78,6 +78,8 @@ pub struct wasmpool_handler {
 
 pub(crate) struct Shared {
     mode: wasmpool_completion_mode,
+    /// Pushes start their request on the pushing thread (see `inline`).
+    inline: bool,
     /// Where engine-mode ready callbacks run when not already on an
     /// engine thread.
     rt: tokio::runtime::Handle,
@@ -145,9 +147,7 @@ impl Notifier {
                 }
             }
             wasmpool_completion_mode::WASMPOOL_COMPLETION_POLL => {
-                let mut q = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
-                q.push_back(Item::Ready(pipe));
-                shared.signal();
+                shared.enqueue(Item::Ready(pipe));
             }
         }
     }
@@ -188,6 +188,17 @@ impl Shared {
         counter.fetch_add(1, Relaxed);
     }
 
+    /// Queues `item` for `wasmpool_handler_poll`. The fd is set when the
+    /// queue stops being empty and reset when it runs empty, both under
+    /// the queue's lock: it is readable exactly while items wait.
+    fn enqueue(&self, item: Item) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        q.push_back(item);
+        if q.len() == 1 {
+            self.signal();
+        }
+    }
+
     fn signal(&self) {
         let one: u64 = 1;
         // SAFETY: writing 8 bytes from a live u64 to our eventfd.
@@ -225,9 +236,7 @@ impl Shared {
                 self.finish_one();
             }
             wasmpool_completion_mode::WASMPOOL_COMPLETION_POLL => {
-                let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-                q.push_back(Item::Completion(ready));
-                self.signal();
+                self.enqueue(Item::Completion(ready));
             }
         }
     }
@@ -454,10 +463,15 @@ async fn run_streaming(
     let status = parts.status.as_u16();
     let pump = super::stream::pump(pipe.clone(), body);
     // The span ends with the body (or when the host frees the response).
-    tokio::spawn(async move {
-        pump.await;
-        span.finish(status, None);
-    });
+    // The pump starts here: a body the guest already wrote is in the pipe
+    // before the host sees the head, and goes out with it.
+    super::inline::run(
+        &tokio::runtime::Handle::current(),
+        Box::pin(async move {
+            pump.await;
+            span.finish(status, None);
+        }),
+    );
     Ok(wasmpool_response {
         status: parts.status.as_u16(),
         headers: head_of(&parts),
@@ -604,6 +618,11 @@ fn shared_budget(
 }
 
 fn new_handler(cfg: &wasmpool_config, source: Source) -> Result<*mut wasmpool_handler, Failure> {
+    if cfg.inline && cfg.completion != wasmpool_completion_mode::WASMPOOL_COMPLETION_POLL {
+        return Err(Failure::invalid(
+            "inline pushes need WASMPOOL_COMPLETION_POLL (callbacks on the pushing thread's loop)",
+        ));
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.engine_threads)
         .thread_name("wasmpool-engine")
@@ -629,6 +648,7 @@ fn new_handler(cfg: &wasmpool_config, source: Source) -> Result<*mut wasmpool_ha
     }
     let shared = Arc::new(Shared {
         mode: cfg.completion,
+        inline: cfg.inline,
         rt: rt.handle().clone(),
         closing: AtomicBool::new(false),
         in_flight: Mutex::new(0),
@@ -804,46 +824,49 @@ fn push(
         let cancel = req.cancel.take();
         let upload = req.stream.clone();
         let notifier = Notifier::new(&h.shared);
-        h.rt().spawn(async move {
-            // The request's state machine is large (the guest call's
-            // future): box it here, on the engine thread that first polls
-            // it, so it is allocated and freed by engine threads. Built on
-            // the pushing thread instead, every request's memory went back
-            // to that thread's malloc arena from another thread, which
-            // trimmed and refaulted its heap (0.6 page faults a request).
-            Box::pin(async move {
-                let work = async {
-                    if streaming {
-                        run_streaming(pool, *req, cancel.clone(), notifier, tracer).await
-                    } else {
-                        run(pool, *req, max_response, tracer).await
-                    }
-                };
-                let outcome = match &cancel {
-                    None => work.await,
-                    Some(c) => {
-                        // Dropping the work stops the guest's part of it.
-                        let outcome = tokio::select! {
-                            r = work => r,
-                            _ = c.cancelled() => {
-                                // A guest that answered first may still read
-                                // the body on its own: that read fails now.
-                                if let Some(p) = &upload {
-                                    p.cancel("the request was cancelled");
-                                }
-                                Err(Failure::new(WASMPOOL_CANCELLED, "the request was cancelled"))
+        let task = async move {
+            let work = async {
+                if streaming {
+                    run_streaming(pool, *req, cancel.clone(), notifier, tracer).await
+                } else {
+                    run(pool, *req, max_response, tracer).await
+                }
+            };
+            let outcome = match &cancel {
+                None => work.await,
+                Some(c) => {
+                    // Dropping the work stops the guest's part of it.
+                    let outcome = tokio::select! {
+                        r = work => r,
+                        _ = c.cancelled() => {
+                            // A guest that answered first may still read
+                            // the body on its own: that read fails now.
+                            if let Some(p) = &upload {
+                                p.cancel("the request was cancelled");
                             }
-                        };
-                        if !streaming || outcome.is_err() {
-                            c.finish(None);
+                            Err(Failure::new(WASMPOOL_CANCELLED, "the request was cancelled"))
                         }
-                        outcome
+                    };
+                    if !streaming || outcome.is_err() {
+                        c.finish(None);
                     }
-                };
-                completion.complete(outcome);
-            })
-            .await
-        });
+                    outcome
+                }
+            };
+            completion.complete(outcome);
+        };
+        if h.shared.inline {
+            // Boxed and, when it completes here, freed on this thread.
+            super::inline::run(h.rt().handle(), Box::pin(task));
+        } else {
+            // The request's state machine is large (the guest call's
+            // future): box it on the engine thread that first polls it, so
+            // it is allocated and freed by engine threads. Built on the
+            // pushing thread instead, every request's memory went back to
+            // that thread's malloc arena from another thread, which trimmed
+            // and refaulted its heap (0.6 page faults a request).
+            h.rt().spawn(async move { Box::pin(task).await });
+        }
         Ok(())
     })
 }

@@ -10,6 +10,7 @@
 
 mod config;
 mod handler;
+mod inline;
 mod log;
 mod message;
 mod stream;
