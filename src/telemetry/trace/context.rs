@@ -2,8 +2,6 @@
 //! `traceparent` header, read leniently where the spec says so and written
 //! exactly; `tracestate` travels untouched beside it.
 
-use std::fmt::Write as _;
-
 /// The ids and flags of one span, as `traceparent` carries them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SpanContext {
@@ -82,13 +80,15 @@ impl SpanContext {
 
     /// The `traceparent` value (version 00).
     pub fn header(&self) -> http::HeaderValue {
-        let mut s = String::with_capacity(55);
-        s.push_str("00-");
-        hex(&mut s, &self.trace_id);
-        s.push('-');
-        hex(&mut s, &self.span_id);
-        let _ = write!(s, "-{:02x}", self.flags);
-        http::HeaderValue::from_str(&s).expect("hex is a valid header value")
+        // Written on the stack, copied once into the value.
+        let mut v = [0u8; 55];
+        v[..3].copy_from_slice(b"00-");
+        hex_into(&mut v[3..35], &self.trace_id);
+        v[35] = b'-';
+        hex_into(&mut v[36..52], &self.span_id);
+        v[52] = b'-';
+        hex_into(&mut v[53..55], &[self.flags]);
+        http::HeaderValue::from_bytes(&v).expect("hex is a valid header value")
     }
 
     pub fn trace_id_hex(&self) -> String {
@@ -124,11 +124,20 @@ pub fn new_span_id() -> [u8; 8] {
     }
 }
 
+const DIGITS: &[u8; 16] = b"0123456789abcdef";
+
 pub(crate) fn hex(out: &mut String, bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for &b in bytes {
         out.push(DIGITS[usize::from(b >> 4)] as char);
         out.push(DIGITS[usize::from(b & 15)] as char);
+    }
+}
+
+/// `bytes` in lowercase hex into `out` (twice as long).
+fn hex_into(out: &mut [u8], bytes: &[u8]) {
+    for (pair, &b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 15)];
     }
 }
 

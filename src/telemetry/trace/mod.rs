@@ -16,15 +16,14 @@
 
 pub mod context;
 pub mod export;
+pub mod otlp;
 pub mod settings;
 
 pub use context::SpanContext;
 pub use settings::{OtelFile, Sampler, Settings, SettingsError};
 
 use arc_swap::ArcSwapOption;
-use opentelemetry::KeyValue;
-use opentelemetry::trace::{SpanKind, Status};
-use std::borrow::Cow;
+use otlp::{Head, Kind};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -104,7 +103,7 @@ pub struct RequestTrace {
     /// (propagation only).
     ctx: SpanContext,
     tracestate: Option<http::HeaderValue>,
-    rec: Option<Box<Recording>>,
+    rec: Option<Recording>,
 }
 
 /// A sampled request's span, while it runs.
@@ -114,13 +113,8 @@ struct Recording {
     start: SystemTime,
     started: Instant,
     method: http::Method,
-    path: String,
-    query: Option<String>,
-    scheme: &'static str,
-    version: http::Version,
-    client: Option<std::net::SocketAddr>,
-    host: Option<String>,
-    user_agent: Option<String>,
+    /// What the request says of itself, encoded when it began.
+    attrs: otlp::Attrs,
     times: Mutex<Times>,
 }
 
@@ -189,29 +183,14 @@ pub fn begin_with<B>(
         headers.remove(TRACESTATE);
     }
     let tracestate = headers.get(TRACESTATE).cloned();
-    let rec = ctx.sampled().then(|| {
-        let h = req.headers();
-        let text = |n: http::header::HeaderName| {
-            h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string)
-        };
-        Box::new(Recording {
-            tracer: tracer.clone(),
-            parent: incoming.map(|p| p.span_id),
-            start: SystemTime::now(),
-            started: Instant::now(),
-            method: req.method().clone(),
-            path: req.uri().path().to_string(),
-            query: req.uri().query().map(str::to_string),
-            scheme: match req.uri().scheme_str() {
-                Some("https") => "https",
-                _ => "http",
-            },
-            version: req.version(),
-            client,
-            host: text(http::header::HOST).or_else(|| req.uri().authority().map(|a| a.to_string())),
-            user_agent: text(http::header::USER_AGENT),
-            times: Mutex::default(),
-        })
+    let rec = ctx.sampled().then(|| Recording {
+        tracer: tracer.clone(),
+        parent: incoming.map(|p| p.span_id),
+        start: SystemTime::now(),
+        started: Instant::now(),
+        method: req.method().clone(),
+        attrs: request_attrs(req, client),
+        times: Mutex::default(),
     });
     let t = Arc::new(RequestTrace {
         ctx,
@@ -220,6 +199,54 @@ pub fn begin_with<B>(
     });
     req.extensions_mut().insert(t.clone());
     Some(t)
+}
+
+/// The server span's attributes that come from the request (semantic
+/// conventions for HTTP servers).
+fn request_attrs<B>(req: &http::Request<B>, client: Option<std::net::SocketAddr>) -> otlp::Attrs {
+    let mut a = otlp::Attrs::for_span(512);
+    let uri = req.uri();
+    a.str("http.request.method", req.method().as_str());
+    a.str("url.path", uri.path());
+    a.str(
+        "url.scheme",
+        match uri.scheme_str() {
+            Some("https") => "https",
+            _ => "http",
+        },
+    );
+    // `network.protocol.name` is left out: semantic conventions want it
+    // only when it is not `http`.
+    a.str("network.protocol.version", protocol_version(req.version()));
+    if let Some(c) = client {
+        // Written on the stack: no allocation for the text.
+        use std::io::Write as _;
+        let mut text = [0u8; 64];
+        let mut w = &mut text[..];
+        let _ = write!(w, "{}", c.ip());
+        let n = 64 - w.len();
+        a.str(
+            "client.address",
+            std::str::from_utf8(&text[..n]).unwrap_or(""),
+        );
+        a.int("client.port", i64::from(c.port()));
+    }
+    if let Some(q) = uri.query() {
+        a.str("url.query", q);
+    }
+    let h = req.headers();
+    let text = |n: http::header::HeaderName| h.get(n).and_then(|v| v.to_str().ok());
+    if let Some(host) = text(http::header::HOST).or_else(|| uri.authority().map(|a| a.as_str())) {
+        let (host, port) = split_host(host);
+        a.str("server.address", host);
+        if let Some(p) = port {
+            a.int("server.port", i64::from(p));
+        }
+    }
+    if let Some(ua) = text(http::header::USER_AGENT) {
+        a.str("user_agent.original", ua);
+    }
+    a
 }
 
 /// The incoming context: one valid `traceparent` (two are invalid).
@@ -348,106 +375,65 @@ impl RequestTrace {
         let end = Instant::now();
         let at = |i: Instant| rec.start + i.saturating_duration_since(rec.started);
         let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1e3;
-        let mut attrs = vec![
-            KeyValue::new("http.request.method", rec.method.as_str().to_string()),
-            KeyValue::new("url.path", rec.path.clone()),
-            KeyValue::new("url.scheme", rec.scheme),
-            KeyValue::new("network.protocol.name", "http"),
-            KeyValue::new("network.protocol.version", protocol_version(rec.version)),
-        ];
+        let child = |name: &'static str, (a, b): (Instant, Instant)| {
+            let ctx = self.ctx.child(true);
+            otlp::Span::new(&Head {
+                ctx: &ctx,
+                parent: Some(self.ctx.span_id),
+                parent_remote: false,
+                name,
+                kind: Kind::Internal,
+                start: at(a),
+                end: at(b),
+            })
+        };
+        if let Some(q) = t.queued {
+            queue.push(&child("wasmpool.queue", q));
+        }
+        if let Some(i) = t.instantiated {
+            let mut span = child("wasmpool.instantiate", i);
+            span.attrs().int("wasmpool.instance.id", t.instance as i64);
+            queue.push(&span);
+        }
+        let mut span = otlp::Span::new(&Head {
+            ctx: &self.ctx,
+            parent: rec.parent,
+            parent_remote: rec.parent.is_some(),
+            name: rec.method.as_str(),
+            kind: Kind::Server,
+            start: rec.start,
+            end: at(end),
+        });
+        let a = span.attrs();
+        a.extend(&rec.attrs);
         if status != 0 {
-            attrs.push(KeyValue::new(
-                "http.response.status_code",
-                i64::from(status),
-            ));
+            a.int("http.response.status_code", i64::from(status));
         }
         if let Some(n) = bytes_in {
-            attrs.push(KeyValue::new("http.request.body.size", n as i64));
+            a.int("http.request.body.size", n as i64);
         }
         if let Some(n) = bytes_out {
-            attrs.push(KeyValue::new("http.response.body.size", n as i64));
-        }
-        if let Some(c) = rec.client {
-            attrs.push(KeyValue::new("client.address", c.ip().to_string()));
-            attrs.push(KeyValue::new("client.port", i64::from(c.port())));
-        }
-        if let Some(q) = &rec.query {
-            attrs.push(KeyValue::new("url.query", q.clone()));
-        }
-        if let Some(h) = &rec.host {
-            let (host, port) = split_host(h);
-            attrs.push(KeyValue::new("server.address", host.to_string()));
-            if let Some(p) = port {
-                attrs.push(KeyValue::new("server.port", i64::from(p)));
-            }
-        }
-        if let Some(ua) = &rec.user_agent {
-            attrs.push(KeyValue::new("user_agent.original", ua.clone()));
+            a.int("http.response.body.size", n as i64);
         }
         if let Some(taken) = t.taken {
-            attrs.push(KeyValue::new("wasmpool.instance.id", t.instance as i64));
-            attrs.push(KeyValue::new("wasmpool.instance.reused", t.reused));
+            a.int("wasmpool.instance.id", t.instance as i64);
+            a.bool("wasmpool.instance.reused", t.reused);
             if let Some(answered) = t.answered {
-                attrs.push(KeyValue::new(
-                    "wasmpool.guest.duration_ms",
-                    ms(taken, answered),
-                ));
+                a.f64("wasmpool.guest.duration_ms", ms(taken, answered));
             }
         }
-        if let Some((a, b)) = t.queued {
-            attrs.push(KeyValue::new("wasmpool.queue.wait_ms", ms(a, b)));
+        if let Some((from, to)) = t.queued {
+            a.f64("wasmpool.queue.wait_ms", ms(from, to));
         }
-        if let Some((a, b)) = t.instantiated {
-            attrs.push(KeyValue::new(
-                "wasmpool.instantiation.duration_ms",
-                ms(a, b),
-            ));
+        if let Some((from, to)) = t.instantiated {
+            a.f64("wasmpool.instantiation.duration_ms", ms(from, to));
         }
-        let status = match (&t.error, status) {
-            (Some(e), _) => Status::Error {
-                description: Cow::Owned(e.clone()),
-            },
-            (None, 500..) => Status::Error {
-                description: Cow::Owned(format!("HTTP {status}")),
-            },
-            _ => Status::Unset,
-        };
-        if let Some((a, b)) = t.queued {
-            let ctx = self.ctx.child(true);
-            queue.push(span_data(
-                "wasmpool.queue",
-                SpanKind::Internal,
-                &ctx,
-                Some(self.ctx.span_id),
-                false,
-                (at(a), at(b)),
-                Vec::new(),
-                Status::Unset,
-            ));
+        match (&t.error, status) {
+            (Some(e), _) => span.error(e),
+            (None, 500..) => span.error(&format!("HTTP {status}")),
+            _ => {}
         }
-        if let Some((a, b)) = t.instantiated {
-            let ctx = self.ctx.child(true);
-            queue.push(span_data(
-                "wasmpool.instantiate",
-                SpanKind::Internal,
-                &ctx,
-                Some(self.ctx.span_id),
-                false,
-                (at(a), at(b)),
-                vec![KeyValue::new("wasmpool.instance.id", t.instance as i64)],
-                Status::Unset,
-            ));
-        }
-        queue.push(span_data(
-            rec.method.as_str().to_string(),
-            SpanKind::Server,
-            &self.ctx,
-            rec.parent,
-            rec.parent.is_some(),
-            (rec.start, at(end)),
-            attrs,
-            status,
-        ));
+        queue.push(&span);
     }
 }
 
@@ -470,43 +456,35 @@ impl ClientSpan {
         let Some((_, queue)) = &self.tracer.export else {
             return;
         };
-        let mut attrs = vec![
-            KeyValue::new("http.request.method", self.method.as_str().to_string()),
-            KeyValue::new("url.full", self.url),
-            KeyValue::new("server.port", i64::from(self.port)),
-        ];
-        if let Some(h) = self.host {
-            attrs.push(KeyValue::new("server.address", h));
+        let mut span = otlp::Span::new(&Head {
+            ctx: &self.ctx,
+            parent: Some(self.parent),
+            parent_remote: false,
+            name: self.method.as_str(),
+            kind: Kind::Client,
+            start: self.start,
+            end: self.start + self.started.elapsed(),
+        });
+        let a = span.attrs();
+        a.str("http.request.method", self.method.as_str());
+        a.str("url.full", &self.url);
+        a.int("server.port", i64::from(self.port));
+        if let Some(h) = &self.host {
+            a.str("server.address", h);
         }
-        let status = match outcome {
+        match outcome {
             Ok(code) => {
-                attrs.push(KeyValue::new("http.response.status_code", i64::from(code)));
+                a.int("http.response.status_code", i64::from(code));
                 if code >= 400 {
-                    Status::Error {
-                        description: Cow::Owned(format!("HTTP {code}")),
-                    }
-                } else {
-                    Status::Unset
+                    span.error(&format!("HTTP {code}"));
                 }
             }
             Err(e) => {
-                attrs.push(KeyValue::new("error.type", "request_failed"));
-                Status::Error {
-                    description: Cow::Owned(e),
-                }
+                a.str("error.type", "request_failed");
+                span.error(&e);
             }
-        };
-        let end = self.start + self.started.elapsed();
-        queue.push(span_data(
-            self.method.as_str().to_string(),
-            SpanKind::Client,
-            &self.ctx,
-            Some(self.parent),
-            false,
-            (self.start, end),
-            attrs,
-            status,
-        ));
+        }
+        queue.push(&span);
     }
 }
 
@@ -533,53 +511,6 @@ fn split_host(h: &str) -> (&str, Option<u16>) {
         Some((host, port)) if !host.contains(':') => (host, port.parse().ok()),
         _ => (h, None),
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn span_data(
-    name: impl Into<Cow<'static, str>>,
-    kind: SpanKind,
-    ctx: &SpanContext,
-    parent: Option<[u8; 8]>,
-    parent_remote: bool,
-    (start, end): (SystemTime, SystemTime),
-    attributes: Vec<KeyValue>,
-    status: Status,
-) -> opentelemetry_sdk::trace::SpanData {
-    use opentelemetry::trace::{SpanId, TraceFlags, TraceId, TraceState};
-    opentelemetry_sdk::trace::SpanData {
-        span_context: opentelemetry::trace::SpanContext::new(
-            TraceId::from_bytes(ctx.trace_id),
-            SpanId::from_bytes(ctx.span_id),
-            TraceFlags::new(ctx.flags),
-            false,
-            TraceState::NONE,
-        ),
-        parent_span_id: parent.map_or(SpanId::INVALID, SpanId::from_bytes),
-        parent_span_is_remote: parent_remote,
-        span_kind: kind,
-        name: name.into(),
-        start_time: start,
-        end_time: end,
-        attributes,
-        dropped_attributes_count: 0,
-        events: Default::default(),
-        links: Default::default(),
-        status,
-        instrumentation_scope: scope(),
-    }
-}
-
-fn scope() -> opentelemetry::InstrumentationScope {
-    static SCOPE: std::sync::OnceLock<opentelemetry::InstrumentationScope> =
-        std::sync::OnceLock::new();
-    SCOPE
-        .get_or_init(|| {
-            opentelemetry::InstrumentationScope::builder("wasmpool")
-                .with_version(env!("CARGO_PKG_VERSION"))
-                .build()
-        })
-        .clone()
 }
 
 #[cfg(test)]
