@@ -65,7 +65,9 @@ pub struct Body {
 pub struct AccessRecord {
     peer: Peer,
     method: http::Method,
-    target: String,
+    /// The request's target is its path and query (a clone shares the
+    /// parsed bytes: nothing is copied for the line).
+    uri: http::Uri,
     version: http::Version,
     start: Instant,
     received: Arc<Outcome>,
@@ -90,10 +92,7 @@ impl AccessRecord {
         AccessRecord {
             peer,
             method: req.method().clone(),
-            target: req
-                .uri()
-                .path_and_query()
-                .map_or_else(|| req.uri().path().to_string(), |p| p.as_str().to_string()),
+            uri: req.uri().clone(),
             version: req.version(),
             start,
             received,
@@ -121,7 +120,7 @@ impl AccessRecord {
         let complete = complete
             || self.declared == Some(sent)
             || (self.method == http::Method::HEAD && sent == 0);
-        let duration_ms = (self.start.elapsed().as_secs_f64() * 1e6).round() / 1e3;
+        let duration_us = (self.start.elapsed().as_nanos() as u64 + 500) / 1000;
         let (instance, reused) = match self.served {
             Some(s) => (s.instance as i64, s.reused),
             None => (-1, false),
@@ -137,15 +136,22 @@ impl AccessRecord {
             return;
         }
         let ctx = self.trace.as_ref().map(|t| t.context());
+        let target = self
+            .uri
+            .path_and_query()
+            .map_or_else(|| self.uri.path(), |p| p.as_str());
         let line = crate::telemetry::access::Line {
-            client: &self.peer,
+            client: match self.peer {
+                Peer::Tcp(a) => Some(a.ip().to_canonical()),
+                Peer::Unix => None,
+            },
             method: self.method.as_str(),
-            target: &self.target,
+            target,
             version: self.version,
             status: self.status,
             bytes_in,
             bytes_out: sent,
-            duration_ms,
+            duration_us,
             instance,
             reused,
             complete,
@@ -160,12 +166,12 @@ impl AccessRecord {
             target: "access",
             client = %self.peer,
             method = %self.method,
-            target = %self.target,
+            target = %target,
             version = ?self.version,
             status = self.status,
             bytes_in,
             bytes_out = sent,
-            duration_ms,
+            duration_ms = duration_us as f64 / 1e3,
             instance,
             reused,
             complete,
