@@ -70,3 +70,44 @@ async fn p2_streamed_answer_then_reuse() {
     );
     s.stop().await;
 }
+
+/// The guest's trailers reach the client: over HTTP/1.1 on a chunked
+/// response (the client says `TE: trailers`, the guest declared them in
+/// `Trailer`), and over HTTP/2 as a trailing HEADERS frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p2_trailers_over_http1_and_http2() {
+    use http_body_util::{BodyExt, Full};
+    let s = TestServer::start(p2_suite(), KnobArgs::default()).await;
+    let req = || {
+        http::Request::builder()
+            .uri("/trailers")
+            .header("host", "localhost")
+            .header("te", "trailers")
+            .body(Full::new(bytes::Bytes::new()))
+            .unwrap()
+    };
+    let io = || async {
+        hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(s.addr).await.unwrap())
+    };
+    let (mut h1, conn) = hyper::client::conn::http1::handshake(io().await)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io().await)
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for (name, resp) in [
+        ("HTTP/1.1", h1.send_request(req()).await.unwrap()),
+        ("HTTP/2", h2.send_request(req()).await.unwrap()),
+    ] {
+        assert_eq!(resp.status(), 200, "{name}");
+        let got = resp.into_body().collect().await.unwrap();
+        let trailers = got.trailers().cloned();
+        assert_eq!(&got.to_bytes()[..], b"with trailers\n", "{name}");
+        let trailers = trailers.unwrap_or_else(|| panic!("{name}: no trailers"));
+        assert_eq!(trailers["x-checksum"], "c0ffee", "{name}");
+    }
+    s.stop().await;
+}

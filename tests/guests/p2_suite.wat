@@ -21,6 +21,8 @@
 ;;              over their heap), then answers with the number of writes
 ;;   /zeros/N   N bytes of "x", streamed in 64 KiB pieces (stops when the
 ;;              client goes away)
+;;   /trailers  "with trailers\n", then the trailer `x-checksum: c0ffee`
+;;              (declared in a `trailer` response header)
 ;;   anything else: "hello from p2"
 ;; Memory: 0..1024 return areas, 1024..4096 constant data, heap from 64 KiB
 ;; (a bump allocator reset at each request: WASIp2 instances run one request
@@ -40,6 +42,7 @@
   (import "wasi:http/types@0.2.12" "[method]incoming-request.consume" (func $req_consume (param i32 i32)))
   (import "wasi:http/types@0.2.12" "[method]incoming-body.stream" (func $ibody_stream (param i32 i32)))
   (import "wasi:http/types@0.2.12" "[method]fields.entries" (func $fields_entries (param i32 i32)))
+  (import "wasi:http/types@0.2.12" "[method]fields.append" (func $fields_append (param i32 i32 i32 i32 i32 i32)))
   (import "wasi:http/types@0.2.12" "[resource-drop]fields" (func $drop_fields (param i32)))
   (import "wasi:http/types@0.2.12" "[resource-drop]incoming-request" (func $drop_req (param i32)))
   (import "wasi:http/types@0.2.12" "[resource-drop]incoming-body" (func $drop_ibody (param i32)))
@@ -84,6 +87,11 @@
   (data (i32.const 1440) "/hold")
   (data (i32.const 1450) "/scatter")
   (data (i32.const 1460) "/zeros")
+  (data (i32.const 1470) "/trailers")
+  (data (i32.const 1480) "x-checksum")
+  (data (i32.const 1495) "c0ffee")
+  (data (i32.const 1510) "with trailers\n")
+  (data (i32.const 1525) "trailer")
 
   (func $cabi_realloc (export "cabi_realloc") (param $old i32) (param $old_size i32) (param $align i32) (param $size i32) (result i32)
     (local $ptr i32) (local $end i32)
@@ -176,6 +184,24 @@
   (func $end (param $stream i32)
     (call $drop_ostream (local.get $stream))
     (call $body_finish (global.get $body) (i32.const 0) (i32.const 0) (i32.const 32)))
+
+  ;; a body, then trailers (outgoing-body.finish with some(trailers))
+  (func $trailers (param $out i32)
+    (local $s i32) (local $t i32) (local $h i32) (local $resp i32)
+    (local.set $h (call $fields_new))
+    (call $fields_append (local.get $h) (i32.const 1525) (i32.const 7) (i32.const 1480) (i32.const 10) (i32.const 32))
+    (local.set $resp (call $resp_new (local.get $h)))
+    (drop (call $set_status (local.get $resp) (i32.const 200)))
+    (call $resp_body (local.get $resp) (i32.const 16))
+    (global.set $body (i32.load (i32.const 20)))
+    (call $body_write (global.get $body) (i32.const 24))
+    (call $outparam_set (local.get $out) (i32.const 0) (local.get $resp) (i32.const 0) (i64.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0))
+    (local.set $s (i32.load (i32.const 28)))
+    (call $write_all (local.get $s) (i32.const 1510) (i32.const 14))
+    (call $drop_ostream (local.get $s))
+    (local.set $t (call $fields_new))
+    (call $fields_append (local.get $t) (i32.const 1480) (i32.const 10) (i32.const 1495) (i32.const 6) (i32.const 32))
+    (call $body_finish (global.get $body) (i32.const 1) (local.get $t) (i32.const 32)))
 
   (func $respond (param $out i32) (param $status i32) (param $p i32) (param $n i32)
     (local $s i32)
@@ -305,6 +331,8 @@
           (call $respond (local.get $out) (i32.const 200) (i32.const 1410) (i32.const 6)) (br $routed)))
       (if (call $starts_with (local.get $p) (local.get $n) (i32.const 1400) (i32.const 4))
         (then (call $env (local.get $out)) (br $routed)))
+      (if (call $starts_with (local.get $p) (local.get $n) (i32.const 1470) (i32.const 9))
+        (then (call $trailers (local.get $out)) (br $routed)))
       (if (call $starts_with (local.get $p) (local.get $n) (i32.const 1460) (i32.const 6))
         (then (call $zeros (local.get $out) (call $digits (local.get $p) (local.get $n))) (br $routed)))
       (if (call $starts_with (local.get $p) (local.get $n) (i32.const 1430) (i32.const 6))
