@@ -245,7 +245,9 @@ def main():
                  "(stderr, where the access log goes by default, is a file); wrk with 16 connections, "
                  f"{res['seconds']} s per row, {len(res['telemetry'][0]['variants'][0]['rounds'])} interleaved "
                  "rounds; medians, and the median of per-round ratios. The export row sends every request's spans "
-                 "(server span and children) over OTLP/HTTP to a local receiver that accepts them at once.\n")
+                 "(server span and children) over OTLP/HTTP to a local receiver that reads each export and "
+                 "answers 200 at once (nginx, one worker: a collector's receiving without its processing; "
+                 "on two cores the receiver's CPU is taken from the server).\n")
         L.append("| guest | row | req/s | errors |")
         L.append("|---|---|---|---|")
         for t in res["telemetry"]:
@@ -267,16 +269,23 @@ def main():
                  "file) with `ngx_http_wasmpool_module`; the same nginx with `proxy_pass` to `wasmpool serve` "
                  "on a unix socket with upstream `keepalive 64` (HTTP/1.1, the way to put nginx in front of "
                  "wasmpool without the module); and `wasmpool serve` alone on TCP. Each at its defaults except "
-                 "the reuse count the row names; wrk with 16 connections, "
+                 "the reuse count the row names (the module requests start on the worker's thread, "
+                 "`wasmpool_inline on`, its default; the `inline off` column hands every request to the "
+                 "engine threads); wrk with 16 connections, "
                  f"{res['seconds']} s per row, {len(res['nginx'][0]['rounds']['module'])} interleaved rounds; "
                  "medians, and the median of per-round ratios.\n")
-        L.append("| guest | nginx + module | nginx proxy_pass | wasmpool serve | module / proxy_pass "
-                 "(target ≥ 1.3) | met | module / serve (target ≥ 0.9) | met | errors |")
-        L.append("|---|---|---|---|---|---|---|---|---|")
+        L.append("| guest | nginx + module | module, inline off | nginx proxy_pass | wasmpool serve | "
+                 "module / proxy_pass (target ≥ 1.3) | met | module / serve (target ≥ 0.9) | met | "
+                 "module / inline off | errors |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for t in res["nginx"]:
-            L.append(f"| {t['scenario']} | {fmt(t['rps']['module'])} | {fmt(t['rps']['proxy'])} | "
+            off = t["rps"].get("noinline")
+            vs_off = f"{t['module_vs_noinline']:.2f}x" if off else "–"
+            L.append(f"| {t['scenario']} | {fmt(t['rps']['module'])} | {fmt(off) if off else '–'} | "
+                     f"{fmt(t['rps']['proxy'])} | "
                      f"{fmt(t['rps']['serve'])} | {t['module_vs_proxy']:.2f}x | {ok(t['module_vs_proxy'] >= 1.3)} | "
                      f"{t['module_vs_serve']:.2f}x | {ok(t['module_vs_serve'] >= 0.9)} | "
+                     f"{vs_off} | "
                      f"{sum(t['errors'].values())} |")
         L.append("")
     rows = criterion_rows(crit)
